@@ -1,0 +1,54 @@
+"""Every default in one place: model shapes, training recipes, export settings."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class LstmConfig:
+    """The notebook's Keras LSTM MNIST classifier and its training recipe."""
+
+    timesteps: int = 28  # image rows
+    features: int = 28  # pixels per row
+    units: int = 128
+    dense: int = 32
+    dropout: float = 0.2
+    classes: int = 10
+    learning_rate: float = 1e-3
+    decay: float = 1e-5  # Keras 2 `decay`: lr / (1 + decay * step)
+    epochs: int = 20
+    batch_size: int = 32
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class CharRnnConfig:
+    """min-char-rnn's defaults."""
+
+    hidden: int = 100
+    seq_length: int = 25
+    learning_rate: float = 0.1
+    iters: int = 12_000
+    clip: float = 5.0
+    val_fraction: float = 0.1  # held-out tail of the text
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    opset: int = 17
+
+
+@dataclass(frozen=True)
+class SampleSplit:
+    """How the bundled 5,000-digit sample is split (deterministic, stratified)."""
+
+    heldout_per_class: int = 100
+    seed: int = 0
+
+
+DEFAULT_OUT = "artifacts"
+MNIST_DIRNAME = "mnist-lstm"
+CHAR_RNN_DIRNAME = "char-rnn"
+LABELS = [str(d) for d in range(10)]

