@@ -17,8 +17,11 @@ class LstmConfig:
     classes: int = 10
     learning_rate: float = 1e-3
     decay: float = 1e-5  # Keras 2 `decay`: lr / (1 + decay * step)
-    epochs: int = 20
+    epochs: int = 30
     batch_size: int = 32
+    # relu LSTMs spike now and then; keep the epoch that scored best on a slice of the *training* data
+    # (never the held-out split, which stays unseen for the reported accuracy).
+    select_fraction: float = 0.1
     seed: int = 0
 
 

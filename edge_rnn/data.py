@@ -17,7 +17,7 @@ import numpy as np
 import numpy.typing as npt
 
 from .config import SampleSplit
-from .errors import DataError
+from .errors import DataError, MissingDependencyError
 
 SAMPLE_FILE = "mnist_sample_5k.npz"
 SHAKESPEARE_FILE = "tinyshakespeare.txt"
@@ -74,7 +74,7 @@ def split_sample(x: np.ndarray, y: np.ndarray, split: SampleSplit = SampleSplit(
     for label in range(10):
         idx = np.flatnonzero(y == label)
         test_idx.append(rng.choice(idx, size=min(split.heldout_per_class, len(idx) // 2), replace=False))
-    test = np.sort(np.concatenate(test_idx))
+    test = rng.permutation(np.concatenate(test_idx))
     train = np.setdiff1d(np.arange(len(y)), test)
     train = rng.permutation(train)
     return x[train], y[train], x[test], y[test]
@@ -170,8 +170,10 @@ def load_digits(spec: str) -> Digits:
     if spec in KERAS_SETS:
         try:
             return load_keras(spec)
-        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
-            # keras raises urllib/HTTP errors (OSError subclasses) or a bad-zip/npz error when offline.
+        except MissingDependencyError:
+            raise
+        except Exception as exc:  # keras.utils.get_file raises a bare Exception("URL fetch failure …") offline
+
             digits = load_sample()
             reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             digits.warnings.append(

@@ -26,7 +26,10 @@ class MissingDependencyError(EdgeRnnError):
 def require(module: str, extra: str):
     """Import `module` or raise MissingDependencyError naming the pip extra that provides it."""
     import importlib
+    import os
 
+    # TensorFlow's C++ start-up chatter (CUDA probes, CPU flags) is noise on a CLI: keep errors only.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     try:
         return importlib.import_module(module)
     except ImportError as exc:

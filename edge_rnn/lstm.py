@@ -1,0 +1,180 @@
+"""The notebook's Keras LSTM MNIST classifier: build and train. Imports keras only inside functions."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import numpy.typing as npt
+
+from .config import LABELS, LstmConfig
+from .data import Digits
+from .errors import EdgeRnnError, require
+from .manifest import atomic_path, load_manifest, record_file, save_manifest
+
+MODEL_NAME = "mnist-lstm"
+KERAS_FILE = "model.keras"
+INPUT_NAME = "input"
+OUTPUT_NAME = "probs"
+PIXEL_SCALE = 1.0 / 255.0
+
+# Called after each epoch with (epoch index from 1, total epochs, that epoch's logs).
+EpochCallback = Callable[[int, int, dict[str, float]], None]
+
+
+def preprocess(images: npt.NDArray[np.uint8]) -> npt.NDArray[np.float32]:
+    """uint8 (N, 28, 28) → float32 (N, 28, 28) in [0, 1]: each row is a time step."""
+    return images.astype(np.float32) * np.float32(PIXEL_SCALE)
+
+
+def preprocessing_spec(cfg: LstmConfig) -> dict[str, Any]:
+    """The manifest's `preprocessing` block: everything a device needs to feed the model."""
+    return {
+        "input": INPUT_NAME,
+        "dtype": "float32",
+        "shape": ["batch", cfg.timesteps, cfg.features],
+        "layout": "NTC: batch, time step = image row (top to bottom), features = pixels of the row",
+        "image": {"height": cfg.timesteps, "width": cfg.features, "mode": "L", "invert": False},
+        "scale": PIXEL_SCALE,
+        "offset": 0.0,
+        "output": OUTPUT_NAME,
+        "output_meaning": "softmax probabilities over labels, shape (batch, 10)",
+    }
+
+
+def build_model(cfg: LstmConfig = LstmConfig()):
+    """Input (batch, 28, 28) float32 → softmax probabilities (batch, 10), compiled as in the notebook."""
+    keras = require("keras", "train")
+    keras.utils.set_random_seed(cfg.seed)
+    layers = keras.layers
+    model = keras.Sequential(
+        [
+            keras.Input((cfg.timesteps, cfg.features), name=INPUT_NAME),
+            layers.LSTM(cfg.units, activation="relu", return_sequences=True),
+            layers.Dropout(cfg.dropout),
+            layers.LSTM(cfg.units, activation="relu"),
+            layers.Dropout(cfg.dropout),
+            layers.Dense(cfg.dense, activation="relu"),
+            layers.Dropout(cfg.dropout),
+            layers.Dense(cfg.classes, activation="softmax"),
+        ],
+        name="mnist_lstm",
+    )
+    # Keras 2's Adam(decay=1e-5) is lr / (1 + 1e-5 * step): Keras 3 spells it InverseTimeDecay.
+    schedule = keras.optimizers.schedules.InverseTimeDecay(cfg.learning_rate, decay_steps=1, decay_rate=cfg.decay)
+    model.compile(
+        optimizer=keras.optimizers.Adam(learning_rate=schedule),
+        loss="sparse_categorical_crossentropy",
+        metrics=["accuracy"],
+    )
+    return model
+
+
+@dataclass
+class TrainResult:
+    model: Any
+    history: dict[str, list[float]]
+    heldout_accuracy: float
+    best_epoch: int
+
+
+def train(digits: Digits, *, cfg: LstmConfig = LstmConfig(), on_epoch: EpochCallback | None = None) -> TrainResult:
+    """Train on `digits.x_train`, validating on the held-out split; reproducible for a given seed."""
+    keras = require("keras", "train")
+    x_train, x_test = preprocess(digits.x_train), preprocess(digits.x_test)
+    y_train, y_test = digits.y_train.astype(np.int64), digits.y_test.astype(np.int64)
+    model = build_model(cfg)
+    n_select = int(round(cfg.select_fraction * len(x_train)))
+    x_select, y_select = x_train[:n_select], y_train[:n_select]
+    x_fit, y_fit = x_train[n_select:], y_train[n_select:]
+    best: dict[str, Any] = {"accuracy": -1.0, "epoch": 0, "weights": None}
+
+    class _Progress(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+            logs = {k: float(v) for k, v in (logs or {}).items()}
+            if not np.isfinite(logs.get("loss", 0.0)):
+                self.model.stop_training = True
+            elif n_select:
+                pred = self.model.predict(x_select, batch_size=512, verbose=0)
+                logs["select_accuracy"] = float(np.mean(pred.argmax(axis=1) == y_select))
+                if logs["select_accuracy"] >= best["accuracy"]:
+                    best.update(accuracy=logs["select_accuracy"], epoch=epoch + 1, weights=self.model.get_weights())
+            history.setdefault("select_accuracy", []).append(logs.get("select_accuracy", float("nan")))
+            if on_epoch is not None:
+                on_epoch(epoch + 1, cfg.epochs, logs)
+
+    history: dict[str, list[float]] = {}
+    fit = model.fit(
+        x_fit,
+        y_fit,
+        epochs=cfg.epochs,
+        batch_size=cfg.batch_size,
+        validation_data=(x_test, y_test),
+        shuffle=True,
+        verbose=0,
+        callbacks=[_Progress()],
+    )
+    history.update({k: [float(v) for v in vals] for k, vals in fit.history.items()})
+    if not np.isfinite(history["loss"][-1]) and best["weights"] is None:
+        raise EdgeRnnError(
+            f"training diverged (loss {history['loss'][-1]}) — relu LSTMs can blow up; retry with another --seed or fewer --epochs"
+        )
+    if best["weights"] is not None:
+        model.set_weights(best["weights"])
+    probs = model.predict(x_test, batch_size=256, verbose=0)
+    accuracy = float(np.mean(probs.argmax(axis=1) == y_test))
+    return TrainResult(model, history, accuracy, int(best["epoch"]) or len(history["loss"]))
+
+
+def versions() -> dict[str, str]:
+    """Versions of the libraries that made the model (imported lazily)."""
+    out: dict[str, str] = {"numpy": np.__version__}
+    for name in ("tensorflow", "keras", "tf2onnx", "onnx", "onnxruntime"):
+        try:
+            out[name] = __import__(name).__version__
+        except ImportError:
+            continue
+    return out
+
+
+def save_trained(result: TrainResult, digits: Digits, out_dir: str | os.PathLike[str], *, cfg: LstmConfig) -> Path:
+    """Write DIR/model.keras and a fresh DIR/manifest.json (both atomically); return the model path."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out_dir / KERAS_FILE) as tmp:
+        # Keras insists on the .keras suffix, which the temporary name keeps.
+        result.model.save(tmp)
+    manifest: dict[str, Any] = {
+        "model": MODEL_NAME,
+        "task": "classify",
+        "data": digits.describe(),
+        "preprocessing": preprocessing_spec(cfg),
+        "labels": LABELS,
+        "io": {
+            "inputs": [{"name": INPUT_NAME, "dtype": "float32", "shape": ["batch", cfg.timesteps, cfg.features]}],
+            "outputs": [{"name": OUTPUT_NAME, "dtype": "float32", "shape": ["batch", cfg.classes]}],
+        },
+        "config": dataclasses.asdict(cfg),
+        "versions": versions(),
+        "history": result.history,
+        "metrics": {"keras_accuracy": result.heldout_accuracy, "best_epoch": result.best_epoch},
+        "files": {},
+    }
+    # A retrain replaces the model, so exported files of the old one are no longer described.
+    record_file(manifest, out_dir, "keras", KERAS_FILE)
+    save_manifest(out_dir, manifest)
+    return out_dir / KERAS_FILE
+
+
+def load_keras_model(model_dir: str | os.PathLike[str]):
+    """Load DIR/model.keras after verifying it against the manifest."""
+    from .manifest import verified_file
+
+    keras = require("keras", "train")
+    manifest = load_manifest(model_dir)
+    path = verified_file(manifest, model_dir, "keras")
+    return keras.saving.load_model(path, compile=False), manifest

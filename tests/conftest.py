@@ -1,0 +1,59 @@
+"""Shared fixtures: real models trained briefly on the real bundled digits, once per test session."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import numpy as np
+import pytest
+
+from edge_rnn.config import LstmConfig
+
+# Long enough that the model is a real digit classifier (~90% held-out), short enough for CI.
+TEST_LSTM = LstmConfig(epochs=6, batch_size=32, seed=0)
+
+
+@pytest.fixture(scope="session")
+def digits():
+    from edge_rnn.data import load_sample
+
+    return load_sample()
+
+
+@pytest.fixture(scope="session")
+def mnist_dir(tmp_path_factory, digits):
+    """A trained, exported and int8-quantized mnist-lstm folder (read-only for tests: copy to modify)."""
+    from edge_rnn.export import export
+    from edge_rnn.lstm import save_trained, train
+    from edge_rnn.quantize import quantize
+
+    out = tmp_path_factory.mktemp("mnist-lstm")
+    result = train(digits, cfg=TEST_LSTM)
+    save_trained(result, digits, out, cfg=TEST_LSTM)
+    export(out)
+    quantize(out, variants=("int8",))
+    return out
+
+
+@pytest.fixture()
+def mnist_copy(tmp_path, mnist_dir):
+    """A private copy of the trained folder, for tests that change or break files."""
+    import shutil
+
+    dst = tmp_path / "model"
+    shutil.copytree(mnist_dir, dst)
+    return dst
+
+
+@pytest.fixture(scope="session")
+def heldout_batch(digits):
+    return digits.x_test[:16], digits.y_test[:16]
+
+
+def write_png(path, pixels: np.ndarray, mode: str = "L") -> None:
+    from PIL import Image
+
+    img = Image.fromarray(pixels.astype(np.uint8), mode="L")
+    img.convert(mode).save(path)

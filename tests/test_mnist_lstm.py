@@ -1,0 +1,106 @@
+"""The Keras LSTM MNIST path end to end: train → ONNX → int8 → onnxruntime, on real held-out digits."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+from edge_rnn.export import op_counts
+from edge_rnn.lstm import load_keras_model, preprocess
+from edge_rnn.manifest import load_manifest, sha256_file
+from edge_rnn.runtime import load_model, predict_probs
+from edge_rnn.tolerances import FP32_PROB_ATOL, QUANT_MAX_ACCURACY_DROP_PP, QUANT_MIN_AGREEMENT
+
+
+@pytest.fixture(scope="module")
+def probs(mnist_dir, digits):
+    """Keras, ONNX fp32 and ONNX int8 probabilities on all 1,000 held-out digits."""
+    keras_model, manifest = load_keras_model(mnist_dir)
+    x = preprocess(digits.x_test)
+    return {
+        "keras": keras_model.predict(x, batch_size=256, verbose=0),
+        "onnx": predict_probs(load_model(mnist_dir / "model.onnx"), x),
+        "int8": predict_probs(load_model(mnist_dir / "model.int8.onnx"), x),
+    }
+
+
+def test_model_is_a_real_classifier(probs, digits):
+    # 6 short epochs on 4,000 digits: well above chance, so parity below is about a real model.
+    assert np.mean(probs["keras"].argmax(1) == digits.y_test) > 0.80
+
+
+def test_keras_vs_onnx_fp32_parity(probs, digits):
+    assert len(digits.y_test) >= 500
+    np.testing.assert_allclose(probs["onnx"], probs["keras"], rtol=0, atol=FP32_PROB_ATOL)
+    assert np.array_equal(probs["onnx"].argmax(1), probs["keras"].argmax(1))
+
+
+def test_int8_agrees_with_fp32(probs, digits):
+    agreement = np.mean(probs["int8"].argmax(1) == probs["onnx"].argmax(1))
+    assert agreement >= QUANT_MIN_AGREEMENT
+    acc_fp32 = np.mean(probs["onnx"].argmax(1) == digits.y_test)
+    acc_int8 = np.mean(probs["int8"].argmax(1) == digits.y_test)
+    assert 100 * (acc_fp32 - acc_int8) <= QUANT_MAX_ACCURACY_DROP_PP
+    # Quantization really changed the numbers (it is not the fp32 model twice).
+    assert np.max(np.abs(probs["int8"] - probs["onnx"])) > 1e-6
+
+
+def test_graphs_hold_fused_lstm_ops(mnist_dir):
+    fp32 = onnx.load(str(mnist_dir / "model.onnx"))
+    int8 = onnx.load(str(mnist_dir / "model.int8.onnx"))
+    assert op_counts(fp32).get("LSTM") == 2
+    assert "Loop" not in op_counts(fp32) and "Scan" not in op_counts(fp32)
+    assert op_counts(int8).get("DynamicQuantizeLSTM") == 2
+    assert "LSTM" not in op_counts(int8)
+    onnx.checker.check_model(fp32, full_check=True)
+    acts = [list(a.strings) for n in fp32.graph.node if n.op_type == "LSTM" for a in n.attribute if a.name == "activations"]
+    assert acts == [[b"Sigmoid", b"Relu", b"Relu"]] * 2
+
+
+def test_onnx_metadata_and_dynamic_batch(mnist_dir, digits):
+    model = onnx.load(str(mnist_dir / "model.onnx"))
+    meta = {p.key: p.value for p in model.metadata_props}
+    assert meta["edge_rnn.model"] == "mnist-lstm"
+    assert json.loads(meta["edge_rnn.config"])["units"] == 128
+    assert "tensorflow" in json.loads(meta["edge_rnn.versions"])
+    assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
+    session = load_model(mnist_dir / "model.onnx")
+    for n in (1, 7):
+        (p,) = session.run({"input": preprocess(digits.x_test[:n])})
+        assert p.shape == (n, 10)
+        np.testing.assert_allclose(p.sum(1), 1.0, atol=1e-5)
+
+
+def test_manifest_describes_every_file(mnist_dir):
+    manifest = load_manifest(mnist_dir)
+    assert manifest["model"] == "mnist-lstm"
+    assert manifest["data"]["name"] == "sample" and manifest["data"]["train"] == 4000 and manifest["data"]["heldout"] == 1000
+    assert manifest["preprocessing"]["scale"] == pytest.approx(1 / 255)
+    assert manifest["labels"] == [str(d) for d in range(10)]
+    assert set(manifest["files"]) == {"keras", "onnx", "onnx_int8"}
+    for entry in manifest["files"].values():
+        path = mnist_dir / entry["path"]
+        assert entry["sha256"] == sha256_file(path) and entry["bytes"] == path.stat().st_size
+    for lib in ("tensorflow", "keras", "tf2onnx", "onnx", "onnxruntime"):
+        assert manifest["versions"][lib]
+    assert manifest["opset"] == 17
+    assert manifest["graphs"]["onnx_int8"]["DynamicQuantizeLSTM"] == 2
+    assert 0.0 < manifest["metrics"]["keras_accuracy"] <= 1.0
+    # int8 weights: about a quarter of the fp32 file.
+    assert manifest["files"]["onnx_int8"]["bytes"] < 0.35 * manifest["files"]["onnx"]["bytes"]
+
+
+def test_training_is_reproducible(digits):
+    from edge_rnn.config import LstmConfig
+    from edge_rnn.data import Digits
+    from edge_rnn.lstm import train
+
+    small = Digits("s", "s", digits.x_train[:256], digits.y_train[:256], digits.x_test[:64], digits.y_test[:64])
+    cfg = LstmConfig(epochs=1, batch_size=64, seed=3)
+    a = train(small, cfg=cfg).model.get_weights()
+    b = train(small, cfg=cfg).model.get_weights()
+    for wa, wb in zip(a, b):
+        np.testing.assert_array_equal(wa, wb)
