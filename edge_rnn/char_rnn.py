@@ -1,0 +1,484 @@
+"""NumPy character RNN after min-char-rnn: loss_and_grads, Adagrad, training, sampling, checkpoints.
+
+The math follows Karpathy's min-char-rnn (Wxh, Whh, Why, bh, by; tanh hidden state; softmax output)
+with the work that does not depend on the recurrence vectorised across time:
+
+- the input projection indexes the columns of Wxh instead of multiplying one-hot vectors;
+- the output layer, softmax and loss run on all T steps at once, as do dWhy, dby, dWhh, dbh, dWxh;
+- only h_t = tanh(Wxh[:, x_t] + Whh h_{t-1} + bh) and its backward pass loop over time.
+
+Hidden states are rows (T, H) inside this module; the public arrays keep min-char-rnn's column
+shapes (bh (H, 1), h_prev (H, 1)). Device path: numpy only.
+"""
+
+from __future__ import annotations
+
+import time
+import zipfile
+import zlib
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+import numpy.typing as npt
+
+from .config import CharRnnConfig
+from .errors import DataError, InputError, ModelFileError
+from .manifest import atomic_path
+
+PARAM_NAMES = ("Wxh", "Whh", "Why", "bh", "by")
+# Adagrad's guard against dividing by zero, as in min-char-rnn.
+ADAGRAD_EPS = 1e-8
+# Weight of the newest loss in the progress bar's exponential moving average (min-char-rnn's 0.001).
+SMOOTHING = 0.001
+# Characters per forward chunk when scoring long texts: bounds memory at ~CHUNK * V floats.
+EVAL_CHUNK = 8192
+# The largest Unicode code point; vocab is stored as int32 code points in checkpoints.
+MAX_CODE_POINT = 0x10FFFF
+
+Params = dict[str, npt.NDArray[np.float64]]
+# step(ids int64 (1, T), h float (1, H)) -> (logits float (1, T, V), h float (1, H)).
+StepFn = Callable[[npt.NDArray[np.int64], npt.NDArray[np.floating]], tuple[npt.NDArray[np.floating], npt.NDArray[np.floating]]]
+
+
+def param_shapes(vocab_size: int, *, hidden: int) -> dict[str, tuple[int, int]]:
+    """min-char-rnn's parameter shapes: Wxh (H, V), Whh (H, H), Why (V, H), bh (H, 1), by (V, 1)."""
+    return {
+        "Wxh": (hidden, vocab_size),
+        "Whh": (hidden, hidden),
+        "Why": (vocab_size, hidden),
+        "bh": (hidden, 1),
+        "by": (vocab_size, 1),
+    }
+
+
+def init_params(vocab_size: int, *, hidden: int, seed: int) -> Params:
+    """min-char-rnn's initialisation: weights N(0, 0.01²), biases zero; float64."""
+    rng = np.random.default_rng(seed)
+    shapes = param_shapes(vocab_size, hidden=hidden)
+    params = {name: rng.standard_normal(shapes[name]) * 0.01 for name in ("Wxh", "Whh", "Why")}
+    params["bh"] = np.zeros(shapes["bh"])
+    params["by"] = np.zeros(shapes["by"])
+    return params
+
+
+def _softmax_rows(logits: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+    """Row-wise softmax of (T, V) logits, shifted by the row max so exp cannot overflow."""
+    e = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def loss_and_grads(
+    params: Mapping[str, npt.NDArray[np.float64]],
+    inputs: Sequence[int] | npt.NDArray[np.integer],
+    targets: Sequence[int] | npt.NDArray[np.integer],
+    h_prev: npt.NDArray[np.float64],
+) -> tuple[float, Params, npt.NDArray[np.float64]]:
+    """Summed cross-entropy (nats) over T chars, raw (unclipped) grads keyed like params, and h_last (H, 1)."""
+    # Positional like min-char-rnn's lossFun(inputs, targets, hprev): the issue fixes this signature.
+    Wxh, Whh, Why, bh, by = (params[name] for name in PARAM_NAMES)
+    xs = np.asarray(inputs, dtype=np.intp)
+    ys_true = np.asarray(targets, dtype=np.intp)
+    T = len(xs)
+    if T == 0 or len(ys_true) != T:
+        raise InputError(f"inputs and targets must be equally long and non-empty, got {T} and {len(ys_true)}")
+    xh = Wxh[:, xs].T + bh[:, 0]  # (T, H): input projection by column lookup, plus bh
+    h = h_prev[:, 0]
+    hs = [h]  # hs[0] = h_prev is the explicit h0 (min-char-rnn's hs[-1]); hs[t + 1] follows input t
+    for t in range(T):
+        h = np.tanh(xh[t] + Whh.dot(h))
+        hs.append(h)
+    hs = np.array(hs)  # (T + 1, H)
+    logits = hs[1:] @ Why.T + by[:, 0]  # (T, V)
+    ps = _softmax_rows(logits)
+    steps = np.arange(T)
+    loss = float(-np.log(ps[steps, ys_true]).sum())
+    dy = ps
+    dy[steps, ys_true] -= 1.0  # d loss / d logits = softmax - one_hot(target)
+    dh_out = dy @ Why  # (T, H): gradient reaching each h_t from its own output
+    dtanh = 1.0 - hs[1:] ** 2  # (T, H): tanh' in terms of its output
+    WhhT = Whh.T
+    dhraw = dh_out[T - 1] * dtanh[T - 1]  # gradient at the tanh input of the last step
+    dhraws = [dhraw]
+    for t in reversed(range(T - 1)):
+        dh = WhhT.dot(dhraw) + dh_out[t]  # from step t + 1 through Whh, and from output t
+        dhraw = dh * dtanh[t]
+        dhraws.append(dhraw)
+    dhraw = np.array(dhraws[::-1])  # (T, H)
+    onehot = np.zeros((T, Wxh.shape[1]))
+    onehot[steps, xs] = 1.0
+    grads = {
+        "Wxh": dhraw.T @ onehot,  # scatter-add of each step's dhraw into its input's column, as one product
+        "Whh": dhraw.T @ hs[:-1],  # uses hs[0] = h_prev for the first step
+        "Why": dy.T @ hs[1:],
+        "bh": dhraw.sum(axis=0)[:, None],
+        "by": dy.sum(axis=0)[:, None],
+    }
+    return loss, grads, hs[T][:, None]
+
+
+def forward(
+    params: Mapping[str, npt.NDArray[np.float64]],
+    *,
+    ids: Sequence[int] | npt.NDArray[np.integer],
+    h_prev: npt.NDArray[np.floating],
+) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+    """Logits (T, V) float64 for each input id, and the last hidden state (H, 1)."""
+    Wxh, Whh, Why, bh, by = (params[name] for name in PARAM_NAMES)
+    xs = np.asarray(ids, dtype=np.intp)
+    hs = np.empty((len(xs), Whh.shape[0]))
+    xh = Wxh[:, xs].T + bh[:, 0]  # (T, H)
+    h = np.asarray(h_prev, dtype=np.float64)[:, 0]
+    for t in range(len(xs)):
+        h = np.tanh(xh[t] + Whh @ h, out=hs[t])
+    logits = hs @ Why.T + by[:, 0]
+    return logits, h[:, None].copy()
+
+
+def cross_entropy(logits: npt.NDArray[np.floating], *, targets: Sequence[int] | npt.NDArray[np.integer]) -> float:
+    """Summed cross-entropy in nats of (T, V) logits against T target ids, computed in float64."""
+    logits = np.asarray(logits, dtype=np.float64)
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    log_z = np.log(np.exp(shifted).sum(axis=1))
+    return float((log_z - shifted[np.arange(len(shifted)), np.asarray(targets, dtype=np.intp)]).sum())
+
+
+def evaluate(params: Mapping[str, npt.NDArray[np.float64]], *, ids: npt.NDArray[np.integer]) -> float:
+    """Mean cross-entropy in nats/char of predicting ids[1:] from ids[:-1], starting from h = 0."""
+    if len(ids) < 2:
+        raise DataError(f"need at least 2 characters to score a text, got {len(ids)} — use a longer text")
+    h = np.zeros((params["Whh"].shape[0], 1))
+    total = 0.0
+    for start in range(0, len(ids) - 1, EVAL_CHUNK):
+        stop = min(start + EVAL_CHUNK, len(ids) - 1)
+        logits, h = forward(params, ids=ids[start:stop], h_prev=h)
+        total += cross_entropy(logits, targets=ids[start + 1 : stop + 1])
+    return total / (len(ids) - 1)
+
+
+def adagrad_step(
+    param: npt.NDArray[np.float64],
+    *,
+    grad: npt.NDArray[np.float64],
+    memory: npt.NDArray[np.float64],
+    learning_rate: float,
+    clip: float,
+) -> None:
+    """Clip grad to [-clip, clip] (as min-char-rnn does), then one Adagrad update of param and memory in place; any shape."""
+    g = np.clip(grad, -clip, clip)  # mitigates exploding gradients; a copy, so grad stays raw
+    memory += g * g
+    g /= np.sqrt(memory + ADAGRAD_EPS)
+    g *= learning_rate
+    param -= g
+
+
+def flat_views(arrays: Mapping[str, npt.NDArray[np.float64]]) -> tuple[npt.NDArray[np.float64], Params]:
+    """A flat (N,) float64 copy of the arrays in PARAM_NAMES order, and a dict of views into it with their shapes."""
+    flat = np.concatenate([np.asarray(arrays[name], dtype=np.float64).ravel() for name in PARAM_NAMES])
+    views = {}
+    offset = 0
+    for name in PARAM_NAMES:
+        size = arrays[name].size
+        views[name] = flat[offset : offset + size].reshape(arrays[name].shape)
+        offset += size
+    return flat, views
+
+
+# --- corpus -----------------------------------------------------------------------------------
+
+
+def bundled_text() -> str:
+    """The bundled tiny-Shakespeare corpus (1.1 MB, 65 characters)."""
+    return resources.files("edge_rnn").joinpath("data/tinyshakespeare.txt").read_text(encoding="utf-8")
+
+
+def build_vocab(text: str) -> str:
+    """The characters of `text`, sorted by code point: character i has id i."""
+    if not text:
+        raise DataError("the text is empty — give a corpus with at least a few characters")
+    return "".join(sorted(set(text)))
+
+
+def encode(text: str, *, vocab: str) -> npt.NDArray[np.int64]:
+    """Char ids (N,) int64 of `text`; raise DataError naming characters missing from `vocab`."""
+    index = {ch: i for i, ch in enumerate(vocab)}
+    missing = sorted(set(text) - index.keys())
+    if missing:
+        raise DataError(
+            f"the text has characters not in the model's vocabulary: {''.join(missing)!r} — train a new model on this text"
+        )
+    return np.fromiter((index[ch] for ch in text), dtype=np.int64, count=len(text))
+
+
+def split_text(text: str, *, val_fraction: float) -> tuple[str, str]:
+    """(train, validation): the validation part is the last `val_fraction` of the text."""
+    n_val = int(len(text) * val_fraction)
+    return text[: len(text) - n_val], text[len(text) - n_val :]
+
+
+# --- checkpoints -------------------------------------------------------------------------------
+
+
+@dataclass
+class Checkpoint:
+    """Everything training needs to resume: params, vocab, Adagrad memory, step and carried state."""
+
+    params: Params
+    vocab: str  # characters in id order
+    memory: Params  # Adagrad's sum of squared (clipped) gradients, keyed like params
+    step: int  # Adagrad updates done so far
+    h: npt.NDArray[np.float64]  # (H, 1) state carried into the next training chunk
+    smooth_loss: float  # exponential moving average of the training loss, nats/char
+
+    @property
+    def hidden(self) -> int:
+        return int(self.params["Whh"].shape[0])
+
+
+def new_checkpoint(vocab: str, *, hidden: int, seed: int) -> Checkpoint:
+    """A fresh model at step 0: min-char-rnn initialisation, zero Adagrad memory and state."""
+    params = init_params(len(vocab), hidden=hidden, seed=seed)
+    return Checkpoint(
+        params=params,
+        vocab=vocab,
+        memory={name: np.zeros_like(value) for name, value in params.items()},
+        step=0,
+        h=np.zeros((hidden, 1)),
+        smooth_loss=float(np.log(len(vocab))),  # the loss of a uniform guess
+    )
+
+
+def save_checkpoint(checkpoint: Checkpoint, *, path: str | Path) -> None:
+    """Write `checkpoint` atomically as an .npz of plain arrays (no pickle; vocab as int32 code points)."""
+    arrays: dict[str, np.ndarray] = dict(checkpoint.params)
+    arrays.update({f"m{name}": value for name, value in checkpoint.memory.items()})
+    arrays["vocab"] = np.array([ord(ch) for ch in checkpoint.vocab], dtype=np.int32)
+    arrays["step"] = np.array(checkpoint.step, dtype=np.int64)
+    arrays["h"] = checkpoint.h
+    arrays["smooth_loss"] = np.array(checkpoint.smooth_loss, dtype=np.float64)
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:  # a file object, so numpy does not append a second ".npz"
+            np.savez(f, **arrays)
+
+
+def _read_npz(path: Path) -> dict[str, np.ndarray]:
+    """Every array in an .npz, refusing pickles; ModelFileError for anything that is not a readable npz."""
+    if not path.is_file():
+        raise ModelFileError(f"no checkpoint at {path} — train one first (edge-rnn train char-rnn)")
+    try:
+        loaded = np.load(path, allow_pickle=False)
+        if not isinstance(loaded, np.lib.npyio.NpzFile):
+            raise ModelFileError(f"{path} holds a single array, not a char-rnn .npz checkpoint — point at the .npz training wrote")
+        with loaded:
+            return {key: loaded[key] for key in loaded.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ModelFileError(f"{path} is not a readable .npz checkpoint ({reason}) — it is truncated, corrupt or pickled; re-train or restore it") from exc
+
+
+def _vocab_from_code_points(path: Path, codes: np.ndarray) -> str:
+    if codes.dtype != np.int32 or codes.ndim != 1 or codes.size == 0:
+        raise ModelFileError(f"{path}: 'vocab' must be a non-empty 1-D int32 array of code points, got {codes.dtype} {codes.shape} — re-train it")
+    if codes.min() < 0 or codes.max() > MAX_CODE_POINT or np.any((codes >= 0xD800) & (codes <= 0xDFFF)):
+        raise ModelFileError(f"{path}: 'vocab' holds values that are not Unicode characters — re-train it")
+    if len(np.unique(codes)) != len(codes):
+        raise ModelFileError(f"{path}: 'vocab' repeats characters — re-train it")
+    return "".join(map(chr, codes.tolist()))
+
+
+def load_checkpoint(path: str | Path) -> Checkpoint:
+    """Read and validate a checkpoint written by save_checkpoint; raise ModelFileError if it is unusable."""
+    path = Path(path)
+    arrays = _read_npz(path)
+    required = [*PARAM_NAMES, *(f"m{name}" for name in PARAM_NAMES), "vocab", "step", "h", "smooth_loss"]
+    missing = [key for key in required if key not in arrays]
+    if missing:
+        raise ModelFileError(f"{path} is missing {', '.join(missing)} — not a char-rnn checkpoint; re-train or point at the right file")
+    vocab = _vocab_from_code_points(path, arrays["vocab"])
+    if arrays["Whh"].ndim != 2:
+        raise ModelFileError(f"{path}: Whh must be 2-D (H, H), got shape {arrays['Whh'].shape} — re-train it")
+    hidden = arrays["Whh"].shape[0]
+    expected = param_shapes(len(vocab), hidden=hidden)
+    expected.update({f"m{name}": shape for name, shape in list(expected.items())})
+    expected["h"] = (hidden, 1)
+    expected["smooth_loss"] = ()
+    for key, shape in expected.items():
+        value = arrays[key]
+        if value.dtype != np.float64 or value.shape != shape:
+            raise ModelFileError(f"{path}: {key} should be float64 {shape}, got {value.dtype} {value.shape} — re-train it")
+        if not np.all(np.isfinite(value)):
+            raise ModelFileError(f"{path}: {key} contains NaN or infinity — training diverged; re-train with a lower learning rate")
+    step = arrays["step"]
+    if step.dtype != np.int64 or step.shape != () or step < 0:
+        raise ModelFileError(f"{path}: 'step' should be a non-negative int64 scalar, got {step.dtype} {step.shape} — re-train it")
+    if any(np.any(arrays[f"m{name}"] < 0) for name in PARAM_NAMES):
+        raise ModelFileError(f"{path}: Adagrad memory is negative — the file is corrupt; re-train it")
+    return Checkpoint(
+        params={name: arrays[name] for name in PARAM_NAMES},
+        vocab=vocab,
+        memory={name: arrays[f"m{name}"] for name in PARAM_NAMES},
+        step=int(step),
+        h=arrays["h"],
+        smooth_loss=float(arrays["smooth_loss"]),
+    )
+
+
+# --- training ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Progress:
+    """What the progress callback sees: steps done, the target, and the smoothed loss in nats/char."""
+
+    step: int
+    iters: int
+    smooth_loss: float
+
+
+@dataclass
+class TrainResult:
+    checkpoint: Checkpoint
+    val_loss: float  # nats/char on the held-out tail
+    seconds: float  # wall time of the Adagrad loop, excluding validation
+    steps: int  # updates done in this call
+
+
+def chunks_per_pass(n_chars: int, *, seq_length: int) -> int:
+    """Training chunks per pass over n_chars: min-char-rnn rewinds when p + seq_length + 1 >= n."""
+    if n_chars < seq_length + 2:
+        raise DataError(f"the training text has {n_chars} characters; need at least {seq_length + 2} for seq_length {seq_length}")
+    return -(-(n_chars - seq_length - 1) // seq_length)
+
+
+def train(
+    text: str | None = None,
+    *,
+    config: CharRnnConfig = CharRnnConfig(),
+    resume: Checkpoint | None = None,
+    on_progress: Callable[[Progress], None] | None = None,
+    progress_every: int = 100,
+    save_to: str | Path | None = None,
+    save_every: int = 10_000,
+) -> TrainResult:
+    """Adagrad with truncated BPTT until step == config.iters (resuming from `resume`); text default: Shakespeare.
+
+    The state h is carried across chunks and reset to zero at the start of each pass, as in
+    min-char-rnn; the chunk position follows from the step, so a resumed run repeats an unbroken one
+    exactly. Resuming takes the model's shape and vocabulary from the checkpoint.
+    """
+    text = bundled_text() if text is None else text
+    train_text, val_text = split_text(text, val_fraction=config.val_fraction)
+    state = resume if resume is not None else new_checkpoint(build_vocab(text), hidden=config.hidden, seed=config.seed)
+    data = encode(train_text, vocab=state.vocab)
+    val_ids = encode(val_text, vocab=state.vocab)
+    T = config.seq_length
+    n_chunks = chunks_per_pass(len(data), seq_length=T)
+    # One flat vector each, so Adagrad is a few whole-model operations instead of five small loops.
+    theta, params = flat_views(state.params)
+    memory_flat, memory = flat_views(state.memory)
+    h = state.h
+    smooth_loss = state.smooth_loss
+    first_step = state.step
+    start = time.perf_counter()
+    for n in range(first_step, config.iters):
+        p = (n % n_chunks) * T
+        if p == 0:
+            h = np.zeros_like(h)  # a new pass starts from a blank state
+        loss, grads, h = loss_and_grads(params, data[p : p + T], data[p + 1 : p + T + 1], h)
+        grad = np.concatenate([grads[name].ravel() for name in PARAM_NAMES])
+        adagrad_step(theta, grad=grad, memory=memory_flat, learning_rate=config.learning_rate, clip=config.clip)
+        smooth_loss = (1 - SMOOTHING) * smooth_loss + SMOOTHING * loss / T
+        done = n + 1
+        if on_progress is not None and (done % progress_every == 0 or done == config.iters):
+            on_progress(Progress(step=done, iters=config.iters, smooth_loss=smooth_loss))
+        if save_to is not None and done % save_every == 0:
+            save_checkpoint(Checkpoint(params, state.vocab, memory, done, h, smooth_loss), path=save_to)
+    seconds = time.perf_counter() - start
+    checkpoint = Checkpoint(params, state.vocab, memory, max(first_step, config.iters), h, smooth_loss)
+    if save_to is not None:
+        save_checkpoint(checkpoint, path=save_to)
+    val_loss = evaluate(params, ids=val_ids) if len(val_ids) >= 2 else float("nan")
+    return TrainResult(checkpoint=checkpoint, val_loss=val_loss, seconds=seconds, steps=max(0, config.iters - first_step))
+
+
+# --- sampling ---------------------------------------------------------------------------------
+
+
+def numpy_step(params: Mapping[str, npt.NDArray[np.float64]]) -> StepFn:
+    """A step function over the NumPy model: (ids int64 (1, T), h (1, H)) -> (logits float64 (1, T, V), h (1, H))."""
+
+    def step(ids: npt.NDArray[np.int64], h: npt.NDArray[np.floating]) -> tuple[np.ndarray, np.ndarray]:
+        logits, h_last = forward(params, ids=ids[0], h_prev=np.asarray(h, dtype=np.float64).T)
+        return logits[None], h_last.T
+
+    return step
+
+
+def check_prime(prime: str, *, vocab: str) -> None:
+    """Raise InputError if `prime` is empty or has characters outside `vocab`, naming them."""
+    if not prime:
+        raise InputError("the prime text is empty — give at least one character to start from (e.g. --prime 'ROMEO:')")
+    unknown = sorted(set(prime) - set(vocab))
+    if unknown:
+        raise InputError(
+            f"the prime has characters the model never saw: {''.join(unknown)!r} — use only characters from its vocabulary"
+        )
+
+
+def sample_with(
+    step: StepFn,
+    *,
+    vocab: str,
+    hidden: int,
+    prime: str,
+    length: int,
+    temperature: float = 1.0,
+    seed: int = 0,
+) -> str:
+    """`length` characters continuing `prime`, drawn from softmax(logits / temperature) by any step function.
+
+    The draw is computed here in float64 from np.random.default_rng(seed), so the NumPy model and an
+    onnxruntime session (float32 logits) give the same text unless a probability lands within ~1e-6
+    of a sampling boundary.
+    """
+    check_prime(prime, vocab=vocab)
+    if length < 0:
+        raise InputError(f"length must be >= 0, got {length}")
+    if not temperature > 0:
+        raise InputError(f"temperature must be > 0, got {temperature} — try 1.0, or 0.5 for safer text")
+    rng = np.random.default_rng(seed)
+    index = {ch: i for i, ch in enumerate(vocab)}
+    ids = np.array([[index[ch] for ch in prime]], dtype=np.int64)  # (1, T)
+    h = np.zeros((1, hidden), dtype=np.float32)  # exact in any float type
+    out = []
+    for _ in range(length):
+        logits, h = step(ids, h)
+        z = np.asarray(logits[0, -1], dtype=np.float64) / temperature
+        p = np.exp(z - z.max())
+        cdf = np.cumsum(p)
+        nxt = min(int(np.searchsorted(cdf, rng.random() * cdf[-1], side="right")), len(vocab) - 1)
+        out.append(vocab[nxt])
+        ids = np.array([[nxt]], dtype=np.int64)
+    return "".join(out)
+
+
+def sample(
+    checkpoint: Checkpoint,
+    *,
+    prime: str,
+    length: int,
+    temperature: float = 1.0,
+    seed: int = 0,
+) -> str:
+    """`length` characters from the NumPy model continuing `prime` (see sample_with)."""
+    return sample_with(
+        numpy_step(checkpoint.params),
+        vocab=checkpoint.vocab,
+        hidden=checkpoint.hidden,
+        prime=prime,
+        length=length,
+        temperature=temperature,
+        seed=seed,
+    )
