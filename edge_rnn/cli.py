@@ -58,7 +58,7 @@ def _epoch_progress(total: int):
     task = progress.add_task("train", total=total, logs="")
 
     def on_epoch(epoch: int, epochs: int, logs: dict[str, float]) -> None:
-        shown = "  ".join(f"{k} {v:.4f}" for k, v in logs.items() if k in ("loss", "accuracy", "select_accuracy", "val_accuracy"))
+        shown = "  ".join(f"{k} {v:.4f}" for k, v in logs.items() if k in ("loss", "accuracy", "val_loss", "val_accuracy"))
         progress.update(task, completed=epoch, logs=shown)
 
     return progress, on_epoch
@@ -67,7 +67,7 @@ def _epoch_progress(total: int):
 def _history_table(history: dict[str, list[float]]) -> Table:
     table = Table(title="training history")
     table.add_column("epoch", justify="right")
-    keys = [k for k in ("loss", "accuracy", "select_accuracy", "val_loss", "val_accuracy") if k in history]
+    keys = [k for k in ("loss", "accuracy", "val_loss", "val_accuracy") if k in history]
     for key in keys:
         table.add_column(key, justify="right")
     for i in range(len(history[keys[0]])):

@@ -23,8 +23,6 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-# The pass only reroutes tensors, so cleaned and raw models agree exactly; this bounds the check.
-CLEAN_FP32_ATOL = 1e-6
 RECURRENT_OPS = ("LSTM", "GRU", "RNN")
 # Input positions of the optional initial states (LSTM: initial_h, initial_c; GRU/RNN: initial_h).
 STATE_INPUTS = {"LSTM": (5, 6), "GRU": (5,), "RNN": (5,)}

@@ -11,7 +11,8 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from edge_rnn.optimize import CLEAN_FP32_ATOL, clean_recurrent_graph
+from edge_rnn.optimize import clean_recurrent_graph
+from edge_rnn.tolerances import CLEAN_FP32_ATOL
 
 SAMPLE = Path(__file__).resolve().parents[1] / "edge_rnn" / "data" / "mnist_sample_5k.npz"
 # Ops that only build zero states or move layouts; none should survive the pass on a tf2onnx LSTM stack.
