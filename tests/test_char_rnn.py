@@ -107,17 +107,42 @@ def test_checkpoint_round_trip(tmp_path, text):
     assert list(tmp_path.iterdir()) == [path]  # the atomic write left no temporary file
 
 
+class Interrupted(Exception):
+    pass
+
+
+def interrupt_at(step: int):
+    def on_progress(progress: char_rnn.Progress) -> None:
+        if progress.step == step:
+            raise Interrupted
+    return on_progress
+
+
 def test_resume_continues_exactly(tmp_path, text):
     # 2,000 steps cross the end of the 18k-char training text, so the rewind and h reset are covered too.
-    unbroken = char_rnn.train(text, config=CharRnnConfig(hidden=16, iters=2000)).checkpoint
-    path = tmp_path / "half.npz"
-    char_rnn.train(text, config=CharRnnConfig(hidden=16, iters=1000), save_to=path)
-    resumed = char_rnn.train(text, config=CharRnnConfig(hidden=16, iters=2000), resume=char_rnn.load_checkpoint(path)).checkpoint
+    config = CharRnnConfig(hidden=16, iters=2000)
+    unbroken = char_rnn.train(text, config=config).checkpoint
+    path = tmp_path / "run.npz"
+    with pytest.raises(Interrupted):  # a run killed after its checkpoint at step 1,000
+        char_rnn.train(text, config=config, save_to=path, save_every=1000, on_progress=interrupt_at(1000), progress_every=1000)
+    halfway = char_rnn.load_checkpoint(path)
+    assert halfway.step == 1000
+    resumed = char_rnn.train(text, config=config, resume=halfway).checkpoint
     assert resumed.step == unbroken.step == 2000
     for name in PARAM_NAMES:
         np.testing.assert_array_equal(resumed.params[name], unbroken.params[name])
         np.testing.assert_array_equal(resumed.memory[name], unbroken.memory[name])
     np.testing.assert_array_equal(resumed.h, unbroken.h)
+    assert resumed.smooth_loss == unbroken.smooth_loss
+
+
+def test_resume_does_not_modify_the_given_checkpoint(text):
+    start = char_rnn.train(text, config=CharRnnConfig(hidden=8, iters=10)).checkpoint
+    before = {name: value.copy() for name, value in start.params.items()}
+    char_rnn.train(text, config=CharRnnConfig(hidden=8, iters=20), resume=start)
+    assert start.step == 10
+    for name in PARAM_NAMES:
+        np.testing.assert_array_equal(start.params[name], before[name])
 
 
 @pytest.fixture(scope="module")
