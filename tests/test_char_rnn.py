@@ -84,8 +84,7 @@ def test_training_lowers_the_loss_on_real_text(text):
     before = char_rnn.evaluate(char_rnn.init_params(len(vocab), hidden=32, seed=0), ids=char_rnn.encode(val_text, vocab=vocab))
     progress = []
     result = char_rnn.train(text, config=config, on_progress=progress.append, progress_every=100)
-    assert before == pytest.approx(np.log(len(vocab)), rel=1e-3)  # untrained: a uniform guess
-    assert result.val_loss < before - 0.5
+    assert result.val_loss < min(before, np.log(len(vocab))) - 0.5  # better than untrained and than a uniform guess
     assert [p.step for p in progress] == [100, 200, 300, 400]
     assert progress[-1].smooth_loss < progress[0].smooth_loss
     assert result.checkpoint.step == 400 and result.steps == 400
