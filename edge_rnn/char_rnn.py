@@ -487,3 +487,77 @@ def sample(
         temperature=temperature,
         seed=seed,
     )
+
+
+# --- model folder (checkpoint + manifest) ------------------------------------------------------
+
+MODEL_NAME = "char-rnn"
+CHECKPOINT_FILE = "checkpoint.npz"
+BUNDLED_TEXT = "bundled"
+
+
+def io_spec(*, hidden: int, vocab_size: int) -> dict:
+    """The manifest's `io` block: the ONNX graph's inputs and outputs (batch and time dynamic)."""
+    return {
+        "inputs": [
+            {"name": "ids", "dtype": "int64", "shape": ["batch", "time"], "meaning": "char ids (see vocab)"},
+            {"name": "h0", "dtype": "float32", "shape": ["batch", hidden], "meaning": "hidden state before the first char (zeros to start)"},
+        ],
+        "outputs": [
+            {"name": "logits", "dtype": "float32", "shape": ["batch", "time", vocab_size], "meaning": "unnormalised log-probabilities of the next char"},
+            {"name": "h", "dtype": "float32", "shape": ["batch", hidden], "meaning": "hidden state after the last char: feed it back as h0"},
+        ],
+    }
+
+
+def save_trained(
+    result: TrainResult, *, out_dir: str | Path, text_source: str | None, config: CharRnnConfig, text_chars: int
+) -> Path:
+    """Write OUT/checkpoint.npz and a fresh OUT/manifest.json (both atomically); return the checkpoint path."""
+    import dataclasses
+
+    from .manifest import record_file, save_manifest
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ckpt = result.checkpoint
+    save_checkpoint(ckpt, path=out_dir / CHECKPOINT_FILE)
+    n_val = int(text_chars * config.val_fraction)
+    manifest = {
+        "model": MODEL_NAME,
+        "task": "generate",
+        "data": {
+            "name": "tinyshakespeare" if text_source is None else Path(text_source).name,
+            "source": BUNDLED_TEXT if text_source is None else str(Path(text_source).resolve()),
+            "train_chars": text_chars - n_val,
+            "val_chars": n_val,
+            "val_fraction": config.val_fraction,
+        },
+        "vocab": list(ckpt.vocab),
+        "preprocessing": {"encoding": "utf-8", "ids": "index of each character in vocab"},
+        "io": io_spec(hidden=ckpt.hidden, vocab_size=len(ckpt.vocab)),
+        "config": {**dataclasses.asdict(config), "hidden": ckpt.hidden},
+        "versions": {"numpy": np.__version__},
+        "metrics": {"val_nats_per_char": result.val_loss, "train_steps": ckpt.step, "train_smooth_loss": ckpt.smooth_loss},
+        "files": {},
+    }
+    record_file(manifest, out_dir, "checkpoint", CHECKPOINT_FILE)
+    save_manifest(out_dir, manifest)
+    return out_dir / CHECKPOINT_FILE
+
+
+def load_trained(model_dir: str | Path) -> tuple[Checkpoint, dict]:
+    """The checkpoint of a char-rnn folder, verified against its manifest, and the manifest."""
+    from .manifest import load_manifest, verified_file
+
+    manifest = load_manifest(model_dir)
+    return load_checkpoint(verified_file(manifest, model_dir, "checkpoint")), manifest
+
+
+def heldout_text(manifest: dict) -> str:
+    """The validation tail of the text a char-rnn folder was trained on."""
+    from .data import load_text
+
+    source = manifest["data"]["source"]
+    text = load_text(None if source == BUNDLED_TEXT else source)
+    return split_text(text, val_fraction=manifest["data"]["val_fraction"])[1]
