@@ -103,6 +103,44 @@ def train_mnist_lstm(
     out.print(f"held-out accuracy {result.heldout_accuracy:.2%} → {path}")
 
 
+@train_app.command("char-rnn")
+@clean_errors
+def train_char_rnn(
+    text: Optional[Path] = typer.Option(None, help="UTF-8 training text (default: the bundled tiny Shakespeare)."),
+    hidden: int = typer.Option(CharRnnConfig.hidden, min=1, help="Hidden units."),
+    seq_length: int = typer.Option(CharRnnConfig.seq_length, min=1, help="Truncated-BPTT chunk length."),
+    learning_rate: float = typer.Option(CharRnnConfig.learning_rate, min=0.0, help="Adagrad learning rate."),
+    iters: int = typer.Option(CharRnnConfig.iters, min=1, help="Total Adagrad steps (a resumed run continues up to this)."),
+    seed: int = typer.Option(CharRnnConfig.seed, help="Seed for the initial weights."),
+    out_dir: Path = typer.Option(Path(DEFAULT_OUT) / CHAR_RNN_DIRNAME, "--out", help="Model folder to write."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from OUT/checkpoint.npz."),
+) -> None:
+    """Train the NumPy reference char RNN (min-char-rnn, Adagrad) → OUT/checkpoint.npz and OUT/manifest.json.
+
+    Example: edge-rnn train char-rnn --iters 180000 --out artifacts/char-rnn
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from .char_rnn import load_trained, save_trained, train
+    from .data import load_text
+
+    cfg = CharRnnConfig(hidden=hidden, seq_length=seq_length, learning_rate=learning_rate, iters=iters, seed=seed)
+    corpus = load_text(text)
+    start = load_trained(out_dir)[0] if resume else None
+    progress = Progress(
+        TextColumn("[bold]step"), MofNCompleteColumn(), BarColumn(), TextColumn("smoothed loss {task.fields[loss]:.3f} nats/char"),
+        TimeElapsedColumn(), console=err,
+    )
+    with progress:
+        task = progress.add_task("train", total=cfg.iters, completed=start.step if start else 0, loss=float("nan"))
+        result = train(corpus, config=cfg, resume=start, on_progress=lambda p: progress.update(task, completed=p.step, loss=p.smooth_loss))
+    path = save_trained(result, out_dir=out_dir, text_source=str(text) if text else None, config=cfg, text_chars=len(corpus))
+    out.print(
+        f"{result.steps:,} steps in {result.seconds:.1f} s ({result.steps / max(result.seconds, 1e-9):,.0f}/s); "
+        f"held-out loss {result.val_loss:.4f} nats/char → {path}"
+    )
+
+
 @app.command()
 @clean_errors
 def export(
@@ -178,6 +216,45 @@ def infer(
     out.print(table)
 
 
+@app.command()
+@clean_errors
+def generate(
+    model: Path = typer.Argument(..., help="char-rnn MODEL.onnx with its manifest.json beside it."),
+    prime: str = typer.Option("\n", help="Text to start from; every character must be in the model's vocabulary."),
+    length: int = typer.Option(300, min=0, help="Characters to generate after the prime."),
+    temperature: float = typer.Option(1.0, help="Softmax temperature (> 0): lower is safer, higher is wilder."),
+    seed: int = typer.Option(0, help="Sampling seed: the same seed prints the same text as the NumPy sampler."),
+    threads: int = typer.Option(1, min=0, help="onnxruntime intra-op threads (0 = onnxruntime's default)."),
+) -> None:
+    """Generate text with an exported char RNN on onnxruntime, carrying the hidden state between steps.
+
+    Example: edge-rnn generate artifacts/char-rnn/model.onnx --prime "ROMEO:" --length 300 --seed 1
+    """
+    from .runtime import generate as run_generate
+
+    text = run_generate(model, prime=prime, length=length, temperature=temperature, seed=seed, threads=threads or None)
+    print(prime + text)
+
+
+@app.command("sample")
+@clean_errors
+def sample_numpy(
+    model_dir: Path = typer.Argument(..., help="char-rnn folder holding checkpoint.npz."),
+    prime: str = typer.Option("\n", help="Text to start from."),
+    length: int = typer.Option(300, min=0, help="Characters to generate after the prime."),
+    temperature: float = typer.Option(1.0, help="Softmax temperature (> 0)."),
+    seed: int = typer.Option(0, help="Sampling seed."),
+) -> None:
+    """Generate text with the NumPy reference char RNN from its checkpoint (the ONNX model's oracle).
+
+    Example: edge-rnn sample artifacts/char-rnn --prime "ROMEO:" --length 300 --seed 1
+    """
+    from .char_rnn import load_trained, sample
+
+    checkpoint, _ = load_trained(model_dir)
+    print(prime + sample(checkpoint, prime=prime, length=length, temperature=temperature, seed=seed))
+
+
 def _pipeline_table(rows) -> Table:
     table = Table(title="edge-rnn pipeline")
     for name, justify in (("model", "left"), ("variant", "left"), ("size", "right"), ("metric", "right"), ("parity", "left"), ("file", "left")):
@@ -215,6 +292,10 @@ def pipeline(
     _warn(result.warnings)
     out.print(_pipeline_table(result.rows))
     out.print("timings: " + ", ".join(f"{k} {v:.0f} s" for k, v in result.seconds.items()))
+    if result.failures:
+        for failure in result.failures:
+            err.print(f"[bold red]parity FAILED:[/] {failure}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1)
 
 
 def main() -> None:

@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import importlib
+import os
+import sys
+from typing import Iterator
+
 
 class EdgeRnnError(Exception):
     """Base class: the CLI prints the message on one line and exits with code 1."""
@@ -23,15 +29,34 @@ class MissingDependencyError(EdgeRnnError):
     """An optional extra (e.g. `[train]`, `[bench]`) is needed for this command but not installed."""
 
 
+@contextlib.contextmanager
+def _quiet_native_stderr() -> Iterator[None]:
+    """Send file descriptor 2 to /dev/null: TensorFlow's C++ start-up lines (CUDA probes, oneDNN notes)
+    are printed before absl logging is configured, so TF_CPP_MIN_LOG_LEVEL cannot silence them."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "wb") as devnull:
+            os.dup2(devnull.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+# Heavy imports whose native start-up chatter is hidden; their Python exceptions still propagate.
+_NOISY = ("tensorflow", "keras", "tf2onnx")
+
+
 def require(module: str, extra: str):
     """Import `module` or raise MissingDependencyError naming the pip extra that provides it."""
-    import importlib
-    import os
-
-    # TensorFlow's C++ start-up chatter (CUDA probes, CPU flags) is noise on a CLI: keep errors only.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    if module in sys.modules:
+        return sys.modules[module]
+    quiet = module.split(".")[0] in _NOISY and "tensorflow" not in sys.modules
     try:
-        return importlib.import_module(module)
+        with _quiet_native_stderr() if quiet else contextlib.nullcontext():
+            return importlib.import_module(module)
     except ImportError as exc:
         raise MissingDependencyError(
             f"{module} is not installed ({exc}); install it with: pip install 'edge-rnn[{extra}]'"

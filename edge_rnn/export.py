@@ -18,7 +18,7 @@ import numpy as np
 from .config import ExportConfig
 from .errors import EdgeRnnError, ModelFileError, require
 from .manifest import atomic_path, load_manifest, record_file, save_manifest, verified_file
-from .tolerances import FP32_PROB_ATOL
+from .tolerances import FP32_LOGIT_ATOL, FP32_PROB_ATOL
 
 ONNX_FILE = "model.onnx"
 BATCH_DIM = "batch"
@@ -92,6 +92,13 @@ def keras_to_onnx(keras_model, *, io: dict[str, Any], opset: int):
     return model
 
 
+def _export_versions() -> dict[str, str]:
+    import onnxruntime as ort
+
+    onnx = require("onnx", "train")
+    return {"onnx": onnx.__version__, "onnxruntime": ort.__version__}
+
+
 def _recurrent_layers(keras_model) -> list[str]:
     return [layer.__class__.__name__ for layer in keras_model.layers if layer.__class__.__name__ in KERAS_RECURRENT_LAYERS]
 
@@ -144,14 +151,29 @@ def _export_keras(model_dir: Path, manifest: dict[str, Any], cfg: ExportConfig) 
 
 
 def _export_char_rnn(model_dir: Path, manifest: dict[str, Any], cfg: ExportConfig) -> ExportReport:
-    from .char_rnn import load_checkpoint
+    import onnxruntime as ort
+
+    from .char_rnn import forward, load_checkpoint
     from .graphs import char_rnn_model
 
     ckpt = load_checkpoint(verified_file(manifest, model_dir, "checkpoint"))
+    if list(ckpt.vocab) != manifest.get("vocab"):
+        raise ModelFileError(f"the checkpoint's vocabulary differs from the manifest's in {model_dir} — retrain the folder")
     onnx_model = char_rnn_model(ckpt.params, vocab=ckpt.vocab, opset=cfg.opset)
     path = model_dir / ONNX_FILE
     _save_checked(onnx_model, path)
-    return ExportReport(path, op_counts(onnx_model), cfg.opset)
+    # Validate like the Keras path: NumPy float64 vs onnxruntime on a random id sequence and state.
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, len(ckpt.vocab), size=200)
+    h0 = rng.standard_normal((ckpt.hidden, 1)) * 0.5
+    expected, h_expected = forward(ckpt.params, ids=ids, h_prev=h0)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    logits, h = session.run(None, {"ids": ids[None].astype(np.int64), "h0": h0.T.astype(np.float32)})
+    diff = max(float(np.max(np.abs(logits[0] - expected))), float(np.max(np.abs(h - h_expected.T))))
+    if not diff <= FP32_LOGIT_ATOL:
+        path.unlink()
+        raise EdgeRnnError(f"ONNX export differs from the NumPy model by {diff:.3g} > {FP32_LOGIT_ATOL:g} — not saved")
+    return ExportReport(path, op_counts(onnx_model), cfg.opset, diff)
 
 
 def export(model_dir: str | os.PathLike[str], *, cfg: ExportConfig = ExportConfig()) -> ExportReport:
@@ -171,6 +193,7 @@ def export(model_dir: str | os.PathLike[str], *, cfg: ExportConfig = ExportConfi
         del manifest["files"][role]
     record_file(manifest, model_dir, "onnx", ONNX_FILE)
     manifest["opset"] = report.opset
+    manifest.setdefault("versions", {}).update(_export_versions())
     manifest.setdefault("graphs", {})["onnx"] = report.op_counts
     if report.max_abs_diff is not None:
         manifest.setdefault("metrics", {})["export_random_input_max_abs_diff"] = report.max_abs_diff

@@ -57,3 +57,22 @@ def write_png(path, pixels: np.ndarray, mode: str = "L") -> None:
 
     img = Image.fromarray(pixels.astype(np.uint8), mode="L")
     img.convert(mode).save(path)
+
+
+@pytest.fixture(scope="session")
+def char_dir(tmp_path_factory):
+    """A briefly trained, exported and int8-quantized char-rnn folder on the real Shakespeare text."""
+    from edge_rnn.char_rnn import save_trained, train
+    from edge_rnn.config import CharRnnConfig
+    from edge_rnn.data import load_text
+    from edge_rnn.export import export
+    from edge_rnn.quantize import quantize
+
+    out = tmp_path_factory.mktemp("char-rnn")
+    text = load_text(None)[:200_000]
+    cfg = CharRnnConfig(hidden=64, iters=3_000, seed=0)
+    result = train(text, config=cfg)
+    save_trained(result, out_dir=out, text_source=None, config=cfg, text_chars=len(text))
+    export(out)
+    quantize(out, variants=("int8",))
+    return out

@@ -1,0 +1,247 @@
+"""The whole job, step by step: train → export → quantize → parity → evaluate, for each model."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from .config import CHAR_RNN_DIRNAME, MNIST_DIRNAME, CharRnnConfig, ExportConfig, LstmConfig
+from .manifest import load_manifest, update_manifest
+from .parity import ParityReport, compare
+from .tolerances import FP32_PROB_ATOL, QUANT_MAX_ACCURACY_DROP_PP, QUANT_MIN_AGREEMENT
+
+# Reports progress as (step name, message); the CLI prints it, the library never does.
+StepCallback = Callable[[str, str], None]
+
+
+@dataclass
+class Row:
+    """One line of the final table: a model variant and what was measured for it."""
+
+    model: str
+    variant: str
+    path: str
+    bytes: int
+    metric_name: str
+    metric: float
+    parity: str
+
+
+@dataclass
+class PipelineResult:
+    rows: list[Row] = field(default_factory=list)
+    parity: list[ParityReport] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)  # parity gates that failed, all of them
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def _size(model_dir: Path, manifest: dict[str, Any], role: str) -> tuple[str, int]:
+    entry = manifest["files"][role]
+    return str(model_dir / entry["path"]), int(entry["bytes"])
+
+
+def check_classifier(model_dir: str | os.PathLike[str], x_test: np.ndarray, y_test: np.ndarray) -> tuple[list[Row], list[ParityReport]]:
+    """Keras vs ONNX fp32 (max |Δprob|, argmax), every quantized variant vs fp32; accuracies into the manifest."""
+    from .lstm import load_keras_model, preprocess
+    from .runtime import load_model, predict_probs
+
+    model_dir = Path(model_dir)
+    keras_model, manifest = load_keras_model(model_dir)
+    x = preprocess(x_test)
+    probs = {"keras": keras_model.predict(x, batch_size=256, verbose=0)}
+    roles = [r for r in manifest["files"] if r.startswith("onnx")]
+    for role in roles:
+        probs[role] = predict_probs(load_model(_size(model_dir, manifest, role)[0]), x)
+    accuracy = {name: float(np.mean(p.argmax(1) == y_test)) for name, p in probs.items()}
+    reports = [compare({"probs": probs["keras"]}, {"probs": probs["onnx"]}, atol=FP32_PROB_ATOL, names=("keras", "onnx"), argmax_of="probs")]
+    metrics: dict[str, Any] = {f"{name}_accuracy": acc for name, acc in accuracy.items()}
+    metrics["heldout_samples"] = int(len(y_test))
+    metrics["keras_vs_onnx_max_abs_prob_diff"] = reports[0].checks[0].max_abs_diff
+    metrics["keras_vs_onnx_argmax_agreement"] = reports[0].argmax_agreement
+    rows = [Row(manifest["model"], "keras", *_size(model_dir, manifest, "keras"), "accuracy", accuracy["keras"], "reference")]
+    rows.append(Row(manifest["model"], "onnx fp32", *_size(model_dir, manifest, "onnx"), "accuracy", accuracy["onnx"],
+                    f"max|Δprob| {reports[0].checks[0].max_abs_diff:.1e} vs keras, argmax {reports[0].argmax_agreement:.2%}"))
+    for role in roles:
+        if role == "onnx":
+            continue
+        # Quantized parity is about decisions: argmax agreement with fp32 and the accuracy drop.
+        report = compare({"probs": probs["onnx"]}, {"probs": probs[role]}, atol=1.0, names=("onnx", role), argmax_of="probs")
+        reports.append(report)
+        metrics[f"{role}_vs_onnx_argmax_agreement"] = report.argmax_agreement
+        metrics[f"{role}_vs_onnx_max_abs_prob_diff"] = report.checks[0].max_abs_diff
+        rows.append(Row(manifest["model"], role.replace("onnx_", "onnx "), *_size(model_dir, manifest, role), "accuracy",
+                        accuracy[role], f"argmax {report.argmax_agreement:.2%} vs fp32, max|Δprob| {report.checks[0].max_abs_diff:.1e}"))
+    update_manifest(model_dir, metrics=metrics)
+    return rows, reports
+
+
+def _gate_classifier(rows: list[Row], reports: list[ParityReport]) -> list[str]:
+    """The parity promises the pipeline checks, all of them, returned as failures (empty = pass)."""
+    failures = []
+    fp32 = reports[0]
+    if not fp32.ok or fp32.argmax_agreement != 1.0:
+        failures.append(fp32.summary().replace("\n", ";"))
+    acc = {row.variant: row.metric for row in rows}
+    for report in reports[1:]:
+        variant = report.candidate.replace("onnx_", "onnx ")
+        if report.argmax_agreement < QUANT_MIN_AGREEMENT:
+            failures.append(f"{variant} agrees with fp32 on {report.argmax_agreement:.2%} < {QUANT_MIN_AGREEMENT:.0%}")
+        drop = 100 * (acc["onnx fp32"] - acc[variant])
+        if drop > QUANT_MAX_ACCURACY_DROP_PP:
+            failures.append(f"{variant} loses {drop:.2f} pp accuracy > {QUANT_MAX_ACCURACY_DROP_PP} pp")
+    return failures
+
+
+def run_mnist(
+    *, data: str, out_dir: Path, cfg: LstmConfig, export_cfg: ExportConfig, on_step: StepCallback, on_epoch=None
+) -> PipelineResult:
+    from .data import load_digits
+    from .export import export
+    from .lstm import save_trained, train
+    from .quantize import quantize
+
+    result = PipelineResult()
+    model_dir = out_dir / MNIST_DIRNAME
+    t = time.perf_counter()
+    digits = load_digits(data)
+    result.warnings += digits.warnings
+    on_step("data", f"{digits.source}: {len(digits.y_train)} train, {len(digits.y_test)} held out")
+    trained = train(digits, cfg=cfg, on_epoch=on_epoch)
+    save_trained(trained, digits, model_dir, cfg=cfg)
+    result.seconds["mnist train"] = time.perf_counter() - t
+    on_step("train", f"held-out accuracy {trained.heldout_accuracy:.2%} in {result.seconds['mnist train']:.0f} s")
+    t = time.perf_counter()
+    report = export(model_dir, cfg=export_cfg)
+    on_step("export", f"{report.path}: {report.op_counts}")
+    for q in quantize(model_dir, variants=("int8",)):
+        on_step("quantize", f"{q.path}: {q.op_counts}")
+    result.seconds["mnist export+quantize"] = time.perf_counter() - t
+    rows, reports = check_classifier(model_dir, digits.x_test, digits.y_test)
+    result.rows += rows
+    result.parity += reports
+    result.failures += [f"mnist-lstm: {f}" for f in _gate_classifier(rows, reports)]
+    return result
+
+
+def score_onnx(model_path: str | os.PathLike[str], ids: np.ndarray, *, hidden: int, chunk: int = 4096) -> np.ndarray:
+    """Logits (T, V) of a char-RNN ONNX model over ids (T,), in chunks with the state carried across."""
+    from .runtime import load_model
+
+    model = load_model(model_path)
+    h = np.zeros((1, hidden), np.float32)
+    out = []
+    for i in range(0, len(ids), chunk):
+        logits, h = model.run({"ids": ids[None, i : i + chunk].astype(np.int64), "h0": h})
+        out.append(logits[0])
+    return np.concatenate(out)
+
+
+def check_char_rnn(
+    model_dir: str | os.PathLike[str], *, max_chars: int = 20_000, seed: int = 0
+) -> tuple[list[Row], list[ParityReport], list[str]]:
+    """NumPy (float64) vs ONNX fp32 logits on the held-out text, nats/char of every variant, same-seed text.
+
+    Returns the table rows, the parity reports and the failed gates (empty when all hold).
+    """
+    from .char_rnn import cross_entropy, encode, forward, heldout_text, load_trained, sample
+    from .runtime import generate
+    from .tolerances import FP32_LOGIT_ATOL, LOSS_RTOL
+
+    model_dir = Path(model_dir)
+    ckpt, manifest = load_trained(model_dir)
+    ids = encode(heldout_text(manifest)[: max_chars + 1], vocab=ckpt.vocab)
+    inputs, targets = ids[:-1], ids[1:]
+    reference, _ = forward(ckpt.params, ids=inputs, h_prev=np.zeros((ckpt.hidden, 1)))
+    logits = {role: score_onnx(_size(model_dir, manifest, role)[0], inputs, hidden=ckpt.hidden)
+              for role in manifest["files"] if role.startswith("onnx")}
+    nats = {"numpy": cross_entropy(reference, targets=targets)}
+    nats.update({role: cross_entropy(l, targets=targets) for role, l in logits.items()})
+    report = compare({"logits": reference}, {"logits": logits["onnx"]}, atol=FP32_LOGIT_ATOL, names=("numpy", "onnx"), argmax_of="logits")
+    reports = [report]
+    prime = "".join(ckpt.vocab[i] for i in inputs[:8])
+    text_numpy = sample(ckpt, prime=prime, length=300, seed=seed)
+    text_onnx = generate(model_dir / manifest["files"]["onnx"]["path"], prime=prime, length=300, seed=seed)
+    metrics: dict[str, Any] = {f"{role}_val_nats_per_char": v for role, v in nats.items()}
+    metrics.update(
+        heldout_chars_scored=int(len(targets)),
+        numpy_vs_onnx_max_abs_logit_diff=report.checks[0].max_abs_diff,
+        same_seed_text_equal=text_numpy == text_onnx,
+    )
+    loss_rel = abs(nats["onnx"] - nats["numpy"]) / nats["numpy"]
+    rows = [Row(manifest["model"], "numpy (float64)", *_size(model_dir, manifest, "checkpoint"), "nats/char", nats["numpy"], "reference")]
+    rows.append(Row(manifest["model"], "onnx fp32", *_size(model_dir, manifest, "onnx"), "nats/char", nats["onnx"],
+                    f"max|Δlogit| {report.checks[0].max_abs_diff:.1e} vs numpy, same-seed text {'equal' if text_numpy == text_onnx else 'DIFFERENT'}"))
+    for role in logits:
+        if role == "onnx":
+            continue
+        q = compare({"logits": logits["onnx"]}, {"logits": logits[role]}, atol=float("inf"), names=("onnx", role), argmax_of="logits")
+        reports.append(q)
+        metrics[f"{role}_vs_onnx_top1_agreement"] = q.argmax_agreement
+        rows.append(Row(manifest["model"], role.replace("onnx_", "onnx "), *_size(model_dir, manifest, role), "nats/char", nats[role],
+                        f"top-1 {q.argmax_agreement:.2%} vs fp32, max|Δlogit| {q.checks[0].max_abs_diff:.1e}"))
+    update_manifest(model_dir, metrics=metrics)
+    failures = [] if report.ok else [report.summary().replace("\n", ";")]
+    if loss_rel > LOSS_RTOL:
+        failures.append(f"ONNX loss {nats['onnx']:.6f} vs NumPy {nats['numpy']:.6f}: relative {loss_rel:.1e} > {LOSS_RTOL:g}")
+    if text_numpy != text_onnx:
+        failures.append("same-seed generation differs between NumPy and ONNX")
+    return rows, reports, failures
+
+
+def run_char_rnn(*, text: Path | None, out_dir: Path, cfg: CharRnnConfig, export_cfg: ExportConfig, on_step: StepCallback) -> PipelineResult:
+    from .char_rnn import save_trained, train
+    from .data import load_text
+    from .export import export
+    from .quantize import quantize
+
+    result = PipelineResult()
+    model_dir = out_dir / CHAR_RNN_DIRNAME
+    corpus = load_text(text)
+    t = time.perf_counter()
+    trained = train(corpus, config=cfg)
+    save_trained(trained, out_dir=model_dir, text_source=str(text) if text else None, config=cfg, text_chars=len(corpus))
+    result.seconds["char-rnn train"] = time.perf_counter() - t
+    on_step("train", f"char-rnn: {trained.steps:,} steps in {trained.seconds:.0f} s, held-out {trained.val_loss:.3f} nats/char")
+    t = time.perf_counter()
+    report = export(model_dir, cfg=export_cfg)
+    on_step("export", f"{report.path}: {report.op_counts}")
+    for q in quantize(model_dir, variants=("int8", "fp16")):
+        on_step("quantize", f"{q.path}: {q.op_counts}")
+    result.seconds["char-rnn export+quantize"] = time.perf_counter() - t
+    rows, reports, failures = check_char_rnn(model_dir, seed=cfg.seed)
+    result.rows += rows
+    result.parity += reports
+    result.failures += [f"char-rnn: {f}" for f in failures]
+    return result
+
+
+def run(
+    *,
+    data: str,
+    out_dir: str | os.PathLike[str],
+    lstm_cfg: LstmConfig = LstmConfig(),
+    char_cfg: CharRnnConfig = CharRnnConfig(),
+    text: Path | None = None,
+    export_cfg: ExportConfig = ExportConfig(),
+    on_step: StepCallback = lambda step, message: None,
+    on_epoch=None,
+) -> PipelineResult:
+    """Both models through every stage; failed parity gates are collected in `failures`, not raised."""
+    out_dir = Path(out_dir)
+    t = time.perf_counter()
+    mnist = run_mnist(data=data, out_dir=out_dir, cfg=lstm_cfg, export_cfg=export_cfg, on_step=on_step, on_epoch=on_epoch)
+    char = run_char_rnn(text=text, out_dir=out_dir, cfg=char_cfg, export_cfg=export_cfg, on_step=on_step)
+    result = PipelineResult(
+        rows=mnist.rows + char.rows,
+        parity=mnist.parity + char.parity,
+        warnings=mnist.warnings + char.warnings,
+        failures=mnist.failures + char.failures,
+        seconds={**mnist.seconds, **char.seconds, "total": time.perf_counter() - t},
+    )
+    return result
