@@ -57,4 +57,3 @@ class SampleSplit:
 DEFAULT_OUT = "artifacts"
 MNIST_DIRNAME = "mnist-lstm"
 CHAR_RNN_DIRNAME = "char-rnn"
-LABELS = [str(d) for d in range(10)]

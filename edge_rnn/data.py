@@ -22,6 +22,10 @@ from .errors import DataError, MissingDependencyError
 SAMPLE_FILE = "mnist_sample_5k.npz"
 SHAKESPEARE_FILE = "tinyshakespeare.txt"
 KERAS_SETS = ("mnist", "fashion-mnist")
+DIGIT_LABELS = [str(d) for d in range(10)]
+FASHION_LABELS = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+# Where Debian's `dataset-fashion-mnist` package puts the four IDX files.
+DEBIAN_FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 # MNIST-format images; anything bigger than this in an IDX header is refused before allocating.
 MAX_IDX_ITEMS = 10_000_000
 
@@ -37,6 +41,7 @@ class Digits:
     x_test: npt.NDArray[np.uint8]
     y_test: npt.NDArray[np.uint8]
     warnings: list[str] = field(default_factory=list)
+    labels: list[str] = field(default_factory=lambda: list(DIGIT_LABELS))
 
     def describe(self) -> dict:
         """The manifest's `data` block."""
@@ -46,6 +51,7 @@ class Digits:
             "train": int(len(self.y_train)),
             "heldout": int(len(self.y_test)),
             "warnings": list(self.warnings),
+            "classes": len(self.labels),
         }
 
 
@@ -140,13 +146,16 @@ def _find_idx(folder: Path, stem: str, kind: str) -> Path:
 
 def load_idx_folder(folder: Path) -> Digits:
     """A folder with train-images/train-labels/t10k-images/t10k-labels IDX files (.gz or raw)."""
+    if not folder.is_dir():
+        raise DataError(f"no IDX folder at {folder}")
     arrays = []
     for stem in ("train", "t10k"):
         x = read_idx(_find_idx(folder, stem, "3"))
         y = read_idx(_find_idx(folder, stem, "1"))
         _check_arrays(x, y, f"{folder} ({stem})")
         arrays += [x, y]
-    return Digits(folder.name, str(folder), *arrays)
+    fashion = "fashion" in str(folder).lower()
+    return Digits(folder.name, str(folder), *arrays, labels=list(FASHION_LABELS if fashion else DIGIT_LABELS))
 
 
 def load_keras(name: str) -> Digits:
@@ -156,7 +165,8 @@ def load_keras(name: str) -> Digits:
     datasets = require("keras.datasets", "train")
     loader = datasets.mnist if name == "mnist" else datasets.fashion_mnist
     (x_tr, y_tr), (x_te, y_te) = loader.load_data()
-    return Digits(name, f"keras.datasets.{loader.__name__.rsplit('.', 1)[-1]}", x_tr, y_tr, x_te, y_te)
+    labels = FASHION_LABELS if name == "fashion-mnist" else DIGIT_LABELS
+    return Digits(name, f"keras.datasets.{loader.__name__.rsplit('.', 1)[-1]}", x_tr, y_tr, x_te, y_te, labels=list(labels))
 
 
 def load_digits(spec: str) -> Digits:
@@ -173,14 +183,23 @@ def load_digits(spec: str) -> Digits:
         except MissingDependencyError:
             raise
         except Exception as exc:  # keras.utils.get_file raises a bare Exception("URL fetch failure …") offline
-
-            digits = load_sample()
             reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            digits.warnings.append(
-                f"could not load {spec} through keras.datasets ({reason}); "
-                f"FELL BACK to the bundled 5,000-digit sample"
-            )
+        if spec == "fashion-mnist":
+            # The digit sample is no stand-in for clothes: use Debian's copy, or say how to get one.
+            if not DEBIAN_FASHION_DIR.is_dir():
+                raise DataError(
+                    f"cannot download Fashion-MNIST ({reason}) — `apt-get install dataset-fashion-mnist`, "
+                    f"or pass --data with a folder of its four IDX files"
+                )
+            digits = load_idx_folder(DEBIAN_FASHION_DIR)
+            digits.name = "fashion-mnist"
+            digits.warnings.append(f"could not download fashion-mnist through keras.datasets ({reason}); used {DEBIAN_FASHION_DIR}")
             return digits
+        digits = load_sample()
+        digits.warnings.append(
+            f"could not load {spec} through keras.datasets ({reason}); FELL BACK to the bundled 5,000-digit sample"
+        )
+        return digits
     path = Path(spec).expanduser()
     if path.is_dir():
         return load_idx_folder(path)

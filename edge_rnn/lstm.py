@@ -11,7 +11,7 @@ from typing import Any, Callable
 import numpy as np
 import numpy.typing as npt
 
-from .config import LABELS, LstmConfig
+from .config import LstmConfig
 from .data import Digits
 from .errors import EdgeRnnError, require
 from .manifest import atomic_path, load_manifest, record_file, save_manifest
@@ -144,7 +144,7 @@ def save_trained(result: TrainResult, digits: Digits, out_dir: str | os.PathLike
         "task": "classify",
         "data": digits.describe(),
         "preprocessing": preprocessing_spec(cfg),
-        "labels": LABELS,
+        "labels": digits.labels,
         "io": {
             "inputs": [{"name": INPUT_NAME, "dtype": "float32", "shape": ["batch", cfg.timesteps, cfg.features]}],
             "outputs": [{"name": OUTPUT_NAME, "dtype": "float32", "shape": ["batch", cfg.classes]}],
