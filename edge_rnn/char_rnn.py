@@ -5,7 +5,10 @@ with the work that does not depend on the recurrence vectorised across time:
 
 - the input projection indexes the columns of Wxh instead of multiplying one-hot vectors;
 - the output layer, softmax and loss run on all T steps at once, as do dWhy, dby, dWhh, dbh, dWxh;
-- only h_t = tanh(Wxh[:, x_t] + Whh h_{t-1} + bh) and its backward pass loop over time.
+- only h_t = tanh(Wxh[:, x_t] + Whh h_{t-1} + bh) and its backward pass loop over time, one
+  matrix-vector product and two in-place ufuncs a step on preallocated rows;
+- train() keeps params, grads, Adagrad memory and scratch in flat buffers, so a step allocates no
+  whole-model temporaries and Adagrad is eight whole-vector operations.
 
 Hidden states are rows (T, H) inside this module; the public arrays keep min-char-rnn's column
 shapes (bh (H, 1), h_prev (H, 1)). Device path: numpy only.
@@ -66,12 +69,6 @@ def init_params(vocab_size: int, *, hidden: int, seed: int) -> Params:
     return params
 
 
-def _softmax_rows(logits: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
-    """Row-wise softmax of (T, V) logits, shifted by the row max so exp cannot overflow."""
-    e = np.exp(logits - logits.max(axis=1, keepdims=True))
-    return e / e.sum(axis=1, keepdims=True)
-
-
 def loss_and_grads(
     params: Mapping[str, npt.NDArray[np.float64]],
     inputs: Sequence[int] | npt.NDArray[np.integer],
@@ -80,45 +77,63 @@ def loss_and_grads(
 ) -> tuple[float, Params, npt.NDArray[np.float64]]:
     """Summed cross-entropy (nats) over T chars, raw (unclipped) grads keyed like params, and h_last (H, 1)."""
     # Positional like min-char-rnn's lossFun(inputs, targets, hprev): the issue fixes this signature.
-    Wxh, Whh, Why, bh, by = (params[name] for name in PARAM_NAMES)
     xs = np.asarray(inputs, dtype=np.intp)
-    ys_true = np.asarray(targets, dtype=np.intp)
-    T = len(xs)
-    if T == 0 or len(ys_true) != T:
-        raise InputError(f"inputs and targets must be equally long and non-empty, got {T} and {len(ys_true)}")
-    xh = Wxh[:, xs].T + bh[:, 0]  # (T, H): input projection by column lookup, plus bh
-    h = h_prev[:, 0]
-    hs = [h]  # hs[0] = h_prev is the explicit h0 (min-char-rnn's hs[-1]); hs[t + 1] follows input t
-    for t in range(T):
-        h = np.tanh(xh[t] + Whh.dot(h))
-        hs.append(h)
-    hs = np.array(hs)  # (T + 1, H)
-    logits = hs[1:] @ Why.T + by[:, 0]  # (T, V)
-    ps = _softmax_rows(logits)
+    ys = np.asarray(targets, dtype=np.intp)
+    if len(xs) == 0 or len(ys) != len(xs):
+        raise InputError(f"inputs and targets must be equally long and non-empty, got {len(xs)} and {len(ys)}")
+    _, grads = flat_buffer({name: params[name].shape for name in PARAM_NAMES})
+    loss, h_last = _backprop(params, xs, ys, h_prev, grads)
+    return loss, grads, h_last
+
+
+def _backprop(
+    params: Mapping[str, npt.NDArray[np.float64]],
+    xs: npt.NDArray[np.intp],
+    ys: npt.NDArray[np.intp],
+    h_prev: npt.NDArray[np.float64],
+    grads: Params,
+) -> tuple[float, npt.NDArray[np.float64]]:
+    """loss_and_grads' work, writing the grads into the given arrays; returns (loss, h_last (H, 1)).
+
+    The two loops over time are the whole cost at min-char-rnn's size (H=100, T=25), so each step
+    is one matrix-vector product and two in-place ufuncs on preallocated rows: per-call overhead
+    (~0.3 µs a ufunc, ~1.2 µs a 100×100 float64 product) is what is left to pay.
+    """
+    Wxh, Whh, Why, bh, by = (params[name] for name in PARAM_NAMES)
+    T, (H, V) = len(xs), Wxh.shape
+    add, mul, tanh = np.add, np.multiply, np.tanh
+    hs = np.empty((T + 1, H))  # hs[0] = h_prev is the explicit h0 (min-char-rnn's hs[-1]); hs[t + 1] follows input t
+    hs[0] = h_prev[:, 0]
+    add(Wxh.T[xs], bh[:, 0], out=hs[1:])  # input projection by column lookup, plus bh: the pre-activations
+    for h, a in zip(hs[:-1], hs[1:]):
+        add(a, Whh.dot(h), a)
+        tanh(a, a)
+    dy = hs[1:] @ Why.T  # (T, V) logits, turned in place into probabilities, then into d loss / d logits
+    dy += by[:, 0]
+    dy -= dy.max(axis=1, keepdims=True)  # shifted so exp cannot overflow
+    np.exp(dy, out=dy)
+    dy /= dy.sum(axis=1, keepdims=True)
     steps = np.arange(T)
-    loss = float(-np.log(ps[steps, ys_true]).sum())
-    dy = ps
-    dy[steps, ys_true] -= 1.0  # d loss / d logits = softmax - one_hot(target)
-    dh_out = dy @ Why  # (T, H): gradient reaching each h_t from its own output
-    dtanh = 1.0 - hs[1:] ** 2  # (T, H): tanh' in terms of its output
+    loss = float(-np.log(dy[steps, ys]).sum())
+    dy[steps, ys] -= 1.0  # softmax - one_hot(target)
+    dh = dy @ Why  # (T, H): gradient reaching each h_t from its own output; the loop adds the rest
+    dtanh = hs[1:] * hs[1:]
+    np.subtract(1.0, dtanh, out=dtanh)  # (T, H): tanh' in terms of its output
+    dhraw = np.empty((T, H))  # gradient at each step's tanh input
+    mul(dh[-1], dtanh[-1], dhraw[-1])
     WhhT = Whh.T
-    dhraw = dh_out[T - 1] * dtanh[T - 1]  # gradient at the tanh input of the last step
-    dhraws = [dhraw]
-    for t in reversed(range(T - 1)):
-        dh = WhhT.dot(dhraw) + dh_out[t]  # from step t + 1 through Whh, and from output t
-        dhraw = dh * dtanh[t]
-        dhraws.append(dhraw)
-    dhraw = np.array(dhraws[::-1])  # (T, H)
-    onehot = np.zeros((T, Wxh.shape[1]))
+    # Backwards over t = T-2 … 0: dh_t += Whhᵀ dhraw_{t+1} (from step t + 1), dhraw_t = dh_t * tanh'_t.
+    for d, g, later, now in zip(dh[-2::-1], dtanh[-2::-1], dhraw[:0:-1], dhraw[-2::-1]):
+        add(d, WhhT.dot(later), d)
+        mul(d, g, now)
+    onehot = np.zeros((T, V))
     onehot[steps, xs] = 1.0
-    grads = {
-        "Wxh": dhraw.T @ onehot,  # scatter-add of each step's dhraw into its input's column, as one product
-        "Whh": dhraw.T @ hs[:-1],  # uses hs[0] = h_prev for the first step
-        "Why": dy.T @ hs[1:],
-        "bh": dhraw.sum(axis=0)[:, None],
-        "by": dy.sum(axis=0)[:, None],
-    }
-    return loss, grads, hs[T][:, None]
+    np.dot(dhraw.T, onehot, grads["Wxh"])  # scatter-add of each step's dhraw into its input's column, as one product
+    np.dot(dhraw.T, hs[:-1], grads["Whh"])  # uses hs[0] = h_prev for the first step
+    np.dot(dy.T, hs[1:], grads["Why"])
+    dhraw.sum(axis=0, out=grads["bh"][:, 0])
+    dy.sum(axis=0, out=grads["by"][:, 0])
+    return loss, hs[T][:, None].copy()
 
 
 def forward(
@@ -167,24 +182,41 @@ def adagrad_step(
     memory: npt.NDArray[np.float64],
     learning_rate: float,
     clip: float,
+    scratch: tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]] | None = None,
 ) -> None:
-    """Clip grad to [-clip, clip] (as min-char-rnn does), then one Adagrad update of param and memory in place; any shape."""
-    g = np.clip(grad, -clip, clip)  # mitigates exploding gradients; a copy, so grad stays raw
-    memory += g * g
-    g /= np.sqrt(memory + ADAGRAD_EPS)
+    """Clip grad to [-clip, clip] (as min-char-rnn does), then one Adagrad update of param and memory in place; any shape.
+
+    grad is left raw. `scratch`, two float64 arrays shaped like param, is reused for the temporaries:
+    a training loop passes it so no step allocates (whole-model temporaries are ~185 KB at the defaults).
+    """
+    g, s = scratch if scratch is not None else (np.empty_like(param), np.empty_like(param))
+    np.clip(grad, -clip, clip, out=g)  # mitigates exploding gradients
+    np.multiply(g, g, out=s)
+    memory += s
+    np.add(memory, ADAGRAD_EPS, out=s)
+    np.sqrt(s, out=s)
+    g /= s
     g *= learning_rate
     param -= g
 
 
-def flat_views(arrays: Mapping[str, npt.NDArray[np.float64]]) -> tuple[npt.NDArray[np.float64], Params]:
-    """A flat (N,) float64 copy of the arrays in PARAM_NAMES order, and a dict of views into it with their shapes."""
-    flat = np.concatenate([np.asarray(arrays[name], dtype=np.float64).ravel() for name in PARAM_NAMES])
+def flat_buffer(shapes: Mapping[str, tuple[int, ...]]) -> tuple[npt.NDArray[np.float64], Params]:
+    """An uninitialised flat (N,) float64 buffer and a dict of views into it, in PARAM_NAMES order, with the given shapes."""
+    sizes = [int(np.prod(shapes[name])) for name in PARAM_NAMES]
+    flat = np.empty(sum(sizes))
     views = {}
     offset = 0
-    for name in PARAM_NAMES:
-        size = arrays[name].size
-        views[name] = flat[offset : offset + size].reshape(arrays[name].shape)
+    for name, size in zip(PARAM_NAMES, sizes):
+        views[name] = flat[offset : offset + size].reshape(shapes[name])
         offset += size
+    return flat, views
+
+
+def flat_views(arrays: Mapping[str, npt.NDArray[np.float64]]) -> tuple[npt.NDArray[np.float64], Params]:
+    """A flat (N,) float64 copy of the arrays in PARAM_NAMES order, and a dict of views into it with their shapes."""
+    flat, views = flat_buffer({name: np.shape(arrays[name]) for name in PARAM_NAMES})
+    for name in PARAM_NAMES:
+        views[name][...] = arrays[name]
     return flat, views
 
 
@@ -380,6 +412,8 @@ def train(
     # One flat vector each, so Adagrad is a few whole-model operations instead of five small loops.
     theta, params = flat_views(state.params)
     memory_flat, memory = flat_views(state.memory)
+    grad, grads = flat_buffer({name: value.shape for name, value in params.items()})
+    scratch = (np.empty_like(theta), np.empty_like(theta))
     h = state.h
     smooth_loss = state.smooth_loss
     first_step = state.step
@@ -390,10 +424,9 @@ def train(
         p = (n % n_chunks) * T
         if p == 0:
             h = np.zeros_like(h)  # a new pass starts from a blank state
-        loss, grads, h = loss_and_grads(params, data[p : p + T], data[p + 1 : p + T + 1], h)
-        grad = np.concatenate([grads[name].ravel() for name in PARAM_NAMES])
+        loss, h = _backprop(params, data[p : p + T], data[p + 1 : p + T + 1], h, grads)  # grads are views of grad
         learning_rate = config.learning_rate * min(1.0, (config.iters - n) / anneal_steps)
-        adagrad_step(theta, grad=grad, memory=memory_flat, learning_rate=learning_rate, clip=config.clip)
+        adagrad_step(theta, grad=grad, memory=memory_flat, learning_rate=learning_rate, clip=config.clip, scratch=scratch)
         smooth_loss = (1 - SMOOTHING) * smooth_loss + SMOOTHING * loss / T
         done = n + 1
         if save_to is not None and done % save_every == 0:
@@ -458,12 +491,16 @@ def sample_with(
     ids = np.array([[index[ch] for ch in prime]], dtype=np.int64)  # (1, T)
     h = np.zeros((1, hidden), dtype=np.float32)  # exact in any float type
     out = []
+    last = len(vocab) - 1
     for _ in range(length):
         logits, h = step(ids, h)
-        z = np.asarray(logits[0, -1], dtype=np.float64) / temperature
-        p = np.exp(z - z.max())
-        cdf = np.cumsum(p)
-        nxt = min(int(np.searchsorted(cdf, rng.random() * cdf[-1], side="right")), len(vocab) - 1)
+        z = logits[0, -1].astype(np.float64)  # (V,): a fresh float64 copy, worked on in place
+        if temperature != 1.0:  # dividing by 1.0 is exact, so skipping it changes no draw
+            z /= temperature
+        z -= z.max()
+        np.exp(z, out=z)
+        np.cumsum(z, out=z)  # the unnormalised CDF: the draw scales by its last entry instead of dividing
+        nxt = min(int(z.searchsorted(rng.random() * z[-1], side="right")), last)
         out.append(vocab[nxt])
         ids = np.array([[nxt]], dtype=np.int64)
     return "".join(out)

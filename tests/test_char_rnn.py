@@ -77,6 +77,27 @@ def test_clipping_happens_in_the_training_step_only():
     np.testing.assert_array_equal(grads["Why"], raw["Why"])  # the caller's gradient is not clipped in place
 
 
+def test_adagrad_with_scratch_buffers_matches_without():
+    rng = np.random.default_rng(0)
+    param, grad, memory = rng.standard_normal(50), rng.standard_normal(50) * 8, rng.random(50)
+    fresh = (param.copy(), memory.copy())
+    reused = (param.copy(), memory.copy())
+    char_rnn.adagrad_step(fresh[0], grad=grad, memory=fresh[1], learning_rate=0.1, clip=5.0)
+    scratch = (np.full(50, np.nan), np.full(50, np.nan))  # stale contents must not leak into the update
+    char_rnn.adagrad_step(reused[0], grad=grad, memory=reused[1], learning_rate=0.1, clip=5.0, scratch=scratch)
+    np.testing.assert_array_equal(reused[0], fresh[0])
+    np.testing.assert_array_equal(reused[1], fresh[1])
+
+
+def test_each_call_returns_its_own_grads():
+    params, inputs, targets, h_prev = random_model(0)
+    _, first, _ = loss_and_grads(params, inputs, targets, h_prev)
+    kept = {name: g.copy() for name, g in first.items()}
+    loss_and_grads(params, targets, inputs, h_prev)  # a different chunk must not overwrite the first grads
+    for name in PARAM_NAMES:
+        np.testing.assert_array_equal(first[name], kept[name])
+
+
 def test_training_lowers_the_loss_on_real_text(text):
     config = CharRnnConfig(hidden=32, iters=400, seed=0)
     vocab = char_rnn.build_vocab(text)
