@@ -490,6 +490,9 @@ def sample_with(
     index = {ch: i for i, ch in enumerate(vocab)}
     ids = np.array([[index[ch] for ch in prime]], dtype=np.int64)  # (1, T)
     h = np.zeros((1, hidden), dtype=np.float32)  # exact in any float type
+    one_char = [np.full((1, 1), i, dtype=np.int64) for i in range(len(vocab))]  # each step's (1, 1) input, made once
+    for array in one_char:
+        array.flags.writeable = False  # shared across steps, so a step function must not change it
     out = []
     last = len(vocab) - 1
     for _ in range(length):
@@ -502,7 +505,7 @@ def sample_with(
         np.cumsum(z, out=z)  # the unnormalised CDF: the draw scales by its last entry instead of dividing
         nxt = min(int(z.searchsorted(rng.random() * z[-1], side="right")), last)
         out.append(vocab[nxt])
-        ids = np.array([[nxt]], dtype=np.int64)
+        ids = one_char[nxt]
     return "".join(out)
 
 

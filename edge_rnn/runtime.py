@@ -221,12 +221,43 @@ def infer(
 
 
 def onnx_step(model: LoadedModel):
-    """A char-RNN step function over the session: (ids int64 (B, T), h (B, H)) → (logits (B, T, V), h (B, H))."""
-    names = [spec["name"] for spec in model.manifest["io"]["inputs"]]
+    """A char-RNN step function over the session: (ids int64 (B, T), h (B, H)) → (logits float32 (B, T, V), h float32 (B, H)).
+
+    One character of one sequence — generation's case — runs through an IOBinding over numpy
+    buffers bound once, which skips session.run's per-call conversion of inputs and outputs
+    (H=100, one thread, a step alone: ~10 µs instead of ~13 µs); other shapes go through session.run.
+    Either way the returned arrays are the caller's own.
+    """
+    session = model.session
+    (ids_in, h_in), (logits_out, h_out) = session.get_inputs(), session.get_outputs()
+    hidden, vocab_size = h_in.shape[1], logits_out.shape[2]
+
+    def run(ids: np.ndarray, h: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        logits, h_next = model.run({ids_in.name: ids.astype(np.int64, copy=False), h_in.name: h.astype(np.float32, copy=False)})
+        return logits, h_next
+
+    if not (isinstance(hidden, int) and isinstance(vocab_size, int)):
+        return run  # sizes not fixed in the graph: nothing to preallocate
+    ids_buf = np.zeros((1, 1), np.int64)
+    h_buf = np.zeros((1, hidden), np.float32)
+    logits_buf = np.zeros((1, 1, vocab_size), np.float32)
+    h_next_buf = np.zeros((1, hidden), np.float32)
+    binding = session.io_binding()  # the OrtValues share the buffers' memory, which the closure keeps alive
+    binding.bind_ortvalue_input(ids_in.name, ort.OrtValue.ortvalue_from_numpy(ids_buf))
+    binding.bind_ortvalue_input(h_in.name, ort.OrtValue.ortvalue_from_numpy(h_buf))
+    binding.bind_ortvalue_output(logits_out.name, ort.OrtValue.ortvalue_from_numpy(logits_buf))
+    binding.bind_ortvalue_output(h_out.name, ort.OrtValue.ortvalue_from_numpy(h_next_buf))
 
     def step(ids: np.ndarray, h: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        logits, h_next = model.run({names[0]: ids.astype(np.int64), names[1]: h.astype(np.float32)})
-        return logits, h_next
+        if ids.shape != (1, 1) or h.shape != (1, hidden):
+            return run(ids, h)
+        ids_buf[0, 0] = ids[0, 0]
+        np.copyto(h_buf, h)
+        try:
+            session.run_with_iobinding(binding)
+        except ORT_ERRORS as exc:
+            raise InputError(f"{model.path.name} rejected the input: {str(exc).splitlines()[0]}") from exc
+        return logits_buf.copy(), h_next_buf.copy()
 
     return step
 

@@ -108,6 +108,32 @@ def test_same_seed_generates_the_same_text(session, checkpoint, temperature):
     assert numpy_text == char_rnn.sample(checkpoint, prime="ROMEO:", length=300, temperature=temperature, seed=42)
 
 
+def test_runtime_step_matches_session_run(session, ids):
+    from pathlib import Path
+
+    from edge_rnn.runtime import LoadedModel, onnx_step
+
+    step = onnx_step(LoadedModel(Path("char_rnn.onnx"), Path("."), "model", {}, session))
+    h = np.zeros((1, HIDDEN), np.float32)
+    kept = []
+    for i in ids[:50]:  # one char at a time: the preallocated IOBinding path
+        logits, h_next = step(np.array([[i]]), h)
+        ref_logits, ref_h = run(session, np.array([[i]]), h)
+        np.testing.assert_array_equal(logits, ref_logits)
+        np.testing.assert_array_equal(h_next, ref_h)
+        kept.append((logits, h_next, ref_logits, ref_h))
+        h = h_next
+    for logits, h_next, ref_logits, ref_h in kept:  # later steps did not overwrite what earlier ones returned
+        np.testing.assert_array_equal(logits, ref_logits)
+        np.testing.assert_array_equal(h_next, ref_h)
+    batch = np.stack([ids[:20], ids[20:40]])  # any other shape goes through session.run
+    h0 = np.random.default_rng(0).uniform(-0.5, 0.5, (2, HIDDEN))  # float64 is cast, as before
+    logits, h_next = step(batch, h0)
+    ref_logits, ref_h = run(session, batch, h0.astype(np.float32))
+    np.testing.assert_array_equal(logits, ref_logits)
+    np.testing.assert_array_equal(h_next, ref_h)
+
+
 def test_output_projection_is_quantizable(model, tmp_path):
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
