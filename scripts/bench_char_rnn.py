@@ -1,17 +1,29 @@
 """Benchmark the NumPy char-RNN against min-char-rnn's one-hot loop, and ONNX against NumPy generation.
 
-Usage: python scripts/bench_char_rnn.py [--rounds 5] [--iters 400] [--chars 2000]
+Usage: python scripts/bench_char_rnn.py [--rounds 7] [--iters 400] [--chars 2000]
 
-Prints training iterations/s for both loops (same model size, same data, same process, rounds
-interleaved so machine load hits both alike; best round of each) and their ratio; then generation
-chars/s of the shared sampler driven by the NumPy model and by an onnxruntime session over
-edge_rnn.graphs.char_rnn_model, plus the ONNX-vs-NumPy logit difference on real text.
+Every comparison runs both sides in the same process, alternating round by round so load from
+other jobs on the machine hits both alike, and prints the best and the median round of each and
+their ratios (best/best and median/median). Parts:
+
+- training iterations/s: min-char-rnn's lossFun + Adagrad as written vs edge_rnn.char_rnn.train,
+  same model size (the CharRnnConfig defaults), same data;
+- generation chars/s: the shared sampler (char_rnn.sample_with) driven by the NumPy model and by
+  runtime.onnx_step over an onnxruntime session (one intra-op thread) of
+  edge_rnn.graphs.char_rnn_model, plus the bare step times behind them, whether the texts agree,
+  and the ONNX-vs-NumPy logit difference on real text;
+- scoring chars/s: one call over 5,000 characters, batch 1 and batch 64.
+
+BLAS and onnxruntime threads are left at their defaults except where stated.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
+from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -75,51 +87,128 @@ def vectorised_loop(text: str, *, iters: int, config: CharRnnConfig) -> float:
     return result.steps / result.seconds
 
 
+def interleaved(sides: dict[str, Callable[[], float]], *, rounds: int) -> dict[str, list[float]]:
+    """Rates of each side over `rounds` rounds, the sides alternating within every round."""
+    rates: dict[str, list[float]] = {name: [] for name in sides}
+    for _ in range(rounds):
+        for name, run in sides.items():
+            rates[name].append(run())
+    return rates
+
+
+def report(rates: dict[str, list[float]], *, unit: str, against: str) -> None:
+    """One line per side: best and median of its rounds, and both as ratios to side `against`."""
+    best = {name: max(values) for name, values in rates.items()}
+    median = {name: statistics.median(values) for name, values in rates.items()}
+    for name in rates:
+        ratio = "" if name == against else f"  = {best[name] / best[against]:.2f}x / {median[name] / median[against]:.2f}x {against} (best / median)"
+        print(f"  {name:<34} best {best[name]:9.0f}  median {median[name]:9.0f} {unit}{ratio}")
+
+
+def per_call_us(fn: Callable[[], object], *, calls: int = 3000) -> float:
+    """Median over 5 repeats of the mean time of one call, µs."""
+    times = []
+    for _ in range(5):
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        times.append((time.perf_counter() - start) / calls * 1e6)
+    return statistics.median(times)
+
+
 def generation(checkpoint: char_rnn.Checkpoint, *, chars: int, rounds: int) -> None:
-    """Chars/s of sample_with over the NumPy model and over onnxruntime, and their text and logit agreement."""
+    """Chars/s of sample_with over the NumPy model and over onnxruntime, their step times, and their agreement."""
     import onnxruntime as ort
 
     from edge_rnn.graphs import char_rnn_model
+    from edge_rnn.runtime import LoadedModel, onnx_step, session_options
 
     model = char_rnn_model(checkpoint.params, vocab=checkpoint.vocab)
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1  # batch 1, time 1: threads only add wake-up latency
-    options.inter_op_num_threads = 1
-    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    # One intra-op thread (`edge-rnn generate --threads 1`): at batch 1, time 1 more threads only add wake-ups.
+    session = ort.InferenceSession(model.SerializeToString(), session_options(threads=1), providers=["CPUExecutionProvider"])
+    loaded = LoadedModel(Path("char_rnn.onnx"), Path("."), "model", {}, session)
 
-    def onnx_step(ids, h):
+    def session_run_step(ids, h):  # the plain session.run path, for comparison
         logits, h_next = session.run(None, {"ids": ids, "h0": h})
         return logits, h_next
 
+    steps = {"numpy": char_rnn.numpy_step(checkpoint.params), "onnx (runtime.onnx_step)": onnx_step(loaded), "onnx (session.run)": session_run_step}
     kwargs = dict(vocab=checkpoint.vocab, hidden=checkpoint.hidden, prime="ROMEO:", length=chars, temperature=1.0, seed=0)
-    best = {"numpy": 0.0, "onnx": 0.0}
     texts = {}
-    for _ in range(rounds):
-        for name, step in (("numpy", char_rnn.numpy_step(checkpoint.params)), ("onnx", onnx_step)):
+
+    def chars_per_s(name: str) -> Callable[[], float]:
+        def run() -> float:
             start = time.perf_counter()
-            texts[name] = char_rnn.sample_with(step, **kwargs)
-            best[name] = max(best[name], chars / (time.perf_counter() - start))
-    print(f"generation, numpy sampler : {best['numpy']:9.0f} chars/s")
-    print(f"generation, onnxruntime   : {best['onnx']:9.0f} chars/s  ({best['onnx'] / best['numpy']:.2f}x numpy)")
-    print(f"same text for seed 0      : {texts['numpy'] == texts['onnx']}")
+            texts[name] = char_rnn.sample_with(steps[name], **kwargs)
+            return chars / (time.perf_counter() - start)
+        return run
 
-    ids = char_rnn.encode(char_rnn.bundled_text()[-5000:], vocab=checkpoint.vocab)
-    ref, _ = char_rnn.forward(checkpoint.params, ids=ids, h_prev=np.zeros((checkpoint.hidden, 1)))
-    got, _ = session.run(None, {"ids": ids[None], "h0": np.zeros((1, checkpoint.hidden), np.float32)})
-    print(f"max |dlogit| onnx fp32 vs numpy fp64 over {len(ids)} chars: {np.abs(got[0] - ref).max():.2e}")
+    print(f"generation, {chars} chars a round, {rounds} rounds, one thread for onnxruntime:")
+    report(interleaved({name: chars_per_s(name) for name in steps}, rounds=rounds), unit="chars/s", against="numpy")
+    print(f"  same text for seed 0: {all(text == texts['numpy'] for text in texts.values())}")
+    # Where a generated character's time goes: the step function, timed from inside sample_with, and
+    # the rest (the shared sampling math). Interleaved rounds; medians.
+    split = {name: ([], []) for name in steps}
+    for _ in range(rounds):
+        for name, step in steps.items():
+            spent = [0.0]
 
-    start = time.perf_counter()
-    session.run(None, {"ids": ids[None], "h0": np.zeros((1, checkpoint.hidden), np.float32)})
-    onnx_score = len(ids) / (time.perf_counter() - start)
-    start = time.perf_counter()
-    char_rnn.forward(checkpoint.params, ids=ids, h_prev=np.zeros((checkpoint.hidden, 1)))
-    numpy_score = len(ids) / (time.perf_counter() - start)
-    print(f"scoring {len(ids)} chars in one call: onnx {onnx_score:.0f} chars/s, numpy {numpy_score:.0f} chars/s")
+            def timed(ids, h, step=step, spent=spent):
+                start = time.perf_counter()
+                result = step(ids, h)
+                spent[0] += time.perf_counter() - start
+                return result
+
+            start = time.perf_counter()
+            char_rnn.sample_with(timed, **kwargs)
+            total = time.perf_counter() - start
+            split[name][0].append(spent[0] / chars * 1e6)
+            split[name][1].append((total - spent[0]) / chars * 1e6)
+    print("  per generated char, µs (median): "
+          + ", ".join(f"{name} step {statistics.median(a):.1f} + sampling {statistics.median(b):.1f}" for name, (a, b) in split.items()))
+    ids = np.array([[char_rnn.build_vocab(checkpoint.vocab).index("R")]], dtype=np.int64)
+    h = np.zeros((1, checkpoint.hidden), np.float32)
+    step_us = {name: [] for name in steps}
+    for _ in range(3):
+        for name, step in steps.items():
+            step_us[name].append(per_call_us(lambda: step(ids, h)))
+    print("  one step alone (batch 1, time 1, same input in a tight loop), µs, median of interleaved repeats: "
+          + ", ".join(f"{name} {statistics.median(values):.1f}" for name, values in step_us.items()))
+
+    text_ids = char_rnn.encode(char_rnn.bundled_text()[-5000:], vocab=checkpoint.vocab)
+    ref, _ = char_rnn.forward(checkpoint.params, ids=text_ids, h_prev=np.zeros((checkpoint.hidden, 1)))
+    got, _ = session.run(None, {"ids": text_ids[None], "h0": np.zeros((1, checkpoint.hidden), np.float32)})
+    print(f"  max |dlogit| onnx fp32 vs numpy fp64 over {len(text_ids)} chars: {np.abs(got[0] - ref).max():.2e}")
+
+    batch = np.stack([np.roll(text_ids, 37 * row) for row in range(64)])  # 64 different 5,000-char texts
+
+    def score(fn: Callable[[], object], n_chars: int) -> Callable[[], float]:
+        def run() -> float:
+            start = time.perf_counter()
+            fn()
+            return n_chars / (time.perf_counter() - start)
+        return run
+
+    h0 = np.zeros((checkpoint.hidden, 1))
+    print(f"scoring {len(text_ids)} chars in one call:")
+    report(
+        interleaved(
+            {
+                "numpy, batch 1": score(lambda: char_rnn.forward(checkpoint.params, ids=text_ids, h_prev=h0), len(text_ids)),
+                "onnx, batch 1": score(lambda: session.run(None, {"ids": text_ids[None], "h0": np.zeros((1, checkpoint.hidden), np.float32)}), len(text_ids)),
+                "numpy, batch 64 (row by row)": score(lambda: [char_rnn.forward(checkpoint.params, ids=row, h_prev=h0) for row in batch], batch.size),
+                "onnx, batch 64": score(lambda: session.run(None, {"ids": batch, "h0": np.zeros((64, checkpoint.hidden), np.float32)}), batch.size),
+            },
+            rounds=3,
+        ),
+        unit="chars/s",
+        against="numpy, batch 1",
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--iters", type=int, default=400, help="training steps per round and loop")
     parser.add_argument("--chars", type=int, default=2000, help="characters generated per round")
     parser.add_argument("--checkpoint", help="a trained checkpoint for the generation part (default: 2,000 quick steps)")
@@ -130,13 +219,15 @@ def main() -> None:
     vocab = char_rnn.build_vocab(text)
     train_text, _ = char_rnn.split_text(text, val_fraction=config.val_fraction)
     data = char_rnn.encode(train_text, vocab=vocab).tolist()
-    best_one_hot = best_ours = 0.0
-    for _ in range(args.rounds):
-        best_one_hot = max(best_one_hot, one_hot_loop(data, vocab_size=len(vocab), iters=args.iters, config=config))
-        best_ours = max(best_ours, vectorised_loop(text, iters=args.iters, config=config))
-    print(f"training, one-hot min-char-rnn loop: {best_one_hot:7.0f} iters/s  (hidden {config.hidden}, seq {config.seq_length})")
-    print(f"training, edge_rnn.char_rnn        : {best_ours:7.0f} iters/s")
-    print(f"speed-up                           : {best_ours / best_one_hot:7.2f}x")
+    print(f"training, hidden {config.hidden}, seq_length {config.seq_length}, vocab {len(vocab)}, float64, {args.iters} iters a round, {args.rounds} rounds:")
+    rates = interleaved(
+        {
+            "one-hot min-char-rnn loop": lambda: one_hot_loop(data, vocab_size=len(vocab), iters=args.iters, config=config),
+            "edge_rnn.char_rnn.train": lambda: vectorised_loop(text, iters=args.iters, config=config),
+        },
+        rounds=args.rounds,
+    )
+    report(rates, unit="iters/s", against="one-hot min-char-rnn loop")
 
     if args.checkpoint:
         checkpoint = char_rnn.load_checkpoint(args.checkpoint)
