@@ -255,6 +255,76 @@ def sample_numpy(
     print(prime + sample(checkpoint, prime=prime, length=length, temperature=temperature, seed=seed))
 
 
+def _bench_tables(report) -> list[Table]:
+    """The measurements, the quantization coverage of each variant, and the targets as ratios."""
+    m = report.machine
+    rows = Table(title=f"edge-rnn bench — {m['cpu']}, {m['cores']} cores, {m['threads']} thread(s), opt level {report.config['opt_level']}")
+    batches = [str(b) for b in report.config["batch_sizes"]]
+    for name in ("model", "variant", "runtime", "size KiB", "load ms", "p50 ms", "p90 ms", "p99 ms",
+                 *(f"/s @{b}" for b in batches), "peak MB", "accuracy", "agree fp32"):
+        rows.add_column(name, justify="left" if name in ("model", "variant", "runtime") else "right")
+    for r in report.results:
+        acc = f"{r.accuracy:.2%}" if r.metric == "heldout_accuracy" else f"{r.accuracy:.4f} nats/ch"
+        agree = "—" if r.agreement_with_fp32 is None else f"{r.agreement_with_fp32:.2%}"
+        rows.add_row(r.model, r.variant, r.runtime, f"{r.size_bytes / 1024:,.0f}", f"{r.load_ms:.1f}",
+                     *(f"{r.latency_ms[p]:.3f}" for p in ("p50", "p90", "p99")),
+                     *(f"{r.throughput_per_s[b]:,.0f}" for b in batches), f"{r.peak_rss_mb:.0f}", acc, agree)
+    coverage = Table(title="quantization coverage (onnxruntime rows)")
+    for name in ("model", "variant", "quantized", "runs as int8", "still float (why)", "weights vs fp32"):
+        coverage.add_column(name)
+    for r in report.results:
+        if r.coverage is None or r.variant == "fp32":
+            continue
+        c = r.coverage
+        fmt = lambda ops: ", ".join(f"{op}×{n}" for op, n in ops.items()) or "—"  # noqa: E731
+        floats = "; ".join(f"{op}×{v['count']} ({v['why']})" for op, v in c.get("still_float", {}).items()) or "—"
+        quantized = fmt(c.get("quantized", {})) if c.get("quantized") else ("all weights → float16" if "float16" in c else "—")
+        coverage.add_row(r.model, r.variant, quantized, fmt(c.get("runtime_int8_ops", {})), floats, f"{c['size']['weight_ratio']:.2f}×")
+    targets = Table(title="targets (batch-1 p50 latency unless stated)")
+    for name in ("target", "measured", "goal", "met"):
+        targets.add_column(name)
+    for t in report.targets:
+        targets.add_row(t.name, f"{t.ratio:.3g}", t.goal, "[green]yes[/]" if t.met else "[red]no[/]")
+    return [rows, coverage, targets]
+
+
+@app.command()
+@clean_errors
+def bench(
+    model_dirs: Optional[List[Path]] = typer.Argument(None, help="Model folders (default: artifacts/mnist-lstm and artifacts/char-rnn that exist)."),
+    threads: int = typer.Option(1, min=1, help="Threads for every runtime (onnxruntime intra-op, TensorFlow, LiteRT)."),
+    opt_level: str = typer.Option("all", "--opt-level", help="onnxruntime graph optimisation: disable | basic | extended | all."),
+    runs: int = typer.Option(1000, min=1, help="Timed batch-1 runs per row (slow runtimes stop after 15 s, never below 200)."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Write the results as JSON to this file."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Draw latency vs size to this PNG (needs matplotlib)."),
+    calibration: str = typer.Option("minmax", help="Static int8 calibration: minmax | entropy | percentile."),
+) -> None:
+    """Measure size, load time, latency, throughput, memory and accuracy of every variant and baseline, side by side.
+
+    Example: edge-rnn bench artifacts/mnist-lstm --threads 1 --json bench.json --plot bench.png
+    """
+    from .bench import BenchConfig, default_model_dirs
+    from .bench import bench as run_bench
+    from .bench import plot as draw_plot
+    from .bench import write_json
+
+    cfg = BenchConfig(threads=threads, opt_level=opt_level, runs=runs, calibration=calibration)
+    report = run_bench(
+        model_dirs or default_model_dirs(), cfg=cfg,
+        on_row=lambda model, variant, runtime: err.print(f"measuring {model} {variant} on {runtime}", highlight=False),
+    )
+    _warn(report.notes)
+    if json_path is not None:
+        write_json(report, json_path)
+    if plot is not None:
+        draw_plot(report, plot)
+    for table in _bench_tables(report):
+        out.print(table)
+    for path in (json_path, plot):
+        if path is not None:
+            out.print(f"→ {path}")
+
+
 def _pipeline_table(rows) -> Table:
     table = Table(title="edge-rnn pipeline")
     for name, justify in (("model", "left"), ("variant", "left"), ("size", "right"), ("metric", "right"), ("parity", "left"), ("file", "left")):

@@ -1,0 +1,679 @@
+"""Benchmark every variant of a model side by side: size, load time, latency, throughput, memory, accuracy.
+
+Each row runs in a fresh `spawn` subprocess, so its peak resident memory (ru_maxrss of that child) and
+its thread settings are its own: onnxruntime gets `threads` intra-op threads and 1 inter-op thread,
+TensorFlow `threads` intra- and inter-op threads, LiteRT `num_threads=threads`, and BLAS/OpenMP the
+same count through the environment the child starts with.
+
+Rows per model (when the model and the installed extras have them):
+- onnxruntime: fp32, dynamic int8, static int8 (QDQ), fp16; for Keras models also the plain tf2onnx
+  export (no graph cleanup) and that export through plain `quantize_dynamic` — the baselines the
+  cleaned, pre-processed variants are measured against.
+- Keras `model.predict` and the model called through a `tf.function` (`[train]` extra).
+- LiteRT fp32 and dynamic-range int8, converted with tf.lite.TFLiteConverter and run with the
+  ai-edge-litert interpreter (`[bench]` extra). The Keras 3 LSTM lowers to a TensorList that the
+  converter needs at a static shape, and XNNPACK cannot resize it, so each batch size is its own
+  conversion of the same weights; the batch-1 file is the one whose size is reported.
+- char RNN: the NumPy (float64) reference.
+
+Char-RNN rows: latency is one generation step (batch 1, one character, state fed back); throughput is
+sequences of `seq_length` characters per second; accuracy is validation nats/char (lower is better)
+on the first `text_chars` characters of the held-out tail, scored as one stream from a zero state.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import importlib.metadata
+import json
+import os
+import platform
+import resource
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import numpy.typing as npt
+
+from .config import CHAR_RNN_DIRNAME, DEFAULT_OUT, MNIST_DIRNAME
+from .errors import EdgeRnnError, ModelFileError, require
+from .manifest import load_manifest, verified_file
+
+# The issue asks for percentiles over at least this many timed runs (fewer only when asked for fewer).
+MIN_LATENCY_RUNS = 200
+OPT_LEVELS = ("disable", "basic", "extended", "all")
+# Reference row for agreement: onnxruntime running the fp32 export.
+FP32_REFERENCE = ("fp32", "onnxruntime")
+# Manifest role → bench variant name, for the onnxruntime rows.
+ONNX_ROLES = {"onnx": "fp32", "onnx_int8": "int8", "onnx_int8_static": "int8-static", "onnx_fp16": "fp16"}
+THREAD_ENV = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+LIBRARIES = ("numpy", "onnxruntime", "onnx", "tensorflow", "keras", "tf2onnx", "ai-edge-litert", "matplotlib")
+
+# Called before each row with (model, variant, runtime).
+RowCallback = Callable[[str, str, str], None]
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """How to measure: threads and graph optimisation for every runtime, run counts, batch sizes."""
+
+    threads: int = 1
+    opt_level: str = "all"
+    runs: int = 1000  # timed batch-1 runs per row (slow runtimes stop after max_seconds, never below 200)
+    warmup: int = 50
+    max_seconds: float = 15.0  # latency time budget per row
+    batch_sizes: tuple[int, ...] = (64, 256)
+    throughput_seconds: float = 1.0  # time per batch size (at least 3 timed calls after a warm-up call)
+    calibration: str = "minmax"  # static int8 calibration method
+    text_chars: int = 20_000  # held-out characters scored for the char RNN
+    row_timeout: float = 600.0
+
+
+@dataclass
+class BenchResult:
+    """One row: a model variant on one runtime. Times in ms, throughput in samples (or sequences) per second."""
+
+    model: str
+    variant: str
+    runtime: str
+    size_bytes: int
+    load_ms: float
+    latency_ms: dict[str, float]  # p50, p90, p99 at batch 1
+    throughput_per_s: dict[str, float]  # batch size (as a string) → samples per second
+    peak_rss_mb: float
+    accuracy: float | None  # held-out accuracy (classifiers) or validation nats/char (char RNN)
+    agreement_with_fp32: float | None  # top-1 agreement with onnxruntime fp32
+    metric: str = "heldout_accuracy"
+    runs: int = 0
+    path: str = ""
+    coverage: dict[str, Any] | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Target:
+    name: str
+    ratio: float
+    goal: str
+    met: bool
+
+
+@dataclass
+class BenchReport:
+    results: list[BenchResult]
+    machine: dict[str, Any]
+    config: dict[str, Any]
+    targets: list[Target] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        """The `--json` document: results, machine, config, targets, notes."""
+        return {
+            "results": [dataclasses.asdict(r) for r in self.results],
+            "machine": self.machine,
+            "config": self.config,
+            "targets": [dataclasses.asdict(t) for t in self.targets],
+            "notes": self.notes,
+        }
+
+
+@dataclass(frozen=True)
+class _Row:
+    """What a child process needs to measure one row (picklable)."""
+
+    model: str
+    variant: str
+    runtime: str
+    path: str
+    task: str
+    data: str  # .npz with the evaluation inputs, written by the parent
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------------------
+# Timing helpers (run inside the child)
+
+
+def _latency(call: Callable[[], Any], cfg: BenchConfig) -> tuple[dict[str, float], int]:
+    """p50/p90/p99 in ms of `call` after a warm-up; stops early only after max_seconds and 200 runs."""
+    warm_start = time.perf_counter()
+    for i in range(max(1, cfg.warmup)):
+        call()
+        if i >= 2 and time.perf_counter() - warm_start > 1.0:
+            break
+    floor = min(cfg.runs, MIN_LATENCY_RUNS)
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < cfg.runs:
+        t0 = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - t0)
+        if len(times) >= floor and time.perf_counter() - start > cfg.max_seconds:
+            break
+    ms = np.asarray(times) * 1e3
+    return {f"p{q}": float(np.percentile(ms, q)) for q in (50, 90, 99)}, len(times)
+
+
+def _throughput(call: Callable[[], Any], batch: int, cfg: BenchConfig) -> float:
+    """Samples per second of `call` (one batch per call): one warm-up call, then ≥ 3 calls and ≥ throughput_seconds."""
+    call()
+    n, start = 0, time.perf_counter()
+    while True:
+        call()
+        n += 1
+        elapsed = time.perf_counter() - start
+        if n >= 3 and elapsed >= cfg.throughput_seconds:
+            return batch * n / elapsed
+
+
+def _batched(x: np.ndarray, batch: int) -> np.ndarray:
+    """The first `batch` rows of x, tiled when x has fewer."""
+    reps = -(-batch // len(x))
+    return np.concatenate([x] * reps)[:batch] if reps > 1 else x[:batch]
+
+
+# ---------------------------------------------------------------------------------------------
+# Runtimes (inside the child). Each returns predict(x) for classifiers or step(ids, h) for generators.
+
+
+def _ort_session(path: str, cfg: BenchConfig):
+    from .runtime import create_session
+
+    return create_session(path, threads=cfg.threads, opt_level=cfg.opt_level)
+
+
+def _classifier_predict(row: _Row, cfg: BenchConfig) -> tuple[Callable[[np.ndarray], np.ndarray], float, Callable[[int], Callable]]:
+    """(predict for any batch, load ms, fixed-batch predict factory) for a classifier row."""
+    if row.runtime == "onnxruntime":
+        t0 = time.perf_counter()
+        session = _ort_session(row.path, cfg)
+        load_ms = (time.perf_counter() - t0) * 1e3
+        name = session.get_inputs()[0].name
+
+        def predict(x: np.ndarray) -> np.ndarray:
+            return session.run(None, {name: x})[0]
+
+        return predict, load_ms, lambda batch: predict
+    if row.runtime in ("keras-predict", "tf.function"):
+        tf = require("tensorflow", "train")
+        keras = require("keras", "train")
+        tf.config.threading.set_intra_op_parallelism_threads(cfg.threads)
+        tf.config.threading.set_inter_op_parallelism_threads(cfg.threads)
+        t0 = time.perf_counter()
+        model = keras.saving.load_model(row.path, compile=False)
+        if row.runtime == "keras-predict":
+            load_ms = (time.perf_counter() - t0) * 1e3
+
+            def predict(x: np.ndarray) -> np.ndarray:
+                return model.predict(x, batch_size=len(x), verbose=0)
+
+            return predict, load_ms, lambda batch: predict
+        shape = [None, *model.input_shape[1:]]
+        fn = tf.function(lambda x: model(x, training=False), input_signature=[tf.TensorSpec(shape, tf.float32)])
+        # Tracing is part of getting a tf.function ready, so it counts as load time.
+        fn.get_concrete_function()
+        load_ms = (time.perf_counter() - t0) * 1e3
+
+        def predict(x: np.ndarray) -> np.ndarray:
+            return fn(x).numpy()
+
+        return predict, load_ms, lambda batch: predict
+    if row.runtime == "litert":
+        litert = require("ai_edge_litert.interpreter", "bench")
+
+        def interpreter(path: str):
+            it = litert.Interpreter(model_path=path, num_threads=cfg.threads)
+            it.allocate_tensors()
+            return it, it.get_input_details()[0]["index"], it.get_output_details()[0]["index"]
+
+        def fixed(path: str) -> Callable[[np.ndarray], np.ndarray]:
+            it, inp, out = interpreter(path)
+
+            def predict(x: np.ndarray) -> np.ndarray:
+                it.set_tensor(inp, x)
+                it.invoke()
+                return it.get_tensor(out)
+
+            return predict
+
+        t0 = time.perf_counter()
+        predict1 = fixed(row.path)
+        load_ms = (time.perf_counter() - t0) * 1e3
+        by_batch = {1: predict1}
+
+        def for_batch(batch: int) -> Callable[[np.ndarray], np.ndarray]:
+            if batch not in by_batch:
+                by_batch[batch] = fixed(row.extra["batch_files"][str(batch)])
+            return by_batch[batch]
+
+        eval_batch = max(int(b) for b in row.extra["batch_files"])
+
+        def predict_any(x: np.ndarray) -> np.ndarray:
+            # Fixed-shape interpreters: pad the last chunk, keep the real rows.
+            run = for_batch(eval_batch)
+            out = []
+            for i in range(0, len(x), eval_batch):
+                chunk = x[i : i + eval_batch]
+                padded = np.concatenate([chunk, np.zeros((eval_batch - len(chunk), *chunk.shape[1:]), chunk.dtype)])
+                out.append(run(padded)[: len(chunk)])
+            return np.concatenate(out)
+
+        return predict_any, load_ms, lambda batch: predict1 if batch == 1 else for_batch(batch)
+    raise EdgeRnnError(f"unknown classifier runtime {row.runtime!r}")
+
+
+def _measure_classifier(row: _Row, cfg: BenchConfig) -> dict[str, Any]:
+    with np.load(row.data) as d:
+        x, y = d["x"], d["y"]
+    predict, load_ms, fixed = _classifier_predict(row, cfg)
+    x1 = x[:1]
+    run1 = fixed(1)
+    latency, runs = _latency(lambda: run1(x1), cfg)
+    throughput = {}
+    for batch in cfg.batch_sizes:
+        xb, run = _batched(x, batch), fixed(batch)
+        throughput[str(batch)] = _throughput(lambda: run(xb), batch, cfg)
+    chunk = max(cfg.batch_sizes)
+    probs = np.concatenate([predict(x[i : i + chunk]) for i in range(0, len(x), chunk)])
+    top1 = probs.argmax(-1)
+    return {"load_ms": load_ms, "latency_ms": latency, "runs": runs, "throughput_per_s": throughput,
+            "accuracy": float(np.mean(top1 == y)), "top1": top1, "metric": "heldout_accuracy"}
+
+
+def _generator_step(row: _Row, cfg: BenchConfig) -> tuple[Callable, float]:
+    """(step(ids int64 (B, T), h float (B, H)) → (logits (B, T, V), h (B, H)), load ms)."""
+    if row.runtime == "onnxruntime":
+        t0 = time.perf_counter()
+        session = _ort_session(row.path, cfg)
+        load_ms = (time.perf_counter() - t0) * 1e3
+        names = [i.name for i in session.get_inputs()]
+
+        def step(ids: np.ndarray, h: np.ndarray):
+            return session.run(None, {names[0]: ids, names[1]: h})
+
+        return step, load_ms
+    if row.runtime == "numpy":
+        from .char_rnn import forward, load_checkpoint
+
+        t0 = time.perf_counter()
+        params = load_checkpoint(row.path).params
+        load_ms = (time.perf_counter() - t0) * 1e3
+
+        def step(ids: np.ndarray, h: np.ndarray):
+            # The reference runs one sequence at a time: a batch is a loop over its rows.
+            outs = [forward(params, ids=row_ids, h_prev=h_row[:, None]) for row_ids, h_row in zip(ids, np.asarray(h, np.float64))]
+            return np.stack([logits for logits, _ in outs]), np.stack([h_last[:, 0] for _, h_last in outs])
+
+        return step, load_ms
+    raise EdgeRnnError(f"unknown generator runtime {row.runtime!r}")
+
+
+def _measure_generator(row: _Row, cfg: BenchConfig) -> dict[str, Any]:
+    from .char_rnn import cross_entropy
+
+    with np.load(row.data) as d:
+        ids = d["ids"]
+    T, H = int(row.extra["seq_length"]), int(row.extra["hidden"])
+    step, load_ms = _generator_step(row, cfg)
+    state = {"h": np.zeros((1, H), np.float32), "id": np.array([[int(ids[0])]], np.int64)}
+
+    def one_char() -> None:
+        logits, h = step(state["id"], state["h"])
+        state["h"] = np.asarray(h, np.float32)
+
+    latency, runs = _latency(one_char, cfg)
+    throughput = {}
+    for batch in cfg.batch_sizes:
+        starts = (np.arange(batch) * T) % max(1, len(ids) - T)
+        xb = np.stack([ids[s : s + T] for s in starts]).astype(np.int64)
+        hb = np.zeros((batch, H), np.float32)
+        throughput[str(batch)] = _throughput(lambda: step(xb, hb), batch, cfg)
+    logits, _ = step(ids[None, :-1].astype(np.int64), np.zeros((1, H), np.float32))
+    logits = np.asarray(logits)[0]
+    nats = cross_entropy(logits, targets=ids[1:]) / (len(ids) - 1)
+    return {"load_ms": load_ms, "latency_ms": latency, "runs": runs, "throughput_per_s": throughput,
+            "accuracy": float(nats), "top1": logits.argmax(-1), "metric": "val_nats_per_char"}
+
+
+def _peak_rss_mb() -> float:
+    """This process's peak resident memory in MiB.
+
+    VmHWM is the high-water mark of this process's own memory map; ru_maxrss is not used first because
+    Linux carries it over from the parent through fork+exec, so a spawned child would report the parent's peak.
+    """
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux and BSD: KiB
+
+
+def _child(row: _Row, cfg: BenchConfig, queue) -> None:
+    """Measure one row and put (result dict | error string) on the queue."""
+    try:
+        out = _measure_generator(row, cfg) if row.task == "generate" else _measure_classifier(row, cfg)
+        out["peak_rss_mb"] = _peak_rss_mb()
+        queue.put(out)
+    except (EdgeRnnError, ImportError, RuntimeError, ValueError, OSError) as exc:
+        queue.put(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+
+
+@contextlib.contextmanager
+def _thread_env(threads: int) -> Iterator[None]:
+    """BLAS/OpenMP thread counts for children started inside the block (they copy the environment at start)."""
+    saved = {k: os.environ.get(k) for k in THREAD_ENV}
+    os.environ.update({k: str(threads) for k in THREAD_ENV})
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _run_row(row: _Row, cfg: BenchConfig) -> dict[str, Any] | str:
+    import multiprocessing
+    import queue as queue_mod
+
+    ctx = multiprocessing.get_context("spawn")
+    q = ctx.Queue()
+    with _thread_env(cfg.threads):
+        proc = ctx.Process(target=_child, args=(row, cfg, q), daemon=True)
+        proc.start()
+    deadline = time.monotonic() + cfg.row_timeout
+    try:
+        while time.monotonic() < deadline:
+            try:
+                return q.get(timeout=1.0)
+            except queue_mod.Empty:
+                if not proc.is_alive():
+                    return f"the measuring process died (exit code {proc.exitcode}) — see its stderr above"
+        return f"no result within {cfg.row_timeout:.0f} s"
+    finally:
+        proc.join(timeout=10)
+        if proc.is_alive():
+            proc.kill()
+
+
+# ---------------------------------------------------------------------------------------------
+# Preparation (in the parent): variants, baselines, evaluation data
+
+
+def _ensure_variants(model_dir: Path, manifest: dict[str, Any], cfg: BenchConfig) -> dict[str, Any]:
+    """Make any missing quantized variant (and re-calibrate static int8 for another method); return the manifest."""
+    from .quantize import VARIANTS, quantize
+
+    missing = [v for v, (role, _) in VARIANTS.items() if role not in manifest["files"]]
+    static = manifest.get("quantization", {}).get("onnx_int8_static", {})
+    if "int8-static" not in missing and static.get("settings", {}).get("calibration") != cfg.calibration:
+        missing.append("int8-static")
+    if missing:
+        quantize(model_dir, variants=tuple(missing), calibration=cfg.calibration)
+    return load_manifest(model_dir)
+
+
+def _plain_baselines(model_dir: Path, manifest: dict[str, Any], work: Path, opset: int) -> dict[str, Path]:
+    """The plain tf2onnx export (no cleanup) and it through plain quantize_dynamic (no pre-processing)."""
+    onnx = require("onnx", "train")
+    quantization = require("onnxruntime.quantization", "train")
+    from .export import keras_to_onnx
+    from .lstm import load_keras_model
+
+    keras_model, _ = load_keras_model(model_dir)
+    fp32, int8 = work / "plain.onnx", work / "plain.int8.onnx"
+    onnx.save(keras_to_onnx(keras_model, io=manifest["io"], opset=opset), str(fp32))
+    quantization.quantize_dynamic(str(fp32), str(int8), weight_type=quantization.QuantType.QInt8)
+    return {"fp32-plain": fp32, "int8-plain": int8}
+
+
+def _litert_files(model_dir: Path, manifest: dict[str, Any], work: Path, batch_sizes: Sequence[int]) -> dict[str, dict[str, str]]:
+    """LiteRT fp32 and dynamic-range int8 flatbuffers of the Keras model, one per batch size (frozen weights)."""
+    tf = require("tensorflow", "train")
+    from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
+
+    from .lstm import load_keras_model
+
+    keras_model, _ = load_keras_model(model_dir)
+    spec = manifest["io"]["inputs"][0]
+    files: dict[str, dict[str, str]] = {"fp32": {}, "int8": {}}
+    for batch in (1, *batch_sizes):
+        shape = [batch, *spec["shape"][1:]]
+        fn = tf.function(lambda x: keras_model(x, training=False), input_signature=[tf.TensorSpec(shape, tf.float32)])
+        # Frozen constants: a converted graph that reads resource variables fails at invoke.
+        frozen = convert_variables_to_constants_v2(fn.get_concrete_function())
+        for variant in files:
+            converter = tf.lite.TFLiteConverter.from_concrete_functions([frozen])
+            if variant == "int8":
+                converter.optimizations = [tf.lite.Optimize.DEFAULT]
+            path = work / f"litert.{variant}.b{batch}.tflite"
+            path.write_bytes(converter.convert())
+            files[variant][str(batch)] = str(path)
+    return files
+
+
+def _has(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+def _plan_model(model_dir: Path, cfg: BenchConfig, work: Path, notes: list[str]) -> tuple[list[_Row], dict[str, dict]]:
+    """Rows to measure for one model folder and the coverage report of each quantized variant."""
+    from .quantize import classifier_inputs, text_ids
+
+    manifest = load_manifest(model_dir)
+    verified_file(manifest, model_dir, "onnx")
+    manifest = _ensure_variants(model_dir, manifest, cfg)
+    name, task = manifest["model"], manifest.get("task", "classify")
+    data = work / f"{name}.eval.npz"
+    extra: dict[str, Any] = {}
+    if task == "generate":
+        np.savez(data, ids=text_ids(manifest, split="heldout")[: cfg.text_chars + 1])
+        extra = {"seq_length": manifest["config"]["seq_length"], "hidden": manifest["config"]["hidden"]}
+    else:
+        x, y = classifier_inputs(manifest, split="heldout")
+        np.savez(data, x=x, y=y)
+    onnx = require("onnx", "train")
+    from .quantize import coverage as coverage_of
+    from .quantize import runtime_op_counts
+
+    rows, coverage = [], {}
+    fp32_model = onnx.load(str(verified_file(manifest, model_dir, "onnx")))
+    for role, variant in ONNX_ROLES.items():
+        path = verified_file(manifest, model_dir, role)
+        rows.append(_Row(name, variant, "onnxruntime", str(path), task, str(data), extra))
+        if variant != "fp32":
+            # Recomputed at this opt level (which decides the kernels that run), with the settings the file was made with.
+            coverage[variant] = coverage_of(fp32_model, onnx.load(str(path)), variant=variant,
+                                            runtime_ops=runtime_op_counts(path, opt_level=cfg.opt_level))
+            coverage[variant]["settings"] = manifest.get("quantization", {}).get(role, {}).get("settings", {})
+    files = manifest["files"]
+    if "checkpoint" in files:
+        rows.append(_Row(name, "fp64", "numpy", str(verified_file(manifest, model_dir, "checkpoint")), task, str(data), extra))
+    if "keras" in files:
+        if not _has("tensorflow"):
+            notes.append(f"{name}: Keras, tf.function, LiteRT and plain-tf2onnx rows skipped: tensorflow is not installed — pip install 'edge-rnn[train]'")
+            return rows, coverage
+        plain = _plain_baselines(model_dir, manifest, work, int(manifest.get("opset", 17)))
+        for variant, path in plain.items():
+            rows.append(_Row(name, variant, "onnxruntime", str(path), task, str(data), extra))
+        coverage["int8-plain"] = coverage_of(
+            onnx.load(str(plain["fp32-plain"])), onnx.load(str(plain["int8-plain"])), variant="int8",
+            runtime_ops=runtime_op_counts(plain["int8-plain"], opt_level=cfg.opt_level),
+        )
+        keras_path = str(verified_file(manifest, model_dir, "keras"))
+        rows.append(_Row(name, "fp32", "keras-predict", keras_path, task, str(data), extra))
+        rows.append(_Row(name, "fp32", "tf.function", keras_path, task, str(data), extra))
+        if _has("ai_edge_litert"):
+            for variant, by_batch in _litert_files(model_dir, manifest, work, cfg.batch_sizes).items():
+                rows.append(_Row(name, variant, "litert", by_batch["1"], task, str(data), {**extra, "batch_files": by_batch}))
+        else:
+            notes.append(f"{name}: LiteRT rows skipped: ai-edge-litert is not installed — pip install 'edge-rnn[bench]'")
+    return rows, coverage
+
+
+# ---------------------------------------------------------------------------------------------
+# Machine, targets, the public entry points
+
+
+def machine_info(*, threads: int) -> dict[str, Any]:
+    """CPU model, cores, OS, Python and library versions of this machine."""
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    versions = {}
+    for lib in LIBRARIES:
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            versions[lib] = importlib.metadata.version(lib)
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "threads": threads,
+        "libraries": versions,
+    }
+
+
+def _find(results: list[BenchResult], model: str, variant: str, runtime: str) -> BenchResult | None:
+    return next((r for r in results if (r.model, r.variant, r.runtime) == (model, variant, runtime)), None)
+
+
+def targets(results: list[BenchResult]) -> list[Target]:
+    """The issue's targets as measured ratios (batch-1 p50 latency unless stated), for each model that has the rows."""
+    out = []
+    for model in dict.fromkeys(r.model for r in results):
+        get = lambda v, rt="onnxruntime": _find(results, model, v, rt)  # noqa: E731
+        fp32, int8 = get("fp32"), get("int8")
+
+        def add(name: str, a: BenchResult | None, b: BenchResult | None, value: Callable, goal: str, ok: Callable) -> None:
+            if a is not None and b is not None:
+                ratio = float(value(a, b))
+                out.append(Target(f"{model}: {name}", ratio, goal, bool(ok(ratio))))
+
+        p50 = lambda a, b: a.latency_ms["p50"] / b.latency_ms["p50"]  # noqa: E731
+        add("int8 latency / plain tf2onnx+quantize_dynamic int8", int8, get("int8-plain"), p50, "≤ 0.8", lambda r: r <= 0.8)
+        add("ONNX int8 latency / LiteRT int8", int8, get("int8", "litert"), p50, "≤ 0.4", lambda r: r <= 0.4)
+        add("ONNX fp32 latency / LiteRT fp32", fp32, get("fp32", "litert"), p50, "≤ 0.45", lambda r: r <= 0.45)
+        add("Keras predict latency / ONNX fp32", get("fp32", "keras-predict"), fp32, p50, "≥ 200", lambda r: r >= 200)
+        add("tf.function latency / ONNX fp32", get("fp32", "tf.function"), fp32, p50, "≥ 10", lambda r: r >= 10)
+        add("int8 file / fp32 file", int8, fp32, lambda a, b: a.size_bytes / b.size_bytes, "≤ 0.27", lambda r: r <= 0.27)
+        big = lambda r: max(r.throughput_per_s, key=int)  # noqa: E731
+        add("int8 / fp32 throughput at the largest batch", int8, fp32,
+            lambda a, b: a.throughput_per_s[big(a)] / b.throughput_per_s[big(b)], "≥ 1.7", lambda r: r >= 1.7)
+        if fp32 is not None and fp32.metric == "heldout_accuracy":
+            add("fp32 − int8 accuracy (pp)", fp32, int8, lambda a, b: 100 * (a.accuracy - b.accuracy), "≤ 0.3", lambda r: r <= 0.3)
+    return out
+
+
+def default_model_dirs(out_dir: str | os.PathLike[str] = DEFAULT_OUT) -> list[Path]:
+    """The pipeline's model folders under `out_dir` that exist; ModelFileError when there are none."""
+    dirs = [Path(out_dir) / name for name in (MNIST_DIRNAME, CHAR_RNN_DIRNAME) if (Path(out_dir) / name / "manifest.json").is_file()]
+    if not dirs:
+        raise ModelFileError(f"no model folders in {out_dir} — run `edge-rnn pipeline` first, or pass model folders")
+    return dirs
+
+
+def bench(
+    model_dirs: Sequence[str | os.PathLike[str]],
+    *,
+    cfg: BenchConfig = BenchConfig(),
+    on_row: RowCallback | None = None,
+) -> BenchReport:
+    """Measure every variant and baseline of each model folder, one fresh subprocess per row."""
+    if cfg.opt_level not in OPT_LEVELS:
+        raise EdgeRnnError(f"unknown --opt-level {cfg.opt_level!r}; choose from {list(OPT_LEVELS)}")
+    from .quantize import CALIBRATION_METHODS
+
+    if cfg.calibration not in CALIBRATION_METHODS:
+        raise EdgeRnnError(f"unknown --calibration {cfg.calibration!r}; choose from {list(CALIBRATION_METHODS)}")
+    if cfg.threads < 1 or cfg.runs < 1:
+        raise EdgeRnnError("--threads and --runs must be at least 1")
+    if not model_dirs:
+        raise ModelFileError("no model folders given — run `edge-rnn pipeline` first, or pass model folders")
+    notes: list[str] = []
+    results: list[BenchResult] = []
+    with tempfile.TemporaryDirectory(prefix="edge-rnn-bench-") as tmp:
+        plans = []
+        for model_dir in map(Path, model_dirs):
+            work = Path(tmp) / model_dir.name
+            work.mkdir()
+            plans.append(_plan_model(model_dir, cfg, work, notes))
+        for rows, coverage in plans:
+            top1: dict[tuple[str, str], np.ndarray] = {}
+            for row in rows:
+                if on_row is not None:
+                    on_row(row.model, row.variant, row.runtime)
+                out = _run_row(row, cfg)
+                if isinstance(out, str):
+                    notes.append(f"{row.model} {row.variant} on {row.runtime} failed: {out}")
+                    continue
+                top1[(row.variant, row.runtime)] = out.pop("top1")
+                results.append(
+                    BenchResult(
+                        model=row.model, variant=row.variant, runtime=row.runtime, size_bytes=Path(row.path).stat().st_size,
+                        load_ms=out["load_ms"], latency_ms=out["latency_ms"], throughput_per_s=out["throughput_per_s"],
+                        peak_rss_mb=out["peak_rss_mb"], accuracy=out["accuracy"], agreement_with_fp32=None,
+                        metric=out["metric"], runs=out["runs"], path=row.path,
+                        coverage=coverage.get(row.variant) if row.runtime == "onnxruntime" else None,
+                    )
+                )
+            reference = top1.get(FP32_REFERENCE)
+            for result in results:
+                mine = top1.get((result.variant, result.runtime))
+                if result.model == rows[0].model and reference is not None and mine is not None:
+                    result.agreement_with_fp32 = float(np.mean(mine == reference))
+    config = dataclasses.asdict(cfg)
+    config["batch_sizes"] = list(cfg.batch_sizes)
+    report = BenchReport(results, machine_info(threads=cfg.threads), config, targets(results), notes)
+    return report
+
+
+def write_json(report: BenchReport, path: str | os.PathLike[str]) -> None:
+    """Write the report as JSON (atomically)."""
+    from .manifest import atomic_write_json
+
+    atomic_write_json(path, report.to_json())
+
+
+RUNTIME_MARKERS = {"onnxruntime": "o", "litert": "s", "keras-predict": "^", "tf.function": "v", "numpy": "D"}
+
+
+def plot(report: BenchReport, path: str | os.PathLike[str]) -> None:
+    """Latency (batch-1 p50, log scale) vs file size, a marker per runtime, a colour per model, accuracy annotated."""
+    matplotlib = require("matplotlib", "bench")
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 6))
+    models = list(dict.fromkeys(r.model for r in report.results))
+    colours = dict(zip(models, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
+    seen = set()
+    for r in report.results:
+        label = r.runtime if r.runtime not in seen else None
+        seen.add(r.runtime)
+        ax.scatter(r.size_bytes / 1024, r.latency_ms["p50"], marker=RUNTIME_MARKERS.get(r.runtime, "x"),
+                   color=colours[r.model], s=60, label=label, edgecolors="black", linewidths=0.5)
+        acc = f"{r.accuracy:.2%}" if r.metric == "heldout_accuracy" else f"{r.accuracy:.3f} nats/char"
+        ax.annotate(f"{r.variant} {acc}", (r.size_bytes / 1024, r.latency_ms["p50"]), fontsize=7,
+                    xytext=(5, 3), textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("file size (KiB)")
+    ax.set_ylabel("latency, batch 1, p50 (ms)")
+    m = report.machine
+    ax.set_title(f"edge-rnn bench — {', '.join(models)} — {m['cpu']}, {m['threads']} thread(s)", fontsize=9)
+    ax.legend(title="runtime (colour = model)", fontsize=8)
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

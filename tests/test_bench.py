@@ -1,0 +1,148 @@
+"""`edge-rnn bench` on small real models: every row and JSON field present with sane values (not the timings)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+
+import pytest
+from typer.testing import CliRunner
+
+from edge_rnn.bench import BenchConfig, bench, plot, write_json
+from edge_rnn.cli import app
+from edge_rnn.config import CharRnnConfig
+
+# Few runs and no throughput time budget: the test checks the report, not the speed.
+FAST = BenchConfig(runs=20, warmup=2, throughput_seconds=0.0, text_chars=2_000)
+KEYS = {"model", "variant", "runtime", "size_bytes", "load_ms", "latency_ms", "throughput_per_s", "peak_rss_mb", "accuracy", "agreement_with_fp32"}
+HAS_LITERT = importlib.util.find_spec("ai_edge_litert") is not None
+
+
+@pytest.fixture(scope="module")
+def char_dir(tmp_path_factory):
+    """A briefly trained, exported char-rnn folder on the bundled Shakespeare."""
+    from edge_rnn.char_rnn import bundled_text, save_trained, train
+    from edge_rnn.export import export
+
+    cfg = CharRnnConfig(hidden=32, iters=300, seed=0)
+    text = bundled_text()
+    out = tmp_path_factory.mktemp("char-rnn")
+    save_trained(train(text, config=cfg), out_dir=out, text_source=None, config=cfg, text_chars=len(text))
+    export(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory, mnist_dir, char_dir):
+    import shutil
+
+    # bench adds the missing variants (static int8, fp16) to the folders, so it gets copies.
+    work = tmp_path_factory.mktemp("bench")
+    dirs = [shutil.copytree(d, work / d.name) for d in (mnist_dir, char_dir)]
+    report = bench(dirs, cfg=FAST)
+    path = work / "bench.json"
+    write_json(report, path)
+    return report, json.loads(path.read_text())
+
+
+def _rows(doc, model):
+    return {(r["variant"], r["runtime"]): r for r in doc["results"] if r["model"] == model}
+
+
+def test_json_has_every_field_with_sane_values(report):
+    _, doc = report
+    assert doc["results"]
+    for r in doc["results"]:
+        assert KEYS <= r.keys(), r["variant"]
+        where = f"{r['model']} {r['variant']} {r['runtime']}"
+        assert r["size_bytes"] > 1000, where
+        assert 0 < r["load_ms"] < 60_000, where
+        lat = r["latency_ms"]
+        assert set(lat) == {"p50", "p90", "p99"} and 0 < lat["p50"] <= lat["p90"] <= lat["p99"], where
+        assert set(r["throughput_per_s"]) == {"64", "256"} and all(v > 0 for v in r["throughput_per_s"].values()), where
+        assert 10 < r["peak_rss_mb"] < 16_000, where
+        assert r["runs"] == FAST.runs
+        assert 0.0 <= r["agreement_with_fp32"] <= 1.0, where
+    machine = doc["machine"]
+    assert machine["cpu"] and machine["cores"] >= 1 and machine["threads"] == 1
+    assert {"numpy", "onnxruntime"} <= machine["libraries"].keys()
+
+
+def test_classifier_rows_and_baselines(report):
+    _, doc = report
+    rows = _rows(doc, "mnist-lstm")
+    expected = {(v, "onnxruntime") for v in ("fp32", "int8", "int8-static", "fp16", "fp32-plain", "int8-plain")}
+    expected |= {("fp32", "keras-predict"), ("fp32", "tf.function")}
+    if HAS_LITERT:
+        expected |= {("fp32", "litert"), ("int8", "litert")}
+    assert expected <= rows.keys()
+    assert rows[("fp32", "onnxruntime")]["agreement_with_fp32"] == 1.0
+    for key, r in rows.items():
+        assert 0.8 < r["accuracy"] <= 1.0, key  # a real classifier on every runtime
+        assert r["agreement_with_fp32"] >= 0.97, key
+    # Keras and the fp32 export make the same decisions.
+    assert rows[("fp32", "keras-predict")]["agreement_with_fp32"] == 1.0
+    assert rows[("int8", "onnxruntime")]["size_bytes"] < 0.3 * rows[("fp32", "onnxruntime")]["size_bytes"]
+
+
+def test_coverage_names_the_ops(report):
+    _, doc = report
+    rows = _rows(doc, "mnist-lstm")
+    dynamic = rows[("int8", "onnxruntime")]["coverage"]
+    assert dynamic["quantized"]["DynamicQuantizeLSTM"] == 2
+    static = rows[("int8-static", "onnxruntime")]["coverage"]
+    # No static LSTM kernel: both LSTMs stay float, and the report says so and what it costs.
+    assert static["still_float"]["LSTM"]["count"] == 2
+    assert "no static" in static["still_float"]["LSTM"]["why"]
+    assert static["still_float"]["LSTM"]["weight_bytes"] > 0.9 * static["size"]["weight_bytes"]
+    assert any(op.endswith("(QDQ)") for op in static["quantized"])
+    assert static["settings"]["calibration"] == FAST.calibration
+    assert static["runtime_int8_ops"], "onnxruntime should fuse the QDQ Gemms into int8 kernels"
+    assert rows[("fp16", "onnxruntime")]["coverage"]["size"]["by_dtype"].get("float16", 0) > 0
+
+
+def test_char_rnn_rows(report):
+    _, doc = report
+    rows = _rows(doc, "char-rnn")
+    assert {("fp32", "onnxruntime"), ("int8", "onnxruntime"), ("int8-static", "onnxruntime"), ("fp16", "onnxruntime"), ("fp64", "numpy")} <= rows.keys()
+    nats = rows[("fp32", "onnxruntime")]["accuracy"]
+    assert all(r["metric"] == "val_nats_per_char" for r in rows.values())
+    # Briefly trained: better than a uniform guess over the vocabulary, and the NumPy reference agrees.
+    assert 0.5 < nats < math.log(65)
+    assert rows[("fp64", "numpy")]["accuracy"] == pytest.approx(nats, abs=1e-3)
+    assert rows[("fp64", "numpy")]["agreement_with_fp32"] > 0.99
+    # The RNN has no int8 kernel: the dynamic variant quantizes only the output MatMul and says why.
+    assert rows[("int8", "onnxruntime")]["coverage"]["still_float"]["RNN"]["count"] == 1
+
+
+def test_targets_are_ratios_of_the_rows(report):
+    result, doc = report
+    names = [t["name"] for t in doc["targets"]]
+    assert any("plain tf2onnx" in n for n in names) and any("Keras predict" in n for n in names)
+    rows = _rows(doc, "mnist-lstm")
+    size = next(t for t in doc["targets"] if t["name"] == "mnist-lstm: int8 file / fp32 file")
+    assert size["ratio"] == pytest.approx(rows[("int8", "onnxruntime")]["size_bytes"] / rows[("fp32", "onnxruntime")]["size_bytes"])
+
+
+def test_plot(report, tmp_path):
+    pytest.importorskip("matplotlib")
+    result, _ = report
+    path = tmp_path / "bench.png"
+    plot(result, path)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_without_models_says_what_to_do(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, ["bench"])
+    assert result.exit_code == 1
+    assert "edge-rnn pipeline" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_cli_rejects_bad_options(mnist_dir):
+    result = CliRunner().invoke(app, ["bench", str(mnist_dir), "--opt-level", "fastest"])
+    assert result.exit_code == 1 and "opt-level" in result.output
+    result = CliRunner().invoke(app, ["bench", str(mnist_dir), "--calibration", "magic"])
+    assert result.exit_code == 1 and "calibration" in result.output
