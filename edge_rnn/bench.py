@@ -63,8 +63,9 @@ class BenchConfig:
 
     threads: int = 1
     opt_level: str = "all"
-    runs: int = 1000  # timed batch-1 runs per row (slow runtimes stop after max_seconds, never below 200)
+    runs: int = 1000  # minimum timed batch-1 runs per row (slow runtimes stop after max_seconds, never below 200)
     warmup: int = 50
+    min_seconds: float = 1.0  # fast rows keep timing batch-1 runs for at least this long
     max_seconds: float = 15.0  # latency time budget per row
     batch_sizes: tuple[int, ...] = (64, 256)
     throughput_seconds: float = 1.0  # time per batch size (at least 3 timed calls after a warm-up call)
@@ -139,7 +140,7 @@ class _Row:
 
 
 def _latency(call: Callable[[], Any], cfg: BenchConfig) -> tuple[dict[str, float], int]:
-    """p50/p90/p99 in ms of `call` after a warm-up; stops early only after max_seconds and 200 runs."""
+    """p50/p90/p99 in ms of `call` after a warm-up, and the number of timed runs (see BenchConfig)."""
     warm_start = time.perf_counter()
     for i in range(max(1, cfg.warmup)):
         call()
@@ -147,12 +148,16 @@ def _latency(call: Callable[[], Any], cfg: BenchConfig) -> tuple[dict[str, float
             break
     floor = min(cfg.runs, MIN_LATENCY_RUNS)
     times: list[float] = []
-    start = time.perf_counter()
-    while len(times) < cfg.runs:
+    start = elapsed = time.perf_counter()
+    # At least `runs` runs and min_seconds: 1,000 runs of a 13 µs step span 13 ms, short enough for one
+    # burst of another process on the machine to move the median.
+    while len(times) < cfg.runs or elapsed < cfg.min_seconds:
         t0 = time.perf_counter()
         call()
-        times.append(time.perf_counter() - t0)
-        if len(times) >= floor and time.perf_counter() - start > cfg.max_seconds:
+        t1 = time.perf_counter()
+        times.append(t1 - t0)
+        elapsed = t1 - start
+        if len(times) >= floor and elapsed > cfg.max_seconds:
             break
     ms = np.asarray(times) * 1e3
     return {f"p{q}": float(np.percentile(ms, q)) for q in (50, 90, 99)}, len(times)
@@ -638,7 +643,7 @@ def bench(
     return report
 
 
-def write_json(report: BenchReport, path: str | os.PathLike[str]) -> None:
+def write_json(report: BenchReport, *, path: str | os.PathLike[str]) -> None:
     """Write the report as JSON (atomically)."""
     from .manifest import atomic_write_json
 
@@ -648,32 +653,71 @@ def write_json(report: BenchReport, path: str | os.PathLike[str]) -> None:
 RUNTIME_MARKERS = {"onnxruntime": "o", "litert": "s", "keras-predict": "^", "tf.function": "v", "numpy": "D"}
 
 
-def plot(report: BenchReport, path: str | os.PathLike[str]) -> None:
+def plot(report: BenchReport, *, path: str | os.PathLike[str]) -> None:
     """Latency (batch-1 p50, log scale) vs file size, a marker per runtime, a colour per model, accuracy annotated."""
     matplotlib = require("matplotlib", "bench")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(9, 6))
+    from matplotlib.lines import Line2D
+
+    fig, ax = plt.subplots(figsize=(10, 6.5))
     models = list(dict.fromkeys(r.model for r in report.results))
     colours = dict(zip(models, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
-    seen = set()
+    placed: list[tuple[float, float]] = []
     for r in report.results:
-        label = r.runtime if r.runtime not in seen else None
-        seen.add(r.runtime)
-        ax.scatter(r.size_bytes / 1024, r.latency_ms["p50"], marker=RUNTIME_MARKERS.get(r.runtime, "x"),
-                   color=colours[r.model], s=60, label=label, edgecolors="black", linewidths=0.5)
+        x, y = r.size_bytes / 1024, r.latency_ms["p50"]
+        ax.scatter(x, y, marker=RUNTIME_MARKERS.get(r.runtime, "x"), color=colours[r.model], s=60, edgecolors="black", linewidths=0.5)
+        # Labels of points within ~5 % of an earlier one step downwards instead of printing over it.
+        near = sum(abs(np.log10(x / px)) < 0.03 and abs(np.log10(y / py)) < 0.05 for px, py in placed)
+        placed.append((x, y))
         acc = f"{r.accuracy:.2%}" if r.metric == "heldout_accuracy" else f"{r.accuracy:.3f} nats/char"
-        ax.annotate(f"{r.variant} {acc}", (r.size_bytes / 1024, r.latency_ms["p50"]), fontsize=7,
-                    xytext=(5, 3), textcoords="offset points")
+        label = f"{r.variant} {acc}" if r.runtime == "onnxruntime" else f"{r.runtime} {r.variant} {acc}"
+        ax.annotate(label, (x, y), fontsize=7, xytext=(6, 2 - 9 * near), textcoords="offset points")
+    runtimes = list(dict.fromkeys(r.runtime for r in report.results))
+    marker_legend = ax.legend(
+        [Line2D([], [], marker=RUNTIME_MARKERS.get(rt, "x"), color="grey", linestyle="") for rt in runtimes], runtimes,
+        title="runtime", fontsize=8, loc="upper left",
+    )
+    ax.add_artist(marker_legend)
+    ax.legend([Line2D([], [], marker="o", color=colours[m], linestyle="") for m in models], models, title="model", fontsize=8, loc="lower right")
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("file size (KiB)")
     ax.set_ylabel("latency, batch 1, p50 (ms)")
     m = report.machine
     ax.set_title(f"edge-rnn bench — {', '.join(models)} — {m['cpu']}, {m['threads']} thread(s)", fontsize=9)
-    ax.legend(title="runtime (colour = model)", fontsize=8)
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def markdown(doc: dict[str, Any]) -> str:
+    """A `--json` document as Markdown: the machine, the results table and the targets (for the README)."""
+    m = doc["machine"]
+    libs = ", ".join(f"{k} {v}" for k, v in m["libraries"].items())
+    batches = [str(b) for b in doc["config"]["batch_sizes"]]
+    lines = [
+        f"Machine: {m['cpu']}, {m['cores']} cores, {m['platform']}, Python {m['python']}; {libs}.",
+        f"Threads {m['threads']}, onnxruntime opt level `{doc['config']['opt_level']}`; latency p50/p90/p99 at batch 1 over "
+        f"≥ {min(doc['config']['runs'], MIN_LATENCY_RUNS)} runs after warm-up (at least {doc['config']['runs']} and "
+        f"{doc['config']['min_seconds']:g} s unless a row takes over {doc['config']['max_seconds']:g} s; counts in the JSON).",
+        "",
+        "| model | variant | runtime | size KiB | load ms | p50 ms | p90 ms | p99 ms | "
+        + " | ".join(f"/s @{b}" for b in batches) + " | peak MB | accuracy | agree fp32 |",
+        "|" + "---|" * (11 + len(batches)),
+    ]
+    for r in doc["results"]:
+        acc = f"{r['accuracy']:.2%}" if r["metric"] == "heldout_accuracy" else f"{r['accuracy']:.4f} nats/char"
+        agree = "—" if r["agreement_with_fp32"] is None else f"{r['agreement_with_fp32']:.2%}"
+        lat = r["latency_ms"]
+        lines.append(
+            f"| {r['model']} | {r['variant']} | {r['runtime']} | {r['size_bytes'] / 1024:,.0f} | {r['load_ms']:.1f} | "
+            f"{lat['p50']:.3f} | {lat['p90']:.3f} | {lat['p99']:.3f} | "
+            + " | ".join(f"{r['throughput_per_s'][b]:,.0f}" for b in batches)
+            + f" | {r['peak_rss_mb']:.0f} | {acc} | {agree} |"
+        )
+    lines += ["", "| target | measured | goal | met |", "|---|---|---|---|"]
+    lines += [f"| {t['name']} | {t['ratio']:.3g} | {t['goal']} | {'yes' if t['met'] else '**no**'} |" for t in doc["targets"]]
+    return "\n".join(lines) + "\n"

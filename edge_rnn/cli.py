@@ -294,7 +294,7 @@ def bench(
     model_dirs: Optional[List[Path]] = typer.Argument(None, help="Model folders (default: artifacts/mnist-lstm and artifacts/char-rnn that exist)."),
     threads: int = typer.Option(1, min=1, help="Threads for every runtime (onnxruntime intra-op, TensorFlow, LiteRT)."),
     opt_level: str = typer.Option("all", "--opt-level", help="onnxruntime graph optimisation: disable | basic | extended | all."),
-    runs: int = typer.Option(1000, min=1, help="Timed batch-1 runs per row (slow runtimes stop after 15 s, never below 200)."),
+    runs: int = typer.Option(1000, min=1, help="Minimum timed batch-1 runs per row, over at least 1 s (slow runtimes stop after 15 s, never below 200)."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write the results as JSON to this file."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Draw latency vs size to this PNG (needs matplotlib)."),
     calibration: str = typer.Option("minmax", help="Static int8 calibration: minmax | entropy | percentile."),
@@ -315,9 +315,9 @@ def bench(
     )
     _warn(report.notes)
     if json_path is not None:
-        write_json(report, json_path)
+        write_json(report, path=json_path)
     if plot is not None:
-        draw_plot(report, plot)
+        draw_plot(report, path=plot)
     for table in _bench_tables(report):
         out.print(table)
     for path in (json_path, plot):

@@ -14,7 +14,7 @@ from edge_rnn.cli import app
 from edge_rnn.config import CharRnnConfig
 
 # Few runs and no throughput time budget: the test checks the report, not the speed.
-FAST = BenchConfig(runs=20, warmup=2, throughput_seconds=0.0, text_chars=2_000)
+FAST = BenchConfig(runs=20, warmup=2, min_seconds=0.0, throughput_seconds=0.0, text_chars=2_000)
 KEYS = {"model", "variant", "runtime", "size_bytes", "load_ms", "latency_ms", "throughput_per_s", "peak_rss_mb", "accuracy", "agreement_with_fp32"}
 HAS_LITERT = importlib.util.find_spec("ai_edge_litert") is not None
 
@@ -42,7 +42,7 @@ def report(tmp_path_factory, mnist_dir, char_dir):
     dirs = [shutil.copytree(d, work / d.name) for d in (mnist_dir, char_dir)]
     report = bench(dirs, cfg=FAST)
     path = work / "bench.json"
-    write_json(report, path)
+    write_json(report, path=path)
     return report, json.loads(path.read_text())
 
 
@@ -129,7 +129,7 @@ def test_plot(report, tmp_path):
     pytest.importorskip("matplotlib")
     result, _ = report
     path = tmp_path / "bench.png"
-    plot(result, path)
+    plot(result, path=path)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
