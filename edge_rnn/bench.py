@@ -16,6 +16,10 @@ Rows per model (when the model and the installed extras have them):
   conversion of the same weights; the batch-1 file is the one whose size is reported.
 - char RNN: the NumPy (float64) reference.
 
+A folder missing a quantized variant (static int8, fp16) gets it made first, through `quantize`, as do
+folders whose static int8 was calibrated with another method than `calibration`. Coverage reports are
+recomputed at the bench's opt level, which decides which int8 kernels onnxruntime actually runs.
+
 Char-RNN rows: latency is one generation step (batch 1, one character, state fed back); throughput is
 sequences of `seq_length` characters per second; accuracy is validation nats/char (lower is better)
 on the first `text_chars` characters of the held-out tail, scored as one stream from a zero state.
