@@ -1,6 +1,6 @@
 """Benchmark every variant of a model side by side: size, load time, latency, throughput, memory, accuracy.
 
-Each row runs in a fresh `spawn` subprocess, so its peak resident memory (ru_maxrss of that child) and
+Each row runs in a fresh `spawn` subprocess, so its peak resident memory (VmHWM of that child) and
 its thread settings are its own: onnxruntime gets `threads` intra-op threads and 1 inter-op thread,
 TensorFlow `threads` intra- and inter-op threads, LiteRT `num_threads=threads`, and BLAS/OpenMP the
 same count through the environment the child starts with.

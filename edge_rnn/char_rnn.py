@@ -20,7 +20,6 @@ import time
 import zipfile
 import zlib
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
@@ -28,6 +27,7 @@ import numpy as np
 import numpy.typing as npt
 
 from .config import CharRnnConfig
+from .data import load_text
 from .errors import DataError, InputError, ModelFileError
 from .manifest import atomic_path
 
@@ -223,11 +223,6 @@ def flat_views(arrays: Mapping[str, npt.NDArray[np.float64]]) -> tuple[npt.NDArr
 # --- corpus -----------------------------------------------------------------------------------
 
 
-def bundled_text() -> str:
-    """The bundled tiny-Shakespeare corpus (1.1 MB, 65 characters)."""
-    return resources.files("edge_rnn").joinpath("data/tinyshakespeare.txt").read_text(encoding="utf-8")
-
-
 def build_vocab(text: str) -> str:
     """The characters of `text`, sorted by code point: character i has id i."""
     if not text:
@@ -402,7 +397,7 @@ def train(
     min-char-rnn; the chunk position follows from the step, so a resumed run repeats an unbroken one
     exactly. Resuming takes the model's shape and vocabulary from the checkpoint.
     """
-    text = bundled_text() if text is None else text
+    text = load_text(None) if text is None else text
     train_text, val_text = split_text(text, val_fraction=config.val_fraction)
     state = resume if resume is not None else new_checkpoint(build_vocab(text), hidden=config.hidden, seed=config.seed)
     data = encode(train_text, vocab=state.vocab)
@@ -474,8 +469,11 @@ def sample_with(
     length: int,
     temperature: float = 1.0,
     seed: int = 0,
+    h0: npt.NDArray[np.floating] | None = None,
 ) -> str:
     """`length` characters continuing `prime`, drawn from softmax(logits / temperature) by any step function.
+
+    The prime is read from `h0` (1, H) — the model folder's start state, see `start_state` — or zeros.
 
     The draw is computed here in float64 from np.random.default_rng(seed), so the NumPy model and an
     onnxruntime session (float32 logits) give the same text unless a probability lands within ~1e-6
@@ -489,7 +487,7 @@ def sample_with(
     rng = np.random.default_rng(seed)
     index = {ch: i for i, ch in enumerate(vocab)}
     ids = np.array([[index[ch] for ch in prime]], dtype=np.int64)  # (1, T)
-    h = np.zeros((1, hidden), dtype=np.float32)  # exact in any float type
+    h = np.zeros((1, hidden), dtype=np.float32) if h0 is None else np.asarray(h0, dtype=np.float32).reshape(1, hidden)
     one_char = [np.full((1, 1), i, dtype=np.int64) for i in range(len(vocab))]  # each step's (1, 1) input, made once
     for array in one_char:
         array.flags.writeable = False  # shared across steps, so a step function must not change it
@@ -516,6 +514,7 @@ def sample(
     length: int,
     temperature: float = 1.0,
     seed: int = 0,
+    h0: npt.NDArray[np.floating] | None = None,
 ) -> str:
     """`length` characters from the NumPy model continuing `prime` (see sample_with)."""
     return sample_with(
@@ -526,7 +525,25 @@ def sample(
         length=length,
         temperature=temperature,
         seed=seed,
+        h0=h0,
     )
+
+
+# Characters of the training text read to make the start state for generation.
+START_STATE_CHARS = 1000
+
+
+def start_state(params: Mapping[str, npt.NDArray[np.float64]], *, vocab: str, text: str) -> npt.NDArray[np.float32]:
+    """float32 (1, H): the state after reading the first ~1,000 chars of `text` up to a line end, from zeros.
+
+    Truncated BPTT resets h to zero only once per pass, so the all-zero state is one the trained model
+    has hardly seen: a short prime read from zeros can fall into a loop ("ROMEO:3VXXXXXXXK…"). A state
+    reached on real text starts generation in the model's own regime.
+    """
+    head = text[:START_STATE_CHARS]
+    head = head[: head.rfind("\n") + 1] or head
+    _, h = forward(params, ids=encode(head, vocab=vocab), h_prev=np.zeros((params["Whh"].shape[0], 1)))
+    return h.T.astype(np.float32)
 
 
 # --- model folder (checkpoint + manifest) ------------------------------------------------------
@@ -550,9 +567,7 @@ def io_spec(*, hidden: int, vocab_size: int) -> dict:
     }
 
 
-def save_trained(
-    result: TrainResult, *, out_dir: str | Path, text_source: str | None, config: CharRnnConfig, text_chars: int
-) -> Path:
+def save_trained(result: TrainResult, *, out_dir: str | Path, text: str, text_source: str | None, config: CharRnnConfig) -> Path:
     """Write OUT/checkpoint.npz and a fresh OUT/manifest.json (both atomically); return the checkpoint path."""
     import dataclasses
 
@@ -562,6 +577,7 @@ def save_trained(
     out_dir.mkdir(parents=True, exist_ok=True)
     ckpt = result.checkpoint
     save_checkpoint(ckpt, path=out_dir / CHECKPOINT_FILE)
+    text_chars = len(text)
     n_val = int(text_chars * config.val_fraction)
     manifest = {
         "model": MODEL_NAME,
@@ -575,6 +591,10 @@ def save_trained(
         },
         "vocab": list(ckpt.vocab),
         "preprocessing": {"encoding": "utf-8", "ids": "index of each character in vocab"},
+        "generation": {
+            "h0": start_state(ckpt.params, vocab=ckpt.vocab, text=split_text(text, val_fraction=config.val_fraction)[0])[0].tolist(),
+            "why": "start state for generate/sample: the state after reading the head of the training text",
+        },
         "io": io_spec(hidden=ckpt.hidden, vocab_size=len(ckpt.vocab)),
         "config": {**dataclasses.asdict(config), "hidden": ckpt.hidden},
         "versions": {"numpy": np.__version__},
@@ -584,6 +604,17 @@ def save_trained(
     record_file(manifest, out_dir, "checkpoint", CHECKPOINT_FILE)
     save_manifest(out_dir, manifest)
     return out_dir / CHECKPOINT_FILE
+
+
+def generation_h0(manifest: dict, *, hidden: int) -> npt.NDArray[np.float32]:
+    """The manifest's start state (1, H) for generation, checked; raises ModelFileError if malformed."""
+    try:
+        h0 = np.asarray(manifest["generation"]["h0"], dtype=np.float32).reshape(1, hidden)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ModelFileError(f"the manifest has no valid generation.h0 of {hidden} numbers — retrain the folder") from exc
+    if not np.all(np.isfinite(h0)):
+        raise ModelFileError("the manifest's generation.h0 holds NaN or Inf — retrain the folder")
+    return h0
 
 
 def load_trained(model_dir: str | Path) -> tuple[Checkpoint, dict]:

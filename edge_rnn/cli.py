@@ -134,7 +134,7 @@ def train_char_rnn(
     with progress:
         task = progress.add_task("train", total=cfg.iters, completed=start.step if start else 0, loss=float("nan"))
         result = train(corpus, config=cfg, resume=start, on_progress=lambda p: progress.update(task, completed=p.step, loss=p.smooth_loss))
-    path = save_trained(result, out_dir=out_dir, text_source=str(text) if text else None, config=cfg, text_chars=len(corpus))
+    path = save_trained(result, out_dir=out_dir, text=corpus, text_source=str(text) if text else None, config=cfg)
     out.print(
         f"{result.steps:,} steps in {result.seconds:.1f} s ({result.steps / max(result.seconds, 1e-9):,.0f}/s); "
         f"held-out loss {result.val_loss:.4f} nats/char → {path}"
@@ -165,15 +165,18 @@ def export(
 @clean_errors
 def quantize(
     model_dir: Path = typer.Argument(..., help="Model folder holding model.onnx."),
-    variant: List[str] = typer.Option(["int8"], "--variant", help="int8 (dynamic) and/or fp16; repeat for several."),
+    variant: List[str] = typer.Option(
+        ["int8"], "--variant", help="int8 (dynamic), int8-static (QDQ, calibrated on training data), fp16; repeat for several."
+    ),
+    calibration: str = typer.Option("minmax", help="Calibration method for int8-static: minmax | entropy | percentile."),
 ) -> None:
     """Quantize DIR/model.onnx with onnxruntime.quantization and report what was quantized.
 
-    Example: edge-rnn quantize artifacts/mnist-lstm --variant int8 --variant fp16
+    Example: edge-rnn quantize artifacts/mnist-lstm --variant int8 --variant int8-static --calibration entropy
     """
     from .quantize import quantize as run_quantize
 
-    for report in run_quantize(model_dir, variants=tuple(variant)):
+    for report in run_quantize(model_dir, variants=tuple(variant), calibration=calibration):
         ops = ", ".join(f"{op}×{n}" for op, n in report.op_counts.items())
         out.print(f"{report.path}: {report.bytes:,} bytes ({report.bytes / report.fp32_bytes:.2f}× fp32) — {ops}")
         out.print(f"  coverage: {json.dumps(report.coverage)}", highlight=False)
@@ -249,10 +252,11 @@ def sample_numpy(
 
     Example: edge-rnn sample artifacts/char-rnn --prime "ROMEO:" --length 300 --seed 1
     """
-    from .char_rnn import load_trained, sample
+    from .char_rnn import generation_h0, load_trained, sample
 
-    checkpoint, _ = load_trained(model_dir)
-    print(prime + sample(checkpoint, prime=prime, length=length, temperature=temperature, seed=seed))
+    checkpoint, manifest = load_trained(model_dir)
+    h0 = generation_h0(manifest, hidden=checkpoint.hidden)
+    print(prime + sample(checkpoint, prime=prime, length=length, temperature=temperature, seed=seed, h0=h0))
 
 
 def _bench_tables(report) -> list[Table]:
@@ -326,12 +330,14 @@ def bench(
 
 
 def _pipeline_table(rows) -> Table:
-    table = Table(title="edge-rnn pipeline")
-    for name, justify in (("model", "left"), ("variant", "left"), ("size", "right"), ("metric", "right"), ("parity", "left"), ("file", "left")):
-        table.add_column(name, justify=justify)
+    table = Table(title="edge-rnn pipeline: held-out metric and parity of every variant")
+    for name in ("model", "variant", "KiB", "held-out", "vs", "max|Δ|", "top-1"):
+        table.add_column(name, justify="left" if name in ("model", "variant", "vs") else "right")
     for row in rows:
-        metric = f"{row.metric:.2%} acc" if row.metric_name == "accuracy" else f"{row.metric:.4f} {row.metric_name}"
-        table.add_row(row.model, row.variant, f"{row.bytes / 1024:,.0f} KiB", metric, row.parity, row.path)
+        metric = f"{row.metric:.2%}" if row.metric_name == "accuracy" else f"{row.metric:.4f} nats"
+        diff = "" if row.max_abs_diff is None else f"{row.max_abs_diff:.1e}"
+        top1 = "" if row.top1 is None else f"{row.top1:.1%}"
+        table.add_row(row.model, row.variant, f"{row.bytes / 1024:,.0f}", metric, row.versus, diff, top1)
     return table
 
 
@@ -361,6 +367,9 @@ def pipeline(
         )
     _warn(result.warnings)
     out.print(_pipeline_table(result.rows))
+    for row in result.rows:
+        if row.note:
+            out.print(f"{row.model} {row.variant}: {row.note}")
     out.print("timings: " + ", ".join(f"{k} {v:.0f} s" for k, v in result.seconds.items()))
     if result.failures:
         for failure in result.failures:

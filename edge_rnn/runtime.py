@@ -45,20 +45,11 @@ def session_options(*, threads: int | None = None, opt_level: str = "all") -> or
     return options
 
 
-def create_session(
-    path: str | os.PathLike[str], *, threads: int | None = None, opt_level: str = "all", disabled_optimizers: Sequence[str] = ()
-) -> ort.InferenceSession:
-    """An onnxruntime CPU session; a broken file becomes ModelFileError.
-
-    `disabled_optimizers` comes from the manifest's `files.<role>.session` entry, where the step that
-    made a file records graph optimizers known to fail on it (with the reason).
-    """
+def create_session(path: str | os.PathLike[str], *, threads: int | None = None, opt_level: str = "all") -> ort.InferenceSession:
+    """An onnxruntime CPU session; a broken file becomes ModelFileError."""
     try:
         return ort.InferenceSession(
-            str(path),
-            sess_options=session_options(threads=threads, opt_level=opt_level),
-            providers=["CPUExecutionProvider"],
-            disabled_optimizers=list(disabled_optimizers) or None,
+            str(path), sess_options=session_options(threads=threads, opt_level=opt_level), providers=["CPUExecutionProvider"]
         )
     except ORT_ERRORS as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
@@ -91,10 +82,7 @@ def load_model(model_path: str | os.PathLike[str], *, threads: int | None = None
     manifest = load_manifest(model_dir)
     role = role_of(manifest, model_dir, path)
     verified_file(manifest, model_dir, role)
-    disabled = manifest["files"][role].get("session", {}).get("disabled_optimizers", [])
-    if not (isinstance(disabled, list) and all(isinstance(name, str) for name in disabled)):
-        raise ModelFileError(f"manifest in {model_dir}: files.{role}.session.disabled_optimizers must be a list of names")
-    session = create_session(path, threads=threads, opt_level=opt_level, disabled_optimizers=disabled)
+    session = create_session(path, threads=threads, opt_level=opt_level)
     io = manifest.get("io", {})
     expected = ([s.get("name") for s in io.get("inputs", [])], [s.get("name") for s in io.get("outputs", [])])
     actual = ([i.name for i in session.get_inputs()], [o.name for o in session.get_outputs()])
@@ -272,17 +260,19 @@ def generate(
     threads: int | None = None,
 ) -> str:
     """Sample `length` characters after `prime` with the ONNX char RNN; same seed → same text as NumPy."""
-    from .char_rnn import sample_with
+    from .char_rnn import generation_h0, sample_with
 
     model = load_model(model_path, threads=threads)
     if model.manifest.get("task") != "generate":
         raise InputError(f"{model.path} is a {model.manifest.get('task')!r} model — use `edge-rnn infer` for it")
+    hidden = int(model.manifest["config"]["hidden"])
     return sample_with(
         onnx_step(model),
         vocab="".join(model.manifest["vocab"]),
-        hidden=int(model.manifest["config"]["hidden"]),
+        hidden=hidden,
         prime=prime,
         length=length,
         temperature=temperature,
         seed=seed,
+        h0=generation_h0(model.manifest, hidden=hidden),
     )

@@ -28,6 +28,7 @@ from typing import Callable
 import numpy as np
 
 from edge_rnn import char_rnn
+from edge_rnn.data import load_text
 from edge_rnn.config import CharRnnConfig
 
 
@@ -175,7 +176,7 @@ def generation(checkpoint: char_rnn.Checkpoint, *, chars: int, rounds: int) -> N
     print("  one step alone (batch 1, time 1, same input in a tight loop), µs, median of interleaved repeats: "
           + ", ".join(f"{name} {statistics.median(values):.1f}" for name, values in step_us.items()))
 
-    text_ids = char_rnn.encode(char_rnn.bundled_text()[-5000:], vocab=checkpoint.vocab)
+    text_ids = char_rnn.encode(load_text(None)[-5000:], vocab=checkpoint.vocab)
     ref, _ = char_rnn.forward(checkpoint.params, ids=text_ids, h_prev=np.zeros((checkpoint.hidden, 1)))
     got, _ = session.run(None, {"ids": text_ids[None], "h0": np.zeros((1, checkpoint.hidden), np.float32)})
     print(f"  max |dlogit| onnx fp32 vs numpy fp64 over {len(text_ids)} chars: {np.abs(got[0] - ref).max():.2e}")
@@ -215,7 +216,7 @@ def main() -> None:
     args = parser.parse_args()
 
     config = CharRnnConfig()
-    text = char_rnn.bundled_text()
+    text = load_text(None)
     vocab = char_rnn.build_vocab(text)
     train_text, _ = char_rnn.split_text(text, val_fraction=config.val_fraction)
     data = char_rnn.encode(train_text, vocab=vocab).tolist()

@@ -69,10 +69,13 @@ def char_dir(tmp_path_factory):
     from edge_rnn.quantize import quantize
 
     out = tmp_path_factory.mktemp("char-rnn")
-    text = load_text(None)[:200_000]
+    # A 200k-char slice, saved as the corpus the manifest names, so held-out scoring reads the same text.
+    corpus = tmp_path_factory.mktemp("corpus") / "shakespeare-200k.txt"
+    corpus.write_text(load_text(None)[:200_000], encoding="utf-8")
+    text = load_text(corpus)
     cfg = CharRnnConfig(hidden=64, iters=3_000, seed=0)
     result = train(text, config=cfg)
-    save_trained(result, out_dir=out, text_source=None, config=cfg, text_chars=len(text))
+    save_trained(result, out_dir=out, text=text, text_source=str(corpus), config=cfg)
     export(out)
     quantize(out, variants=("int8",))
     return out

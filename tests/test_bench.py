@@ -11,26 +11,11 @@ from typer.testing import CliRunner
 
 from edge_rnn.bench import BenchConfig, bench, plot, write_json
 from edge_rnn.cli import app
-from edge_rnn.config import CharRnnConfig
 
 # Few runs and no throughput time budget: the test checks the report, not the speed.
 FAST = BenchConfig(runs=20, warmup=2, min_seconds=0.0, throughput_seconds=0.0, text_chars=2_000)
 KEYS = {"model", "variant", "runtime", "size_bytes", "load_ms", "latency_ms", "throughput_per_s", "peak_rss_mb", "accuracy", "agreement_with_fp32"}
 HAS_LITERT = importlib.util.find_spec("ai_edge_litert") is not None
-
-
-@pytest.fixture(scope="module")
-def char_dir(tmp_path_factory):
-    """A briefly trained, exported char-rnn folder on the bundled Shakespeare."""
-    from edge_rnn.char_rnn import bundled_text, save_trained, train
-    from edge_rnn.export import export
-
-    cfg = CharRnnConfig(hidden=32, iters=300, seed=0)
-    text = bundled_text()
-    out = tmp_path_factory.mktemp("char-rnn")
-    save_trained(train(text, config=cfg), out_dir=out, text_source=None, config=cfg, text_chars=len(text))
-    export(out)
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from edge_rnn import char_rnn
+from edge_rnn.data import load_text
 from edge_rnn.char_rnn import PARAM_NAMES, loss_and_grads
 from edge_rnn.config import CharRnnConfig
 from edge_rnn.errors import InputError, ModelFileError
@@ -19,7 +20,7 @@ FD_STEP = 1e-5
 
 @pytest.fixture(scope="module")
 def text() -> str:
-    return char_rnn.bundled_text()[:20_000]
+    return load_text(None)[:20_000]
 
 
 def random_model(seed: int, *, V: int = 7, H: int = 5, T: int = 10):

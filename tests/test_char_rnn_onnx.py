@@ -10,6 +10,7 @@ import onnxruntime as ort
 import pytest
 
 from edge_rnn import char_rnn
+from edge_rnn.data import load_text
 from edge_rnn.config import CharRnnConfig
 from edge_rnn.graphs import char_rnn_model
 from edge_rnn.tolerances import FP32_LOGIT_ATOL, LOSS_RTOL
@@ -20,7 +21,7 @@ HIDDEN = 32
 @pytest.fixture(scope="module")
 def checkpoint() -> char_rnn.Checkpoint:
     # Briefly trained on real text, so logits are peaked and the state is far from zero.
-    return char_rnn.train(char_rnn.bundled_text()[:50_000], config=CharRnnConfig(hidden=HIDDEN, iters=600)).checkpoint
+    return char_rnn.train(load_text(None)[:50_000], config=CharRnnConfig(hidden=HIDDEN, iters=600)).checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +37,7 @@ def session(model) -> ort.InferenceSession:
 @pytest.fixture(scope="module")
 def ids(checkpoint) -> np.ndarray:
     # 1,500 characters of the held-out tail of the slice the model was trained on.
-    return char_rnn.encode(char_rnn.bundled_text()[45_000:46_500], vocab=checkpoint.vocab)
+    return char_rnn.encode(load_text(None)[45_000:46_500], vocab=checkpoint.vocab)
 
 
 def run(session, ids: np.ndarray, h0: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
