@@ -58,7 +58,8 @@ def _epoch_progress(total: int):
     task = progress.add_task("train", total=total, logs="")
 
     def on_epoch(epoch: int, epochs: int, logs: dict[str, float]) -> None:
-        shown = "  ".join(f"{k} {v:.4f}" for k, v in logs.items() if k in ("loss", "accuracy", "val_loss", "val_accuracy"))
+        short = {"loss": "loss", "accuracy": "acc", "val_accuracy": "held-out acc"}
+        shown = "  ".join(f"{short[k]} {v:.3f}" for k, v in logs.items() if k in short)
         progress.update(task, completed=epoch, logs=shown)
 
     return progress, on_epoch
@@ -302,6 +303,7 @@ def bench(
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write the results as JSON to this file."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Draw latency vs size to this PNG (needs matplotlib)."),
     calibration: str = typer.Option("minmax", help="Static int8 calibration: minmax | entropy | percentile."),
+    rounds: int = typer.Option(3, min=1, help="Measure every row this many times, interleaved; timings are medians over rounds."),
 ) -> None:
     """Measure size, load time, latency, throughput, memory and accuracy of every variant and baseline, side by side.
 
@@ -312,7 +314,7 @@ def bench(
     from .bench import plot as draw_plot
     from .bench import write_json
 
-    cfg = BenchConfig(threads=threads, opt_level=opt_level, runs=runs, calibration=calibration)
+    cfg = BenchConfig(threads=threads, opt_level=opt_level, runs=runs, calibration=calibration, rounds=rounds)
     report = run_bench(
         model_dirs or default_model_dirs(), cfg=cfg,
         on_row=lambda model, variant, runtime: err.print(f"measuring {model} {variant} on {runtime}", highlight=False),
@@ -330,11 +332,11 @@ def bench(
 
 
 def _pipeline_table(rows) -> Table:
-    table = Table(title="edge-rnn pipeline: held-out metric and parity of every variant")
+    table = Table(title="edge-rnn pipeline: held-out accuracy (nats/char for the char RNN) and parity")
     for name in ("model", "variant", "KiB", "held-out", "vs", "max|Δ|", "top-1"):
         table.add_column(name, justify="left" if name in ("model", "variant", "vs") else "right")
     for row in rows:
-        metric = f"{row.metric:.2%}" if row.metric_name == "accuracy" else f"{row.metric:.4f} nats"
+        metric = f"{row.metric:.2%}" if row.metric_name == "accuracy" else f"{row.metric:.4f}"
         diff = "" if row.max_abs_diff is None else f"{row.max_abs_diff:.1e}"
         top1 = "" if row.top1 is None else f"{row.top1:.1%}"
         table.add_row(row.model, row.variant, f"{row.bytes / 1024:,.0f}", metric, row.versus, diff, top1)

@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-artifacts}"
 edge-rnn pipeline --data sample --out "$OUT"
-edge-rnn bench "$OUT/mnist-lstm" "$OUT/char-rnn" --threads 1 --opt-level all --runs 1000 \
+edge-rnn bench "$OUT/mnist-lstm" "$OUT/char-rnn" --threads 1 --opt-level all --runs 1000 --rounds 3 \
   --json "$OUT/bench.json" --plot "$OUT/bench.png"
 # The README's table, from the JSON.
 python -c "import json, sys; from edge_rnn.bench import markdown; print(markdown(json.load(open(sys.argv[1]))), end='')" \

@@ -13,7 +13,7 @@ from edge_rnn.bench import BenchConfig, bench, plot, write_json
 from edge_rnn.cli import app
 
 # Few runs and no throughput time budget: the test checks the report, not the speed.
-FAST = BenchConfig(runs=20, warmup=2, min_seconds=0.0, throughput_seconds=0.0, text_chars=2_000)
+FAST = BenchConfig(runs=20, warmup=2, min_seconds=0.0, throughput_seconds=0.0, text_chars=2_000, rounds=1)
 KEYS = {"model", "variant", "runtime", "size_bytes", "load_ms", "latency_ms", "throughput_per_s", "peak_rss_mb", "accuracy", "agreement_with_fp32"}
 HAS_LITERT = importlib.util.find_spec("ai_edge_litert") is not None
 
@@ -131,3 +131,17 @@ def test_cli_rejects_bad_options(mnist_dir):
     assert result.exit_code == 1 and "opt-level" in result.output
     result = CliRunner().invoke(app, ["bench", str(mnist_dir), "--calibration", "magic"])
     assert result.exit_code == 1 and "calibration" in result.output
+
+
+def test_rounds_take_the_median_timing_and_keep_every_run():
+    from edge_rnn.bench import _median_of_rounds
+
+    def out(p50, load, rss):
+        return {"load_ms": load, "latency_ms": {"p50": p50, "p90": 2 * p50, "p99": 3 * p50}, "throughput_per_s": {"64": 1 / p50},
+                "runs": 1000, "peak_rss_mb": rss, "accuracy": 0.9, "metric": "heldout_accuracy", "top1": [1, 2]}
+
+    # One round hit by a burst (0.153 ms) does not move the row.
+    combined = _median_of_rounds([out(0.101, 30.0, 100.0), out(0.153, 40.0, 120.0), out(0.102, 31.0, 110.0)])
+    assert combined["latency_ms"] == {"p50": 0.102, "p90": 0.204, "p99": 0.306}
+    assert combined["load_ms"] == 31.0 and combined["runs"] == 3000 and combined["peak_rss_mb"] == 120.0
+    assert combined["throughput_per_s"]["64"] == 1 / 0.102 and combined["accuracy"] == 0.9
