@@ -693,41 +693,52 @@ RUNTIME_MARKERS = {"onnxruntime": "o", "litert": "s", "keras-predict": "^", "tf.
 
 
 def plot(report: BenchReport, *, path: str | os.PathLike[str]) -> None:
-    """Latency (batch-1 p50, log scale) vs file size, a marker per runtime, a colour per model, accuracy annotated."""
+    """Latency (batch-1 p50) vs file size, log-log, one panel per model, a marker per runtime, accuracy annotated."""
     matplotlib = require("matplotlib", "bench")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     from matplotlib.lines import Line2D
+    from matplotlib.ticker import FuncFormatter, NullFormatter
 
-    fig, ax = plt.subplots(figsize=(10, 6.5))
     models = list(dict.fromkeys(r.model for r in report.results))
+    fig, axes = plt.subplots(1, len(models), figsize=(6.5 * len(models), 5.5), squeeze=False)
     colours = dict(zip(models, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
-    placed: list[tuple[float, float]] = []
-    for r in report.results:
-        x, y = r.size_bytes / 1024, r.latency_ms["p50"]
-        ax.scatter(x, y, marker=RUNTIME_MARKERS.get(r.runtime, "x"), color=colours[r.model], s=60, edgecolors="black", linewidths=0.5)
-        # Labels of points within ~5 % of an earlier one step downwards instead of printing over it.
-        near = sum(abs(np.log10(x / px)) < 0.03 and abs(np.log10(y / py)) < 0.05 for px, py in placed)
-        placed.append((x, y))
-        acc = f"{r.accuracy:.2%}" if r.metric == "heldout_accuracy" else f"{r.accuracy:.3f} nats/char"
-        label = f"{r.variant} {acc}" if r.runtime == "onnxruntime" else f"{r.runtime} {r.variant} {acc}"
-        ax.annotate(label, (x, y), fontsize=7, xytext=(6, 2 - 9 * near), textcoords="offset points")
+    for ax, model in zip(axes[0], models):
+        rows = [r for r in report.results if r.model == model]
+        placed: list[tuple[float, float]] = []
+        # Top to bottom, so a label that steps down to clear a neighbour's stays in the same order as the points.
+        for r in sorted(rows, key=lambda r: -r.latency_ms["p50"]):
+            x, y = r.size_bytes / 1024, r.latency_ms["p50"]
+            ax.scatter(x, y, marker=RUNTIME_MARKERS.get(r.runtime, "x"), color=colours[model], s=60, edgecolors="black", linewidths=0.5)
+            near = sum(abs(np.log10(x / px)) < 0.15 and abs(np.log10(y / py)) < 0.06 for px, py in placed)
+            placed.append((x, y))
+            acc = f"{r.accuracy:.1%}" if r.metric == "heldout_accuracy" else f"{r.accuracy:.3f} nats/char"
+            label = f"{r.variant} {acc}" if r.runtime == "onnxruntime" else f"{r.runtime} {r.variant} {acc}"
+            ax.annotate(label, (x, y), fontsize=7, textcoords="offset points", xytext=(6, -9 * near), va="center")
+        for values, set_scale, axis in (
+            ([p[0] for p in placed], ax.set_xscale, ax.xaxis),
+            ([p[1] for p in placed], ax.set_yscale, ax.yaxis),
+        ):
+            # Log scale where the values span a decade or more; a narrower span reads better linear.
+            if max(values) >= 10 * min(values):
+                set_scale("log")
+                axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+                axis.set_minor_formatter(NullFormatter())
+        ax.set_xlabel("file size (KiB)")
+        ax.set_ylabel("latency, batch 1, p50 (ms)")
+        ax.set_title(model, fontsize=10)
+        ax.set_ylim(bottom=0 if ax.get_yscale() == "linear" else None)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.margins(x=0.25, y=0.15)
     runtimes = list(dict.fromkeys(r.runtime for r in report.results))
-    marker_legend = ax.legend(
+    fig.legend(
         [Line2D([], [], marker=RUNTIME_MARKERS.get(rt, "x"), color="grey", linestyle="") for rt in runtimes], runtimes,
-        title="runtime", fontsize=8, loc="upper left",
+        title="runtime", fontsize=8, loc="lower center", ncol=len(runtimes),
     )
-    ax.add_artist(marker_legend)
-    ax.legend([Line2D([], [], marker="o", color=colours[m], linestyle="") for m in models], models, title="model", fontsize=8, loc="lower right")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("file size (KiB)")
-    ax.set_ylabel("latency, batch 1, p50 (ms)")
     m = report.machine
-    ax.set_title(f"edge-rnn bench — {', '.join(models)} — {m['cpu']}, {m['threads']} thread(s)", fontsize=9)
-    ax.grid(True, which="both", alpha=0.3)
-    fig.tight_layout()
+    fig.suptitle(f"edge-rnn bench — {m['cpu']}, {m['threads']} thread(s); labels: held-out accuracy or validation nats/char", fontsize=9)
+    fig.tight_layout(rect=(0, 0.08, 1, 0.97))
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
