@@ -30,7 +30,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import importlib.metadata
-import json
 import os
 import platform
 import resource
@@ -41,11 +40,10 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
-import numpy.typing as npt
 
 from .config import CHAR_RNN_DIRNAME, DEFAULT_OUT, MNIST_DIRNAME
 from .errors import EdgeRnnError, ModelFileError, require
-from .manifest import load_manifest, verified_file
+from .manifest import atomic_path, load_manifest, verified_file
 
 # The issue asks for percentiles over at least this many timed runs (fewer only when asked for fewer).
 MIN_LATENCY_RUNS = 200
@@ -692,6 +690,16 @@ def write_json(report: BenchReport, *, path: str | os.PathLike[str]) -> None:
 RUNTIME_MARKERS = {"onnxruntime": "o", "litert": "s", "keras-predict": "^", "tf.function": "v", "numpy": "D"}
 
 
+PLOT_FORMATS = ("png", "svg", "pdf")
+
+
+def check_plot_path(path: str | os.PathLike[str]) -> None:
+    """Fail before measuring, not after: the plot needs matplotlib and a .png, .svg or .pdf name."""
+    if Path(path).suffix[1:].lower() not in PLOT_FORMATS:
+        raise EdgeRnnError(f"--plot {path}: give a file name ending in {', '.join('.' + f for f in PLOT_FORMATS)}")
+    require("matplotlib", "bench")
+
+
 def plot(report: BenchReport, *, path: str | os.PathLike[str]) -> None:
     """Latency (batch-1 p50) vs file size, log-log, one panel per model, a marker per runtime, accuracy annotated."""
     matplotlib = require("matplotlib", "bench")
@@ -739,7 +747,8 @@ def plot(report: BenchReport, *, path: str | os.PathLike[str]) -> None:
     m = report.machine
     fig.suptitle(f"edge-rnn bench — {m['cpu']}, {m['threads']} thread(s); labels: held-out accuracy or validation nats/char", fontsize=9)
     fig.tight_layout(rect=(0, 0.08, 1, 0.97))
-    fig.savefig(path, dpi=120)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120, format=Path(path).suffix[1:].lower())
     plt.close(fig)
 
 

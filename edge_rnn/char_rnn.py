@@ -460,6 +460,10 @@ def check_prime(prime: str, *, vocab: str) -> None:
         )
 
 
+# Beyond these, logits / temperature overflows float64 (→ NaN draws) or sampling is uniform noise.
+MIN_TEMPERATURE, MAX_TEMPERATURE = 0.01, 100.0
+
+
 def sample_with(
     step: StepFn,
     *,
@@ -482,8 +486,10 @@ def sample_with(
     check_prime(prime, vocab=vocab)
     if length < 0:
         raise InputError(f"length must be >= 0, got {length}")
-    if not temperature > 0:
-        raise InputError(f"temperature must be > 0, got {temperature} — try 1.0, or 0.5 for safer text")
+    if not MIN_TEMPERATURE <= temperature <= MAX_TEMPERATURE:
+        raise InputError(
+            f"temperature must be between {MIN_TEMPERATURE} and {MAX_TEMPERATURE:g}, got {temperature} — try 1.0, or 0.5 for safer text"
+        )
     rng = np.random.default_rng(seed)
     index = {ch: i for i, ch in enumerate(vocab)}
     ids = np.array([[index[ch] for ch in prime]], dtype=np.int64)  # (1, T)
@@ -495,6 +501,8 @@ def sample_with(
     last = len(vocab) - 1
     for _ in range(length):
         logits, h = step(ids, h)
+        if logits.shape[-1] != len(vocab):
+            raise ModelFileError(f"the model scores {logits.shape[-1]} characters but its vocabulary has {len(vocab)}")
         z = logits[0, -1].astype(np.float64)  # (V,): a fresh float64 copy, worked on in place
         if temperature != 1.0:  # dividing by 1.0 is exact, so skipping it changes no draw
             z /= temperature
@@ -625,10 +633,16 @@ def load_trained(model_dir: str | Path) -> tuple[Checkpoint, dict]:
     return load_checkpoint(verified_file(manifest, model_dir, "checkpoint")), manifest
 
 
-def heldout_text(manifest: dict) -> str:
-    """The validation tail of the text a char-rnn folder was trained on."""
+def text_split(manifest: dict) -> tuple[str, str]:
+    """(training part, held-out tail) of the text a char-rnn folder was trained on, as its manifest says."""
     from .data import load_text
 
-    source = manifest["data"]["source"]
-    text = load_text(None if source == BUNDLED_TEXT else source)
-    return split_text(text, val_fraction=manifest["data"]["val_fraction"])[1]
+    data = manifest.get("data", {})
+    source = data.get("source")
+    text = load_text(None if source in (None, BUNDLED_TEXT) else source)
+    return split_text(text, val_fraction=float(data["val_fraction"]))
+
+
+def heldout_text(manifest: dict) -> str:
+    """The validation tail of the text a char-rnn folder was trained on."""
+    return text_split(manifest)[1]

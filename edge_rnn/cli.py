@@ -10,10 +10,12 @@ from typing import Callable, List, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from .config import CHAR_RNN_DIRNAME, DEFAULT_OUT, MNIST_DIRNAME, CharRnnConfig, ExportConfig, LstmConfig
 from .errors import EdgeRnnError
+from .manifest import check_writable_dir
 
 app = typer.Typer(
     help="Train recurrent networks, export them to ONNX, quantize, run on devices, prove parity, benchmark.",
@@ -36,7 +38,7 @@ def clean_errors(fn: Callable) -> Callable:
         try:
             return fn(*args, **kwargs)
         except EdgeRnnError as exc:
-            err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
 
     return wrapper
@@ -44,7 +46,7 @@ def clean_errors(fn: Callable) -> Callable:
 
 def _warn(messages: list[str]) -> None:
     for message in messages:
-        err.print(f"[bold yellow]WARNING:[/] {message}", highlight=False, soft_wrap=True)
+        err.print(f"[bold yellow]WARNING:[/] {escape(message)}", highlight=False, soft_wrap=True)
 
 
 def _epoch_progress(total: int):
@@ -95,6 +97,7 @@ def train_mnist_lstm(
     cfg = LstmConfig(epochs=epochs, batch_size=batch_size, seed=seed)
     digits = load_digits(data)
     _warn(digits.warnings)
+    check_writable_dir(out_dir)
     err.print(f"data: {digits.source} — {len(digits.y_train)} train, {len(digits.y_test)} held out")
     progress, on_epoch = _epoch_progress(cfg.epochs)
     with progress:
@@ -128,6 +131,9 @@ def train_char_rnn(
     cfg = CharRnnConfig(hidden=hidden, seq_length=seq_length, learning_rate=learning_rate, iters=iters, seed=seed)
     corpus = load_text(text)
     start = load_trained(out_dir)[0] if resume else None
+    if start is not None and start.step >= cfg.iters:
+        raise EdgeRnnError(f"the checkpoint in {out_dir} is already at step {start.step:,} — give --iters above it to train on")
+    check_writable_dir(out_dir)
     progress = Progress(
         TextColumn("[bold]step"), MofNCompleteColumn(), BarColumn(), TextColumn("smoothed loss {task.fields[loss]:.3f} nats/char"),
         TimeElapsedColumn(), console=err,
@@ -146,7 +152,7 @@ def train_char_rnn(
 @clean_errors
 def export(
     model_dir: Path = typer.Argument(..., help="Model folder (with manifest.json) to export."),
-    opset: int = typer.Option(ExportConfig.opset, min=11, help="ONNX opset."),
+    opset: int = typer.Option(ExportConfig.opset, min=13, max=18, help="ONNX opset (13–18)."),
 ) -> None:
     """Export a trained model folder to DIR/model.onnx (fused recurrent ops, dynamic batch axis).
 
@@ -190,7 +196,7 @@ def infer(
     inputs: List[Path] = typer.Argument(..., help="28×28 images (PNG, grey or RGB) or .npy arrays (one image or a batch)."),
     top_k: int = typer.Option(1, "--top-k", min=1, help="How many labels to show per input."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
-    threads: int = typer.Option(0, min=0, help="onnxruntime intra-op threads (0 = onnxruntime's default)."),
+    threads: int = typer.Option(0, min=0, max=256, help="onnxruntime intra-op threads (0 = onnxruntime's default)."),
 ) -> None:
     """Classify images with an exported model on onnxruntime (no TensorFlow needed).
 
@@ -228,7 +234,7 @@ def generate(
     length: int = typer.Option(300, min=0, help="Characters to generate after the prime."),
     temperature: float = typer.Option(1.0, help="Softmax temperature (> 0): lower is safer, higher is wilder."),
     seed: int = typer.Option(0, help="Sampling seed: the same seed prints the same text as the NumPy sampler."),
-    threads: int = typer.Option(1, min=0, help="onnxruntime intra-op threads (0 = onnxruntime's default)."),
+    threads: int = typer.Option(1, min=0, max=256, help="onnxruntime intra-op threads (0 = onnxruntime's default)."),
 ) -> None:
     """Generate text with an exported char RNN on onnxruntime, carrying the hidden state between steps.
 
@@ -297,7 +303,7 @@ def _bench_tables(report) -> list[Table]:
 @clean_errors
 def bench(
     model_dirs: Optional[List[Path]] = typer.Argument(None, help="Model folders (default: artifacts/mnist-lstm and artifacts/char-rnn that exist)."),
-    threads: int = typer.Option(1, min=1, help="Threads for every runtime (onnxruntime intra-op, TensorFlow, LiteRT)."),
+    threads: int = typer.Option(1, min=1, max=256, help="Threads for every runtime (onnxruntime intra-op, TensorFlow, LiteRT)."),
     opt_level: str = typer.Option("all", "--opt-level", help="onnxruntime graph optimisation: disable | basic | extended | all."),
     runs: int = typer.Option(1000, min=1, help="Minimum timed batch-1 runs per row, over at least 1 s (slow runtimes stop after 15 s, never below 200)."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write the results as JSON to this file."),
@@ -309,12 +315,14 @@ def bench(
 
     Example: edge-rnn bench artifacts/mnist-lstm --threads 1 --json bench.json --plot bench.png
     """
-    from .bench import BenchConfig, default_model_dirs
+    from .bench import BenchConfig, check_plot_path, default_model_dirs
     from .bench import bench as run_bench
     from .bench import plot as draw_plot
     from .bench import write_json
 
     cfg = BenchConfig(threads=threads, opt_level=opt_level, runs=runs, calibration=calibration, rounds=rounds)
+    if plot is not None:
+        check_plot_path(plot)
     report = run_bench(
         model_dirs or default_model_dirs(), cfg=cfg,
         on_row=lambda model, variant, runtime: err.print(f"measuring {model} {variant} on {runtime}", highlight=False),
@@ -375,7 +383,7 @@ def pipeline(
     out.print("timings: " + ", ".join(f"{k} {v:.0f} s" for k, v in result.seconds.items()))
     if result.failures:
         for failure in result.failures:
-            err.print(f"[bold red]parity FAILED:[/] {failure}", highlight=False, soft_wrap=True)
+            err.print(f"[bold red]parity FAILED:[/] {escape(failure)}", highlight=False, soft_wrap=True)
         raise typer.Exit(1)
 
 

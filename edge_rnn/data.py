@@ -99,7 +99,10 @@ def load_sample() -> Digits:
 def load_npz(path: Path) -> Digits:
     """An `mnist.npz` as keras ships it: x_train, y_train, x_test, y_test (or x, y, split like the sample)."""
     try:
-        with np.load(path, allow_pickle=False) as d:
+        loaded = np.load(path, allow_pickle=False)
+        if not isinstance(loaded, np.lib.npyio.NpzFile):
+            raise DataError(f"{path} is a single array, not an .npz archive — give an mnist.npz (x_train, y_train, x_test, y_test)")
+        with loaded as d:
             keys = set(d.files)
             if {"x_train", "y_train", "x_test", "y_test"} <= keys:
                 arrays = [d[k] for k in ("x_train", "y_train", "x_test", "y_test")]

@@ -11,7 +11,7 @@ import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -25,6 +25,8 @@ BATCH_DIM = "batch"
 # Fused recurrent ops; an export holding recurrent layers but none of these fell back to Loop.
 FUSED_RECURRENT_OPS = ("LSTM", "GRU", "RNN")
 KERAS_RECURRENT_LAYERS = ("LSTM", "GRU", "SimpleRNN")
+# 13: Unsqueeze/Squeeze take axes as inputs (the char-RNN graph); 18: the newest tf2onnx 1.17 converts to.
+SUPPORTED_OPSETS = range(13, 19)
 
 
 @dataclass
@@ -57,15 +59,25 @@ def _name_batch_axis(model) -> None:
             dims[0].dim_param = BATCH_DIM
 
 
-def _save_checked(model, path: Path) -> None:
-    """check_model(full_check=True), then write atomically."""
+def _save_validated(model, path: Path, *, validate: Callable[[Path], float], atol: float, source: str) -> float:
+    """check_model(full_check=True), write to a temporary file, compare it with the source model, and only
+    then rename it over `path`: a failed export leaves the previous model.onnx as it was."""
+    from .runtime import ORT_ERRORS
+
     onnx = require("onnx", "train")
     try:
         onnx.checker.check_model(model, full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
-        raise EdgeRnnError(f"the exported graph fails onnx.checker ({str(exc).splitlines()[0]})") from exc
+        raise EdgeRnnError(f"the exported graph fails onnx.checker ({str(exc).splitlines()[0]}) — not saved") from exc
     with atomic_path(path) as tmp:
         onnx.save(model, str(tmp))
+        try:
+            diff = validate(tmp)
+        except ORT_ERRORS as exc:
+            raise EdgeRnnError(f"onnxruntime cannot run the exported graph ({str(exc).splitlines()[0]}) — not saved") from exc
+        if not diff <= atol:
+            raise EdgeRnnError(f"the ONNX export differs from {source} by {diff:.3g} > {atol:g} — not saved")
+    return diff
 
 
 def keras_to_onnx(keras_model, *, io: dict[str, Any], opset: int):
@@ -142,11 +154,10 @@ def _export_keras(model_dir: Path, manifest: dict[str, Any], cfg: ExportConfig) 
         },
     )
     path = model_dir / ONNX_FILE
-    _save_checked(onnx_model, path)
-    diff = _validate_keras_export(keras_model, path, manifest["io"])
-    if not diff <= FP32_PROB_ATOL:
-        path.unlink()
-        raise EdgeRnnError(f"ONNX export differs from Keras by {diff:.3g} > {FP32_PROB_ATOL:g} on random inputs — not saved")
+    diff = _save_validated(
+        onnx_model, path, validate=lambda tmp: _validate_keras_export(keras_model, tmp, manifest["io"]),
+        atol=FP32_PROB_ATOL, source="Keras on random inputs",
+    )
     return ExportReport(path, counts, cfg.opset, diff, notes)
 
 
@@ -160,24 +171,28 @@ def _export_char_rnn(model_dir: Path, manifest: dict[str, Any], cfg: ExportConfi
     if list(ckpt.vocab) != manifest.get("vocab"):
         raise ModelFileError(f"the checkpoint's vocabulary differs from the manifest's in {model_dir} — retrain the folder")
     onnx_model = char_rnn_model(ckpt.params, vocab=ckpt.vocab, opset=cfg.opset)
+    (ids_name, h0_name) = [spec["name"] for spec in manifest["io"]["inputs"]]
+
+    def validate(tmp: Path) -> float:
+        # NumPy float64 vs onnxruntime on a random id sequence from a random state.
+        rng = np.random.default_rng(0)
+        ids = rng.integers(0, len(ckpt.vocab), size=200)
+        h0 = rng.standard_normal((ckpt.hidden, 1)) * 0.5
+        expected, h_expected = forward(ckpt.params, ids=ids, h_prev=h0)
+        session = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
+        logits, h = session.run(None, {ids_name: ids[None].astype(np.int64), h0_name: h0.T.astype(np.float32)})
+        return max(float(np.max(np.abs(logits[0] - expected))), float(np.max(np.abs(h - h_expected.T))))
+
     path = model_dir / ONNX_FILE
-    _save_checked(onnx_model, path)
-    # Validate like the Keras path: NumPy float64 vs onnxruntime on a random id sequence and state.
-    rng = np.random.default_rng(0)
-    ids = rng.integers(0, len(ckpt.vocab), size=200)
-    h0 = rng.standard_normal((ckpt.hidden, 1)) * 0.5
-    expected, h_expected = forward(ckpt.params, ids=ids, h_prev=h0)
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    logits, h = session.run(None, {"ids": ids[None].astype(np.int64), "h0": h0.T.astype(np.float32)})
-    diff = max(float(np.max(np.abs(logits[0] - expected))), float(np.max(np.abs(h - h_expected.T))))
-    if not diff <= FP32_LOGIT_ATOL:
-        path.unlink()
-        raise EdgeRnnError(f"ONNX export differs from the NumPy model by {diff:.3g} > {FP32_LOGIT_ATOL:g} — not saved")
+    diff = _save_validated(onnx_model, path, validate=validate, atol=FP32_LOGIT_ATOL, source="the NumPy model")
     return ExportReport(path, op_counts(onnx_model), cfg.opset, diff)
 
 
 def export(model_dir: str | os.PathLike[str], *, cfg: ExportConfig = ExportConfig()) -> ExportReport:
     """Export the model in `model_dir` to `model_dir/model.onnx`, record it in the manifest, return a report."""
+    require("onnx", "train")
+    if cfg.opset not in SUPPORTED_OPSETS:
+        raise EdgeRnnError(f"--opset {cfg.opset} is not supported; choose {SUPPORTED_OPSETS.start}–{SUPPORTED_OPSETS.stop - 1}")
     model_dir = Path(model_dir)
     manifest = load_manifest(model_dir)
     files = manifest.get("files", {})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -13,7 +14,7 @@ import numpy.typing as npt
 
 from .config import LstmConfig
 from .data import Digits
-from .errors import EdgeRnnError, require
+from .errors import EdgeRnnError, ModelFileError, require
 from .manifest import atomic_path, load_manifest, record_file, save_manifest
 
 MODEL_NAME = "mnist-lstm"
@@ -168,4 +169,7 @@ def load_keras_model(model_dir: str | os.PathLike[str]):
     keras = require("keras", "train")
     manifest = load_manifest(model_dir)
     path = verified_file(manifest, model_dir, "keras")
-    return keras.saving.load_model(path, compile=False), manifest
+    try:
+        return keras.saving.load_model(path, compile=False), manifest
+    except (ValueError, OSError, zipfile.BadZipFile) as exc:
+        raise ModelFileError(f"cannot load {path} as a Keras model ({str(exc).splitlines()[0]}) — retrain the folder") from exc

@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
-from .errors import ModelFileError
+from .errors import EdgeRnnError, ModelFileError
 
 MANIFEST_NAME = "manifest.json"
 SCHEMA_VERSION = 1
@@ -45,8 +45,11 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     A process that dies mid-write leaves the old file (or none), never a half-written one.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent)
+    except OSError as exc:
+        raise EdgeRnnError(f"cannot write {path}: {exc.strerror or exc} — choose another output folder") from exc
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -90,6 +93,8 @@ def load_manifest(model_dir: str | os.PathLike[str]) -> dict[str, Any]:
         raise ModelFileError(f"{path} is not valid JSON ({exc}) — re-run the step that wrote it") from exc
     if not isinstance(manifest, dict) or not isinstance(manifest.get("model"), str):
         raise ModelFileError(f"{path} has no 'model' name — not an edge-rnn manifest")
+    if not isinstance(manifest.get("schema", SCHEMA_VERSION), int):
+        raise ModelFileError(f"{path}: 'schema' must be an integer")
     if manifest.get("schema", SCHEMA_VERSION) > SCHEMA_VERSION:
         raise ModelFileError(f"{path} has schema {manifest['schema']}, newer than this edge-rnn understands — upgrade edge-rnn")
     files = manifest.setdefault("files", {})
@@ -161,3 +166,12 @@ def update_manifest(model_dir: str | os.PathLike[str], **fields: Any) -> dict[st
             manifest[key] = value
     save_manifest(model_dir, manifest)
     return manifest
+
+
+def check_writable_dir(folder: str | os.PathLike[str]) -> Path:
+    """Create `folder` if needed and prove a file can be written there, before hours of training."""
+    folder = Path(folder)
+    with atomic_path(folder / ".edge-rnn-write-test"):
+        pass
+    (folder / ".edge-rnn-write-test").unlink(missing_ok=True)
+    return folder

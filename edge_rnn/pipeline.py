@@ -11,7 +11,7 @@ from typing import Any, Callable
 import numpy as np
 
 from .config import CHAR_RNN_DIRNAME, MNIST_DIRNAME, CharRnnConfig, ExportConfig, LstmConfig
-from .manifest import load_manifest, update_manifest
+from .manifest import check_writable_dir, update_manifest
 from .parity import ParityReport, compare
 from .tolerances import FP32_PROB_ATOL, QUANT_MAX_ACCURACY_DROP_PP, QUANT_MIN_AGREEMENT
 
@@ -114,6 +114,7 @@ def run_mnist(
     t = time.perf_counter()
     digits = load_digits(data)
     result.warnings += digits.warnings
+    check_writable_dir(model_dir)
     on_step("data", f"{digits.source}: {len(digits.y_train)} train, {len(digits.y_test)} held out")
     trained = train(digits, cfg=cfg, on_epoch=on_epoch)
     save_trained(trained, digits, model_dir, cfg=cfg)
@@ -137,10 +138,11 @@ def score_onnx(model_path: str | os.PathLike[str], ids: np.ndarray, *, hidden: i
     from .runtime import load_model
 
     model = load_model(model_path)
+    ids_name, h0_name = [spec["name"] for spec in model.manifest["io"]["inputs"]]
     h = np.zeros((1, hidden), np.float32)
     out = []
     for i in range(0, len(ids), chunk):
-        logits, h = model.run({"ids": ids[None, i : i + chunk].astype(np.int64), "h0": h})
+        logits, h = model.run({ids_name: ids[None, i : i + chunk].astype(np.int64), h0_name: h})
         out.append(logits[0])
     return np.concatenate(out)
 

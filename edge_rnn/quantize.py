@@ -228,22 +228,17 @@ def _digit_images(manifest: dict[str, Any], *, split: str) -> tuple[npt.NDArray[
 
 def classifier_inputs(manifest: dict[str, Any], *, split: str) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
     """The model's own data as preprocessed float32 (N, T, F) inputs and int64 labels (N,); split 'train' or 'heldout'."""
+    from .runtime import preprocess_pixels
+
     images, labels = _digit_images(manifest, split=split)
-    pre = manifest["preprocessing"]
-    x = images.astype(np.float32) * np.float32(pre["scale"]) + np.float32(pre.get("offset", 0.0))
-    if pre.get("image", {}).get("invert"):
-        x = 1.0 - x
-    return x.astype(np.float32), labels.astype(np.int64)
+    return preprocess_pixels(images, preprocessing=manifest["preprocessing"]), labels.astype(np.int64)
 
 
 def text_ids(manifest: dict[str, Any], *, split: str) -> npt.NDArray[np.int64]:
     """Char ids (N,) int64 of the model's training text ('train') or its held-out tail ('heldout')."""
-    from .char_rnn import encode, split_text
-    from .data import load_text
+    from .char_rnn import encode, text_split
 
-    source = manifest.get("data", {}).get("source")
-    text = load_text(None if source in (None, "bundled") else source)
-    train, val = split_text(text, val_fraction=float(manifest["config"]["val_fraction"]))
+    train, val = text_split(manifest)
     return encode(train if split == "train" else val, vocab="".join(manifest["vocab"]))
 
 

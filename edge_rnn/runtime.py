@@ -82,13 +82,55 @@ def load_model(model_path: str | os.PathLike[str], *, threads: int | None = None
     manifest = load_manifest(model_dir)
     role = role_of(manifest, model_dir, path)
     verified_file(manifest, model_dir, role)
+    io = manifest.get("io")
+    specs_ok = isinstance(io, dict) and all(
+        isinstance(io.get(side), list) and all(isinstance(spec, dict) and isinstance(spec.get("name"), str) for spec in io[side])
+        for side in ("inputs", "outputs")
+    )
+    if not specs_ok:
+        raise ModelFileError(f"manifest in {model_dir}: 'io' must list inputs and outputs with names — re-export the folder")
     session = create_session(path, threads=threads, opt_level=opt_level)
-    io = manifest.get("io", {})
-    expected = ([s.get("name") for s in io.get("inputs", [])], [s.get("name") for s in io.get("outputs", [])])
+    expected = ([s["name"] for s in io["inputs"]], [s["name"] for s in io["outputs"]])
     actual = ([i.name for i in session.get_inputs()], [o.name for o in session.get_outputs()])
     if expected != actual:
         raise ModelFileError(f"{path} has inputs/outputs {actual}, the manifest says {expected} — re-export it")
+    _check_task_fields(manifest, session, model_dir)
     return LoadedModel(path, model_dir, role, manifest, session)
+
+
+def _check_task_fields(manifest: dict[str, Any], session: ort.InferenceSession, model_dir: Path) -> None:
+    """The manifest fields infer/generate read have the right types and match the graph's sizes."""
+
+    def bad(what: str) -> ModelFileError:
+        return ModelFileError(f"manifest in {model_dir}: {what} — re-export the folder with edge-rnn")
+
+    last_dim = session.get_outputs()[0].shape[-1]
+    task = manifest.get("task")
+    if task == "classify":
+        pre = manifest.get("preprocessing")
+        image = pre.get("image") if isinstance(pre, dict) else None
+        if not (isinstance(image, dict) and all(isinstance(image.get(k), int) and image[k] > 0 for k in ("height", "width"))):
+            raise bad("preprocessing.image needs positive integer height and width")
+        if not all(isinstance(pre.get(k, 0.0), (int, float)) and np.isfinite(pre.get(k, 0.0)) for k in ("scale", "offset")):
+            raise bad("preprocessing.scale and offset must be numbers")
+        labels = manifest.get("labels")
+        if not (isinstance(labels, list) and labels and all(isinstance(label, str) for label in labels)):
+            raise bad("labels must be a list of strings")
+        if isinstance(last_dim, int) and len(labels) != last_dim:
+            raise bad(f"{len(labels)} labels for a model with {last_dim} outputs")
+    elif task == "generate":
+        vocab = manifest.get("vocab")
+        if not (isinstance(vocab, list) and vocab and all(isinstance(c, str) and len(c) == 1 for c in vocab) and len(set(vocab)) == len(vocab)):
+            raise bad("vocab must be a list of distinct single characters")
+        if isinstance(last_dim, int) and len(vocab) != last_dim:
+            raise bad(f"vocab has {len(vocab)} characters but the model scores {last_dim}")
+        config = manifest.get("config")
+        hidden = config.get("hidden") if isinstance(config, dict) else None
+        h_dim = session.get_inputs()[-1].shape[-1]
+        if not isinstance(hidden, int) or (isinstance(h_dim, int) and h_dim != hidden):
+            raise bad(f"config.hidden must be the model's hidden size ({h_dim})")
+    else:
+        raise bad(f"unknown task {task!r}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -123,11 +165,20 @@ def _npy_pixels(path: Path, *, height: int, width: int) -> npt.NDArray[np.float3
         raise InputError(f"cannot read {path} as a .npy array ({str(exc).splitlines()[0]}) — save it with numpy.save") from exc
     if not isinstance(array, np.ndarray):
         raise InputError(f"{path} is an .npz archive; give one .npy array per file")
+    shape = array.shape
     if array.ndim == 2:
         array = array[None]
     if array.ndim != 3 or array.shape[1:] != (height, width) or array.shape[0] == 0:
-        raise InputError(f"{path} has shape {array.shape}; expected ({height}, {width}) or (N, {height}, {width})")
+        raise InputError(f"{path} has shape {shape}; expected ({height}, {width}) or (N, {height}, {width})")
     return array
+
+
+def preprocess_pixels(images: npt.NDArray[np.uint8], *, preprocessing: dict[str, Any]) -> npt.NDArray[np.float32]:
+    """uint8 pixels (N, H, W) → float32 model input, exactly as the manifest's preprocessing says."""
+    x = images.astype(np.float32) * np.float32(preprocessing["scale"]) + np.float32(preprocessing.get("offset", 0.0))
+    if preprocessing["image"].get("invert"):
+        x = np.float32(1.0) - x
+    return x.astype(np.float32, copy=False)
 
 
 def load_inputs(
@@ -135,7 +186,6 @@ def load_inputs(
 ) -> tuple[npt.NDArray[np.float32], list[str]]:
     """Read PNGs and .npy files → float32 (N, H, W) preprocessed as the manifest says, and a name per row."""
     height, width = preprocessing["image"]["height"], preprocessing["image"]["width"]
-    scale, offset = np.float32(preprocessing["scale"]), np.float32(preprocessing.get("offset", 0.0))
     batches, names = [], []
     for raw in paths:
         path = Path(raw)
@@ -144,7 +194,7 @@ def load_inputs(
         if path.suffix.lower() == ".npy":
             array = _npy_pixels(path, height=height, width=width)
             if array.dtype == np.uint8:
-                x = array.astype(np.float32) * scale + offset
+                x = preprocess_pixels(array, preprocessing=preprocessing)
             elif np.issubdtype(array.dtype, np.floating):
                 if not np.all(np.isfinite(array)) or array.min() < 0.0 or array.max() > 1.0:
                     raise InputError(f"{path}: float arrays must be preprocessed pixels in [0, 1]; save raw pixels as uint8")
@@ -153,9 +203,7 @@ def load_inputs(
                 raise InputError(f"{path} has dtype {array.dtype}; give uint8 pixels or float32 in [0, 1]")
             names += [f"{path.name}[{i}]" for i in range(len(x))] if len(x) > 1 else [path.name]
         elif path.suffix.lower() in IMAGE_SUFFIXES:
-            x = (_image_pixels(path, height=height, width=width).astype(np.float32) * scale + offset)[None]
-            if preprocessing["image"].get("invert"):
-                x = 1.0 - x
+            x = preprocess_pixels(_image_pixels(path, height=height, width=width)[None], preprocessing=preprocessing)
             names.append(path.name)
         else:
             raise InputError(f"{path}: unsupported input type {path.suffix!r}; give .png (or another image) or .npy")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 
 import numpy as np
 from typer.testing import CliRunner
@@ -86,3 +85,14 @@ def test_train_char_rnn_bad_text(tmp_path):
     assert not (tmp_path / "m").exists()
     _one_line_error(run("train", "char-rnn", "--text", tmp_path / "none.txt", "--out", tmp_path / "m"), "no such text file")
     _one_line_error(run("train", "char-rnn", "--out", tmp_path / "empty", "--resume"), "no manifest.json")
+
+
+def test_resume_past_the_target_and_wild_temperatures_are_refused(char_dir, tmp_path):
+    import shutil
+
+    folder = shutil.copytree(char_dir, tmp_path / "c")
+    manifest_before = (folder / "manifest.json").read_text()
+    _one_line_error(run("train", "char-rnn", "--out", folder, "--resume", "--iters", "10"), "already at step 3,000")
+    assert (folder / "manifest.json").read_text() == manifest_before
+    _one_line_error(run("generate", folder / "model.onnx", "--temperature", "1e-320"), "temperature must be between")
+    _one_line_error(run("sample", folder, "--temperature", "inf"), "temperature must be between")

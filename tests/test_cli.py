@@ -158,3 +158,45 @@ def test_train_rejects_bad_data(tmp_path):
     _assert_one_line_error(run("train", "mnist-lstm", "--data", bogus, "--out", tmp_path / "m"), "bogus.npz")
     assert not (tmp_path / "m").exists()
     _assert_one_line_error(run("train", "mnist-lstm", "--data", "nowhere-set", "--out", tmp_path / "m"), "nowhere-set")
+
+
+def test_failed_export_keeps_the_previous_model(mnist_copy):
+    import onnx
+
+    from edge_rnn.errors import EdgeRnnError
+    from edge_rnn.export import _save_validated
+
+    before = (mnist_copy / "model.onnx").read_bytes()
+    model = onnx.load(str(mnist_copy / "model.onnx"))
+    with pytest.raises(EdgeRnnError, match="not saved"):
+        _save_validated(model, mnist_copy / "model.onnx", validate=lambda tmp: 1.0, atol=1e-5, source="a test")
+    assert (mnist_copy / "model.onnx").read_bytes() == before
+    assert not [p for p in mnist_copy.iterdir() if p.name.startswith(".")]
+
+
+def test_error_text_with_brackets_is_printed_verbatim(mnist_dir, tmp_path):
+    odd = tmp_path / "b[red].npy"
+    np.save(odd, np.zeros((3, 28), np.uint8))
+    _assert_one_line_error(run("infer", mnist_dir / "model.onnx", odd), "b[red].npy", "(3, 28)")
+
+
+def test_manifest_with_wrong_fields_is_refused(mnist_copy, digits, tmp_path):
+    png = tmp_path / "d.png"
+    write_png(png, digits.x_test[0])
+    manifest = json.loads((mnist_copy / "manifest.json").read_text())
+    manifest["labels"] = ["zero", "one"]
+    (mnist_copy / "manifest.json").write_text(json.dumps(manifest))
+    _assert_one_line_error(run("infer", mnist_copy / "model.onnx", png), "2 labels for a model with 10 outputs")
+    manifest["schema"] = "2"
+    (mnist_copy / "manifest.json").write_text(json.dumps(manifest))
+    _assert_one_line_error(run("infer", mnist_copy / "model.onnx", png), "'schema' must be an integer")
+
+
+def test_bad_outputs_fail_before_any_work(tmp_path, digits):
+    a_file = tmp_path / "taken"
+    a_file.write_text("not a folder")
+    _assert_one_line_error(run("train", "mnist-lstm", "--data", "sample", "--out", a_file / "m"), "cannot write")
+    one_array = tmp_path / "one.npy"
+    np.save(one_array, digits.x_test[:3])
+    _assert_one_line_error(run("train", "mnist-lstm", "--data", one_array, "--out", tmp_path / "m"), "single array")
+    _assert_one_line_error(run("bench", "--plot", tmp_path / "plot.xyz"), "--plot", ".png")
