@@ -114,6 +114,8 @@ def run_mnist(
     t = time.perf_counter()
     digits = load_digits(data)
     result.warnings += digits.warnings
+    for warning in digits.warnings:
+        on_step("WARNING", warning)  # now, and again under the final table
     check_writable_dir(model_dir)
     on_step("data", f"{digits.source}: {len(digits.y_train)} train, {len(digits.y_test)} held out")
     trained = train(digits, cfg=cfg, on_epoch=on_epoch)
