@@ -51,3 +51,13 @@ def test_blocker_really_blocks():
     proc = subprocess.run([sys.executable, "-c", BLOCKER.replace("from edge_rnn.cli import main", "import tensorflow")],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode != 0 and "not installed on this device" in proc.stderr
+
+
+def test_generate_without_tensorflow(char_dir):
+    proc = subprocess.run(
+        [sys.executable, "-c", BLOCKER, "generate", str(char_dir / "model.int8.onnx"), "--prime", "ROMEO:", "--length", "80", "--seed", "2"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "HEAVY_MODULES=\n" in proc.stderr
+    assert proc.stdout.startswith("ROMEO:") and proc.stdout.endswith("\n") and len(proc.stdout[:-1]) == 86
