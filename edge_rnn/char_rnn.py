@@ -635,8 +635,6 @@ def load_trained(model_dir: str | Path) -> tuple[Checkpoint, dict]:
 
 def text_split(manifest: dict) -> tuple[str, str]:
     """(training part, held-out tail) of the text a char-rnn folder was trained on, as its manifest says."""
-    from .data import load_text
-
     data = manifest.get("data", {})
     source = data.get("source")
     text = load_text(None if source in (None, BUNDLED_TEXT) else source)

@@ -171,7 +171,10 @@ def update_manifest(model_dir: str | os.PathLike[str], **fields: Any) -> dict[st
 def check_writable_dir(folder: str | os.PathLike[str]) -> Path:
     """Create `folder` if needed and prove a file can be written there, before hours of training."""
     folder = Path(folder)
-    with atomic_path(folder / ".edge-rnn-write-test"):
-        pass
-    (folder / ".edge-rnn-write-test").unlink(missing_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        raise EdgeRnnError(f"cannot write in {folder}: {exc.strerror or exc} — choose another output folder") from exc
     return folder
