@@ -5,7 +5,7 @@ Importing the package is cheap and TensorFlow-free; training and export import T
 
 from .errors import DataError, EdgeRnnError, InputError, MissingDependencyError, ModelFileError
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "DataError",

@@ -43,6 +43,7 @@ import numpy as np
 
 from .config import CHAR_RNN_DIRNAME, DEFAULT_OUT, MNIST_DIRNAME
 from .errors import EdgeRnnError, ModelFileError, require
+from .hostinfo import cpu_features, describe
 from .manifest import atomic_path, load_manifest, verified_file
 
 # The issue asks for percentiles over at least this many timed runs (fewer only when asked for fewer).
@@ -534,7 +535,7 @@ def _plan_model(model_dir: Path, cfg: BenchConfig, work: Path, notes: list[str])
 
 
 def machine_info(*, threads: int) -> dict[str, Any]:
-    """CPU model, cores, OS, Python and library versions of this machine."""
+    """CPU model and int8-relevant features, cores, OS, Python and library versions of this machine."""
     cpu = platform.processor() or platform.machine()
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -547,6 +548,7 @@ def machine_info(*, threads: int) -> dict[str, Any]:
             versions[lib] = importlib.metadata.version(lib)
     return {
         "cpu": cpu,
+        "cpu_features": cpu_features(),
         "cores": os.cpu_count(),
         "platform": platform.platform(),
         "python": platform.python_version(),
@@ -758,7 +760,7 @@ def markdown(doc: dict[str, Any]) -> str:
     libs = ", ".join(f"{k} {v}" for k, v in m["libraries"].items())
     batches = [str(b) for b in doc["config"]["batch_sizes"]]
     lines = [
-        f"Machine: {m['cpu']}, {m['cores']} cores, {m['platform']}, Python {m['python']}; {libs}.",
+        f"Machine: {describe(m['cpu_features']) if 'cpu_features' in m else m['cpu']}, {m['platform']}, Python {m['python']}; {libs}.",
         f"Threads {m['threads']}, onnxruntime opt level `{doc['config']['opt_level']}`; latency p50/p90/p99 at batch 1 over "
         f"≥ {min(doc['config']['runs'], MIN_LATENCY_RUNS)} runs after warm-up (at least {doc['config']['runs']} and "
         f"{doc['config']['min_seconds']:g} s unless a row takes over {doc['config']['max_seconds']:g} s; counts in the JSON).",

@@ -23,6 +23,23 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        typer.echo(f"edge-rnn {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True, help="Print the version and exit."),
+) -> None:
+    """Train recurrent networks, export them to ONNX, quantize, run on devices, prove parity, benchmark."""
+
+
 train_app = typer.Typer(help="Train a model.", no_args_is_help=True)
 app.add_typer(train_app, name="train")
 
@@ -269,7 +286,9 @@ def sample_numpy(
 def _bench_tables(report) -> list[Table]:
     """The measurements, the quantization coverage of each variant, and the targets as ratios."""
     m = report.machine
-    rows = Table(title=f"edge-rnn bench — {m['cpu']}, {m['cores']} cores, {m['threads']} thread(s), opt level {report.config['opt_level']}")
+    from .hostinfo import describe
+
+    rows = Table(title=f"edge-rnn bench — {describe(m['cpu_features'])}, {m['threads']} thread(s), opt level {report.config['opt_level']}")
     batches = [str(b) for b in report.config["batch_sizes"]]
     for name in ("model", "variant", "runtime", "size KiB", "load ms", "p50 ms", "p90 ms", "p99 ms",
                  *(f"/s @{b}" for b in batches), "peak MB", "accuracy", "agree fp32"):

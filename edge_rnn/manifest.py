@@ -21,6 +21,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
+from . import __version__
 from .errors import EdgeRnnError, ModelFileError
 
 MANIFEST_NAME = "manifest.json"
@@ -106,6 +107,8 @@ def load_manifest(model_dir: str | os.PathLike[str]) -> dict[str, Any]:
 def save_manifest(model_dir: str | os.PathLike[str], manifest: dict[str, Any]) -> None:
     """Write the manifest atomically."""
     manifest.setdefault("schema", SCHEMA_VERSION)
+    # The edge-rnn that last wrote the folder: a device can tell which release made what it runs.
+    manifest.setdefault("versions", {})["edge-rnn"] = __version__
     atomic_write_json(manifest_path(model_dir), manifest)
 
 

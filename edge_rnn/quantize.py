@@ -29,6 +29,7 @@ import numpy.typing as npt
 
 from .errors import DataError, EdgeRnnError, require
 from .export import op_counts
+from .hostinfo import cpu_features
 from .manifest import atomic_path, load_manifest, record_file, save_manifest, verified_file
 
 # Variant name → (manifest role, file name).
@@ -381,6 +382,8 @@ def quantize(
         record_file(manifest, model_dir, role, name)
         cov = coverage(fp32_model, q_model, variant=variant, runtime_ops=runtime_ops)
         cov["settings"] = settings
+        # int8 kernels (and so the rounding of near-ties) depend on the CPU: record which one made these figures.
+        cov["host"] = cpu_features()
         cov["file_ratio"] = (model_dir / name).stat().st_size / src.stat().st_size
         q_counts = op_counts(q_model)
         manifest.setdefault("graphs", {})[role] = q_counts

@@ -1,4 +1,6 @@
-"""Data loaders on real data: the bundled sample, IDX folders (ours and Debian's Fashion-MNIST), npz, text."""
+"""Data loaders on real data: the bundled sample, IDX folders the tests write (plain and .gz), npz, text.
+
+The check against Debian's full-size Fashion-MNIST files is scripts/check_fashion_mnist.py: the suite needs no system package."""
 
 from __future__ import annotations
 
@@ -8,7 +10,7 @@ import struct
 import numpy as np
 import pytest
 
-from edge_rnn.data import DEBIAN_FASHION_DIR, FASHION_LABELS, load_digits, load_idx_folder, load_npz, load_text, read_idx
+from edge_rnn.data import load_digits, load_idx_folder, load_npz, load_text, read_idx
 from edge_rnn.errors import DataError
 
 
@@ -86,16 +88,6 @@ def test_default_mnist_downloads_or_falls_back_loudly(tmp_path, monkeypatch):
         assert digits.name == "sample" and len(digits.y_train) == 4000
         assert len(digits.warnings) == 1 and "FELL BACK" in digits.warnings[0] and "mnist" in digits.warnings[0]
         assert digits.describe()["warnings"] == digits.warnings
-
-
-def test_full_fashion_mnist_from_debian_package():
-    """Real, full-size Fashion-MNIST as Debian ships it (.ci/run installs dataset-fashion-mnist)."""
-    assert DEBIAN_FASHION_DIR.is_dir(), "apt-get install -y dataset-fashion-mnist (the README's test set-up does)"
-    data = load_digits(str(DEBIAN_FASHION_DIR))
-    assert data.x_train.shape == (60000, 28, 28) and data.x_test.shape == (10000, 28, 28)
-    assert np.bincount(data.y_train).tolist() == [6000] * 10 and np.bincount(data.y_test).tolist() == [1000] * 10
-    assert data.labels == FASHION_LABELS
-    assert 60 < data.x_train.mean() < 90  # clothes cover more of the frame than digits (~33)
 
 
 def test_text_loader(tmp_path):
