@@ -730,6 +730,8 @@ def _note(cls: str, ops: list[str]) -> str:
     from onnxruntime.quantization.registry import IntegerOpsRegistry
 
     if not ops:
+        if cls == "InputLayer":
+            return "graph input"
         return "no ONNX node (identity at inference)" if cls in IDENTITY_LAYERS else "no ONNX node"
     speed = next((SPEED_NOTES[o] for o in ops if o in SPEED_NOTES), "element-wise ops")
     int8 = sorted({o for o in ops if o in WEIGHT_OPS and o in IntegerOpsRegistry})
@@ -812,13 +814,14 @@ def convert(keras_model, *, opset: int = 17, step: bool = False) -> Conversion:
     cv = _Converter(opset=opset, step=step)
     values: dict[int, _Value] = {}
     graph_inputs = []
+    audited: list[tuple[str, str]] = []
     for kt in graph_model.inputs:
+        audited.append((kt._keras_history.operation.name, "InputLayer"))
         name = _sanitise(kt._keras_history.operation.name)
         temporal = _is_temporal_input(kt)
         values[id(kt)] = _Value(name, _onnx_dtype(kt.dtype), tuple(kt.shape), temporal, name)
         graph_inputs.append((name, _onnx_dtype(kt.dtype), _dims(tuple(kt.shape), temporal=temporal, step=step)))
 
-    audited: list[tuple[str, str]] = []
     for depth in sorted(graph_model._nodes_by_depth, reverse=True):
         for node in graph_model._nodes_by_depth[depth]:
             operation = node.operation

@@ -306,6 +306,7 @@ def test_io_masking_and_audit_describe_the_graph():
     assert conv.io["outputs"] == [{"name": model.layers[-1].name, "dtype": "float32", "shape": ["batch", 1]}]
     assert conv.masking == [{"input": "ids", "kind": "mask_zero", "value": 0.0}]
     assert conv.state == []
+    assert [(a.cls, a.onnx_ops) for a in conv.audit[:1]] == [("InputLayer", [])]
     by_layer = {a.layer: a for a in conv.audit}
     bidi = by_layer[model.layers[1].name]
     assert bidi.fused and bidi.onnx_ops.count("LSTM") == 1 and "int8" in bidi.note
