@@ -43,8 +43,8 @@ import numpy as np
 
 from .config import CHAR_RNN_DIRNAME, DEFAULT_OUT, MNIST_DIRNAME
 from .errors import EdgeRnnError, ModelFileError, require
-from .hostinfo import cpu_features, describe
-from .manifest import atomic_path, load_manifest, verified_file
+from .device.hostinfo import cpu_features, describe
+from .device.manifest import atomic_path, load_manifest, verified_file
 
 # The issue asks for percentiles over at least this many timed runs (fewer only when asked for fewer).
 MIN_LATENCY_RUNS = 200
@@ -193,7 +193,7 @@ def _batched(x: np.ndarray, batch: int) -> np.ndarray:
 
 
 def _ort_session(path: str, cfg: BenchConfig):
-    from .runtime import create_session
+    from .device.runtime import create_session
 
     return create_session(path, threads=cfg.threads, opt_level=cfg.opt_level)
 
@@ -684,7 +684,7 @@ def bench(
 
 def write_json(report: BenchReport, *, path: str | os.PathLike[str]) -> None:
     """Write the report as JSON (atomically)."""
-    from .manifest import atomic_write_json
+    from .device.manifest import atomic_write_json
 
     atomic_write_json(path, report.to_json())
 

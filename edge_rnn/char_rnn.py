@@ -28,8 +28,9 @@ import numpy.typing as npt
 
 from .config import CharRnnConfig
 from .data import load_text
+from .device.sampling import StepFn, sample_with
 from .errors import DataError, InputError, ModelFileError
-from .manifest import atomic_path
+from .device.manifest import atomic_path
 
 PARAM_NAMES = ("Wxh", "Whh", "Why", "bh", "by")
 # Adagrad's guard against dividing by zero, as in min-char-rnn.
@@ -42,8 +43,6 @@ EVAL_CHUNK = 8192
 MAX_CODE_POINT = 0x10FFFF
 
 Params = dict[str, npt.NDArray[np.float64]]
-# step(ids int64 (1, T), h float (1, H)) -> (logits float (1, T, V), h float (1, H)).
-StepFn = Callable[[npt.NDArray[np.int64], npt.NDArray[np.floating]], tuple[npt.NDArray[np.floating], npt.NDArray[np.floating]]]
 
 
 def param_shapes(vocab_size: int, *, hidden: int) -> dict[str, tuple[int, int]]:
@@ -449,72 +448,6 @@ def numpy_step(params: Mapping[str, npt.NDArray[np.float64]]) -> StepFn:
     return step
 
 
-def check_prime(prime: str, *, vocab: str) -> None:
-    """Raise InputError if `prime` is empty or has characters outside `vocab`, naming them."""
-    if not prime:
-        raise InputError("the prime text is empty — give at least one character to start from (e.g. --prime 'ROMEO:')")
-    unknown = sorted(set(prime) - set(vocab))
-    if unknown:
-        raise InputError(
-            f"the prime has characters the model never saw: {''.join(unknown)!r} — use only characters from its vocabulary"
-        )
-
-
-# Beyond these, logits / temperature overflows float64 (→ NaN draws) or sampling is uniform noise.
-MIN_TEMPERATURE, MAX_TEMPERATURE = 0.01, 100.0
-
-
-def sample_with(
-    step: StepFn,
-    *,
-    vocab: str,
-    hidden: int,
-    prime: str,
-    length: int,
-    temperature: float = 1.0,
-    seed: int = 0,
-    h0: npt.NDArray[np.floating] | None = None,
-) -> str:
-    """`length` characters continuing `prime`, drawn from softmax(logits / temperature) by any step function.
-
-    The prime is read from `h0` (1, H) — the model folder's start state, see `start_state` — or zeros.
-
-    The draw is computed here in float64 from np.random.default_rng(seed), so the NumPy model and an
-    onnxruntime session (float32 logits) give the same text unless a probability lands within ~1e-6
-    of a sampling boundary.
-    """
-    check_prime(prime, vocab=vocab)
-    if length < 0:
-        raise InputError(f"length must be >= 0, got {length}")
-    if not MIN_TEMPERATURE <= temperature <= MAX_TEMPERATURE:
-        raise InputError(
-            f"temperature must be between {MIN_TEMPERATURE} and {MAX_TEMPERATURE:g}, got {temperature} — try 1.0, or 0.5 for safer text"
-        )
-    rng = np.random.default_rng(seed)
-    index = {ch: i for i, ch in enumerate(vocab)}
-    ids = np.array([[index[ch] for ch in prime]], dtype=np.int64)  # (1, T)
-    h = np.zeros((1, hidden), dtype=np.float32) if h0 is None else np.asarray(h0, dtype=np.float32).reshape(1, hidden)
-    one_char = [np.full((1, 1), i, dtype=np.int64) for i in range(len(vocab))]  # each step's (1, 1) input, made once
-    for array in one_char:
-        array.flags.writeable = False  # shared across steps, so a step function must not change it
-    out = []
-    last = len(vocab) - 1
-    for _ in range(length):
-        logits, h = step(ids, h)
-        if logits.shape[-1] != len(vocab):
-            raise ModelFileError(f"the model scores {logits.shape[-1]} characters but its vocabulary has {len(vocab)}")
-        z = logits[0, -1].astype(np.float64)  # (V,): a fresh float64 copy, worked on in place
-        if temperature != 1.0:  # dividing by 1.0 is exact, so skipping it changes no draw
-            z /= temperature
-        z -= z.max()
-        np.exp(z, out=z)
-        np.cumsum(z, out=z)  # the unnormalised CDF: the draw scales by its last entry instead of dividing
-        nxt = min(int(z.searchsorted(rng.random() * z[-1], side="right")), last)
-        out.append(vocab[nxt])
-        ids = one_char[nxt]
-    return "".join(out)
-
-
 def sample(
     checkpoint: Checkpoint,
     *,
@@ -579,7 +512,7 @@ def save_trained(result: TrainResult, *, out_dir: str | Path, text: str, text_so
     """Write OUT/checkpoint.npz and a fresh OUT/manifest.json (both atomically); return the checkpoint path."""
     import dataclasses
 
-    from .manifest import record_file, save_manifest
+    from .device.manifest import record_file, save_manifest
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -614,20 +547,9 @@ def save_trained(result: TrainResult, *, out_dir: str | Path, text: str, text_so
     return out_dir / CHECKPOINT_FILE
 
 
-def generation_h0(manifest: dict, *, hidden: int) -> npt.NDArray[np.float32]:
-    """The manifest's start state (1, H) for generation, checked; raises ModelFileError if malformed."""
-    try:
-        h0 = np.asarray(manifest["generation"]["h0"], dtype=np.float32).reshape(1, hidden)
-    except (KeyError, TypeError, ValueError) as exc:
-        raise ModelFileError(f"the manifest has no valid generation.h0 of {hidden} numbers — retrain the folder") from exc
-    if not np.all(np.isfinite(h0)):
-        raise ModelFileError("the manifest's generation.h0 holds NaN or Inf — retrain the folder")
-    return h0
-
-
 def load_trained(model_dir: str | Path) -> tuple[Checkpoint, dict]:
     """The checkpoint of a char-rnn folder, verified against its manifest, and the manifest."""
-    from .manifest import load_manifest, verified_file
+    from .device.manifest import load_manifest, verified_file
 
     manifest = load_manifest(model_dir)
     return load_checkpoint(verified_file(manifest, model_dir, "checkpoint")), manifest

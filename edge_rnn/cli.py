@@ -15,7 +15,7 @@ from rich.table import Table
 
 from .config import CHAR_RNN_DIRNAME, DEFAULT_OUT, MNIST_DIRNAME, CharRnnConfig, ExportConfig, LstmConfig
 from .errors import EdgeRnnError
-from .manifest import check_writable_dir
+from .device.manifest import check_writable_dir
 
 app = typer.Typer(
     help="Train recurrent networks, export them to ONNX, quantize, run on devices, prove parity, benchmark.",
@@ -219,7 +219,7 @@ def infer(
 
     Example: edge-rnn infer artifacts/mnist-lstm/model.int8.onnx digit.png batch.npy --top-k 3
     """
-    from .runtime import infer as run_infer
+    from .device.runtime import infer as run_infer
 
     predictions = run_infer(model, inputs, top_k=top_k, threads=threads or None)
     if as_json:
@@ -257,7 +257,7 @@ def generate(
 
     Example: edge-rnn generate artifacts/char-rnn/model.onnx --prime "ROMEO:" --length 300 --seed 1
     """
-    from .runtime import generate as run_generate
+    from .device.runtime import generate as run_generate
 
     text = run_generate(model, prime=prime, length=length, temperature=temperature, seed=seed, threads=threads or None)
     print(prime + text)
@@ -276,7 +276,8 @@ def sample_numpy(
 
     Example: edge-rnn sample artifacts/char-rnn --prime "ROMEO:" --length 300 --seed 1
     """
-    from .char_rnn import generation_h0, load_trained, sample
+    from .char_rnn import load_trained, sample
+    from .device.sampling import generation_h0
 
     checkpoint, manifest = load_trained(model_dir)
     h0 = generation_h0(manifest, hidden=checkpoint.hidden)
@@ -286,7 +287,7 @@ def sample_numpy(
 def _bench_tables(report) -> list[Table]:
     """The measurements, the quantization coverage of each variant, and the targets as ratios."""
     m = report.machine
-    from .hostinfo import describe
+    from .device.hostinfo import describe
 
     rows = Table(title=f"edge-rnn bench — {describe(m['cpu_features'])}, {m['threads']} thread(s), opt level {report.config['opt_level']}")
     batches = [str(b) for b in report.config["batch_sizes"]]

@@ -17,7 +17,7 @@ import numpy as np
 
 from .config import ExportConfig
 from .errors import EdgeRnnError, ModelFileError, require
-from .manifest import atomic_path, load_manifest, record_file, save_manifest, verified_file
+from .device.manifest import atomic_path, load_manifest, record_file, save_manifest, verified_file
 from .tolerances import FP32_LOGIT_ATOL, FP32_PROB_ATOL
 
 ONNX_FILE = "model.onnx"
@@ -62,7 +62,7 @@ def _name_batch_axis(model) -> None:
 def _save_validated(model, path: Path, *, validate: Callable[[Path], float], atol: float, source: str) -> float:
     """check_model(full_check=True), write to a temporary file, compare it with the source model, and only
     then rename it over `path`: a failed export leaves the previous model.onnx as it was."""
-    from .runtime import ORT_ERRORS
+    from .device.runtime import ORT_ERRORS
 
     onnx = require("onnx", "train")
     try:

@@ -15,7 +15,7 @@ import numpy.typing as npt
 from .config import LstmConfig
 from .data import Digits
 from .errors import EdgeRnnError, ModelFileError, require
-from .manifest import atomic_path, load_manifest, record_file, save_manifest
+from .device.manifest import atomic_path, load_manifest, record_file, save_manifest
 
 MODEL_NAME = "mnist-lstm"
 KERAS_FILE = "model.keras"
@@ -47,8 +47,10 @@ def preprocessing_spec(cfg: LstmConfig) -> dict[str, Any]:
     }
 
 
-def build_model(cfg: LstmConfig = LstmConfig()):
-    """Input (batch, 28, 28) float32 → softmax probabilities (batch, 10), compiled as in the notebook."""
+def build_model(cfg: LstmConfig = LstmConfig(), *, train_samples: int = 60_000):
+    """Input (batch, 28, 28) float32 → softmax probabilities (batch, 10), compiled as in the notebook.
+
+    `train_samples` sets the length of a cosine schedule (epochs × steps per epoch)."""
     keras = require("keras", "train")
     keras.utils.set_random_seed(cfg.seed)
     layers = keras.layers
@@ -66,12 +68,19 @@ def build_model(cfg: LstmConfig = LstmConfig()):
         name="mnist_lstm",
     )
     # Keras 2's Adam(decay=1e-5) is lr / (1 + 1e-5 * step): Keras 3 spells it InverseTimeDecay.
-    schedule = keras.optimizers.schedules.InverseTimeDecay(cfg.learning_rate, decay_steps=1, decay_rate=cfg.decay)
+    if cfg.schedule == "cosine":
+        steps = cfg.epochs * -(-train_samples // cfg.batch_size)
+        schedule = keras.optimizers.schedules.CosineDecay(cfg.learning_rate, decay_steps=steps, alpha=0.0)
+    elif cfg.schedule == "inverse-time":
+        schedule = keras.optimizers.schedules.InverseTimeDecay(cfg.learning_rate, decay_steps=1, decay_rate=cfg.decay)
+    else:
+        raise EdgeRnnError(f"unknown learning-rate schedule {cfg.schedule!r}; choose inverse-time or cosine")
     ema = {"use_ema": True, "ema_momentum": cfg.ema_momentum} if cfg.ema_momentum else {}
     model.compile(
         optimizer=keras.optimizers.Adam(learning_rate=schedule, **ema),
         loss="sparse_categorical_crossentropy",
         metrics=["accuracy"],
+        steps_per_execution=cfg.steps_per_execution,
     )
     return model
 
@@ -92,7 +101,7 @@ def train(digits: Digits, *, cfg: LstmConfig = LstmConfig(), on_epoch: EpochCall
     keras = require("keras", "train")
     x_train, x_test = preprocess(digits.x_train), preprocess(digits.x_test)
     y_train, y_test = digits.y_train.astype(np.int64), digits.y_test.astype(np.int64)
-    model = build_model(cfg)
+    model = build_model(cfg, train_samples=len(x_train))
 
     class _Progress(keras.callbacks.Callback):
         def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
@@ -164,7 +173,7 @@ def save_trained(result: TrainResult, digits: Digits, out_dir: str | os.PathLike
 
 def load_keras_model(model_dir: str | os.PathLike[str]):
     """Load DIR/model.keras after verifying it against the manifest."""
-    from .manifest import verified_file
+    from .device.manifest import verified_file
 
     keras = require("keras", "train")
     manifest = load_manifest(model_dir)

@@ -11,9 +11,9 @@ from typing import Any, Callable
 import numpy as np
 
 from .config import CHAR_RNN_DIRNAME, MNIST_DIRNAME, CharRnnConfig, ExportConfig, LstmConfig
-from .manifest import check_writable_dir, update_manifest
-from .parity import ParityReport, compare
-from .tolerances import FP32_PROB_ATOL, QUANT_MAX_ACCURACY_DROP_PP, QUANT_MIN_AGREEMENT
+from .device.manifest import check_writable_dir, update_manifest
+from .device.parity import ParityReport, QuantGate, compare, quant_gate
+from .tolerances import FP32_PROB_ATOL
 
 # Reports progress as (step name, message); the CLI prints it, the library never does.
 StepCallback = Callable[[str, str], None]
@@ -49,10 +49,12 @@ def _size(model_dir: Path, manifest: dict[str, Any], role: str) -> tuple[str, in
     return str(model_dir / entry["path"]), int(entry["bytes"])
 
 
-def check_classifier(model_dir: str | os.PathLike[str], x_test: np.ndarray, y_test: np.ndarray) -> tuple[list[Row], list[ParityReport]]:
+def check_classifier(
+    model_dir: str | os.PathLike[str], x_test: np.ndarray, y_test: np.ndarray
+) -> tuple[list[Row], list[ParityReport], list[QuantGate]]:
     """Keras vs ONNX fp32 (max |Δprob|, argmax), every quantized variant vs fp32; accuracies into the manifest."""
     from .lstm import load_keras_model, preprocess
-    from .runtime import load_model, predict_probs
+    from .device.runtime import load_model, predict_probs
 
     model_dir = Path(model_dir)
     keras_model, manifest = load_keras_model(model_dir)
@@ -70,34 +72,34 @@ def check_classifier(model_dir: str | os.PathLike[str], x_test: np.ndarray, y_te
     rows = [Row(manifest["model"], "keras", *_size(model_dir, manifest, "keras"), "accuracy", accuracy["keras"])]
     rows.append(Row(manifest["model"], "onnx fp32", *_size(model_dir, manifest, "onnx"), "accuracy", accuracy["onnx"],
                     "keras", reports[0].checks[0].max_abs_diff, reports[0].argmax_agreement))
+    gates = []
     for role in roles:
         if role == "onnx":
             continue
-        # Quantized parity is about decisions: argmax agreement with fp32 and the accuracy drop.
+        # Quantized parity is about decisions: agreement where fp32 is sure, and the accuracy drop.
         report = compare({"probs": probs["onnx"]}, {"probs": probs[role]}, atol=1.0, names=("onnx", role), argmax_of="probs")
+        gate = quant_gate(probs["onnx"], probs[role], labels=y_test, candidate=role.replace("onnx_", "onnx "))
         reports.append(report)
+        gates.append(gate)
         metrics[f"{role}_vs_onnx_argmax_agreement"] = report.argmax_agreement
+        metrics[f"{role}_vs_onnx_confident_agreement"] = gate.confident_agreement
+        metrics[f"{role}_vs_onnx_confident_count"] = gate.confident_count
         metrics[f"{role}_vs_onnx_max_abs_prob_diff"] = report.checks[0].max_abs_diff
         rows.append(Row(manifest["model"], role.replace("onnx_", "onnx "), *_size(model_dir, manifest, role), "accuracy",
-                        accuracy[role], "onnx fp32", report.checks[0].max_abs_diff, report.argmax_agreement))
+                        accuracy[role], "onnx fp32", report.checks[0].max_abs_diff, report.argmax_agreement,
+                        f"sure {gate.confident_agreement:.1%} of {gate.confident_count}"))
     update_manifest(model_dir, metrics=metrics)
-    return rows, reports
+    return rows, reports, gates
 
 
-def _gate_classifier(rows: list[Row], reports: list[ParityReport]) -> list[str]:
+def gate_classifier(reports: list[ParityReport], gates: list[QuantGate]) -> list[str]:
     """The parity promises the pipeline checks, all of them, returned as failures (empty = pass)."""
     failures = []
     fp32 = reports[0]
     if not fp32.ok or fp32.argmax_agreement != 1.0:
         failures.append(fp32.summary().replace("\n", ";"))
-    acc = {row.variant: row.metric for row in rows}
-    for report in reports[1:]:
-        variant = report.candidate.replace("onnx_", "onnx ")
-        if report.argmax_agreement < QUANT_MIN_AGREEMENT:
-            failures.append(f"{variant} agrees with fp32 on {report.argmax_agreement:.2%} < {QUANT_MIN_AGREEMENT:.0%}")
-        drop = 100 * (acc["onnx fp32"] - acc[variant])
-        if drop > QUANT_MAX_ACCURACY_DROP_PP:
-            failures.append(f"{variant} loses {drop:.2f} pp accuracy > {QUANT_MAX_ACCURACY_DROP_PP} pp")
+    for gate in gates:
+        failures += gate.failures
     return failures
 
 
@@ -128,16 +130,16 @@ def run_mnist(
     for q in quantize(model_dir, variants=("int8",)):
         on_step("quantize", f"{q.path}: {q.op_counts}")
     result.seconds["mnist export+quantize"] = time.perf_counter() - t
-    rows, reports = check_classifier(model_dir, digits.x_test, digits.y_test)
+    rows, reports, gates = check_classifier(model_dir, digits.x_test, digits.y_test)
     result.rows += rows
     result.parity += reports
-    result.failures += [f"mnist-lstm: {f}" for f in _gate_classifier(rows, reports)]
+    result.failures += [f"mnist-lstm: {f}" for f in gate_classifier(reports, gates)]
     return result
 
 
 def score_onnx(model_path: str | os.PathLike[str], ids: np.ndarray, *, hidden: int, chunk: int = 4096) -> np.ndarray:
     """Logits (T, V) of a char-RNN ONNX model over ids (T,), in chunks with the state carried across."""
-    from .runtime import load_model
+    from .device.runtime import load_model
 
     model = load_model(model_path)
     ids_name, h0_name = [spec["name"] for spec in model.manifest["io"]["inputs"]]
@@ -156,8 +158,9 @@ def check_char_rnn(
 
     Returns the table rows, the parity reports and the failed gates (empty when all hold).
     """
-    from .char_rnn import cross_entropy, encode, forward, generation_h0, heldout_text, load_trained, sample
-    from .runtime import generate
+    from .char_rnn import cross_entropy, encode, forward, heldout_text, load_trained, sample
+    from .device.sampling import generation_h0
+    from .device.runtime import generate
     from .tolerances import FP32_LOGIT_ATOL, LOSS_RTOL
 
     model_dir = Path(model_dir)

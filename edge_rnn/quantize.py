@@ -29,8 +29,8 @@ import numpy.typing as npt
 
 from .errors import DataError, EdgeRnnError, require
 from .export import op_counts
-from .hostinfo import cpu_features
-from .manifest import atomic_path, load_manifest, record_file, save_manifest, verified_file
+from .device.hostinfo import cpu_features
+from .device.manifest import atomic_path, load_manifest, record_file, save_manifest, verified_file
 
 # Variant name → (manifest role, file name).
 VARIANTS: dict[str, tuple[str, str]] = {
@@ -147,7 +147,7 @@ def runtime_op_counts(path: str | os.PathLike[str], *, opt_level: str = "all") -
     import onnxruntime as ort
 
     onnx = require("onnx", "train")
-    from .runtime import session_options
+    from .device.runtime import session_options
 
     with tempfile.TemporaryDirectory() as tmp:
         options = session_options(threads=1, opt_level=opt_level)
@@ -229,7 +229,7 @@ def _digit_images(manifest: dict[str, Any], *, split: str) -> tuple[npt.NDArray[
 
 def classifier_inputs(manifest: dict[str, Any], *, split: str) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
     """The model's own data as preprocessed float32 (N, T, F) inputs and int64 labels (N,); split 'train' or 'heldout'."""
-    from .runtime import preprocess_pixels
+    from .device.runtime import preprocess_pixels
 
     images, labels = _digit_images(manifest, split=split)
     return preprocess_pixels(images, preprocessing=manifest["preprocessing"]), labels.astype(np.int64)

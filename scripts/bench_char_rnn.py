@@ -8,7 +8,7 @@ their ratios (best/best and median/median). Parts:
 
 - training iterations/s: min-char-rnn's lossFun + Adagrad as written vs edge_rnn.char_rnn.train,
   same model size (the CharRnnConfig defaults), same data;
-- generation chars/s: the shared sampler (char_rnn.sample_with) driven by the NumPy model and by
+- generation chars/s: the shared sampler (sampling.sample_with) driven by the NumPy model and by
   runtime.onnx_step over an onnxruntime session (one intra-op thread) of
   edge_rnn.graphs.char_rnn_model, plus the bare step times behind them, whether the texts agree,
   and the ONNX-vs-NumPy logit difference on real text;
@@ -28,6 +28,7 @@ from typing import Callable
 import numpy as np
 
 from edge_rnn import char_rnn
+from edge_rnn.device import sampling
 from edge_rnn.data import load_text
 from edge_rnn.config import CharRnnConfig
 
@@ -122,7 +123,7 @@ def generation(checkpoint: char_rnn.Checkpoint, *, chars: int, rounds: int) -> N
     import onnxruntime as ort
 
     from edge_rnn.graphs import char_rnn_model
-    from edge_rnn.runtime import LoadedModel, onnx_step, session_options
+    from edge_rnn.device.runtime import LoadedModel, onnx_step, session_options
 
     model = char_rnn_model(checkpoint.params, vocab=checkpoint.vocab)
     # One intra-op thread (`edge-rnn generate --threads 1`): at batch 1, time 1 more threads only add wake-ups.
@@ -140,7 +141,7 @@ def generation(checkpoint: char_rnn.Checkpoint, *, chars: int, rounds: int) -> N
     def chars_per_s(name: str) -> Callable[[], float]:
         def run() -> float:
             start = time.perf_counter()
-            texts[name] = char_rnn.sample_with(steps[name], **kwargs)
+            texts[name] = sampling.sample_with(steps[name], **kwargs)
             return chars / (time.perf_counter() - start)
         return run
 
@@ -161,7 +162,7 @@ def generation(checkpoint: char_rnn.Checkpoint, *, chars: int, rounds: int) -> N
                 return result
 
             start = time.perf_counter()
-            char_rnn.sample_with(timed, **kwargs)
+            sampling.sample_with(timed, **kwargs)
             total = time.perf_counter() - start
             split[name][0].append(spent[0] / chars * 1e6)
             split[name][1].append((total - spent[0]) / chars * 1e6)

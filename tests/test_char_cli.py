@@ -7,7 +7,7 @@ import numpy as np
 from typer.testing import CliRunner
 
 from edge_rnn.cli import app
-from edge_rnn.manifest import load_manifest, sha256_file
+from edge_rnn.device.manifest import load_manifest, sha256_file
 
 runner = CliRunner()
 

@@ -10,6 +10,7 @@ import onnxruntime as ort
 import pytest
 
 from edge_rnn import char_rnn
+from edge_rnn.device import sampling
 from edge_rnn.data import load_text
 from edge_rnn.config import CharRnnConfig
 from edge_rnn.graphs import char_rnn_model
@@ -103,8 +104,8 @@ def test_loss_from_onnx_logits_equals_reference_loss(session, checkpoint, ids):
 @pytest.mark.parametrize("temperature", [1.0, 0.6])
 def test_same_seed_generates_the_same_text(session, checkpoint, temperature):
     kwargs = dict(vocab=checkpoint.vocab, hidden=HIDDEN, prime="ROMEO:", length=300, temperature=temperature, seed=42)
-    numpy_text = char_rnn.sample_with(char_rnn.numpy_step(checkpoint.params), **kwargs)
-    onnx_text = char_rnn.sample_with(onnx_step(session), **kwargs)
+    numpy_text = sampling.sample_with(char_rnn.numpy_step(checkpoint.params), **kwargs)
+    onnx_text = sampling.sample_with(onnx_step(session), **kwargs)
     assert onnx_text == numpy_text
     assert numpy_text == char_rnn.sample(checkpoint, prime="ROMEO:", length=300, temperature=temperature, seed=42)
 
@@ -112,7 +113,7 @@ def test_same_seed_generates_the_same_text(session, checkpoint, temperature):
 def test_runtime_step_matches_session_run(session, ids):
     from pathlib import Path
 
-    from edge_rnn.runtime import LoadedModel, onnx_step
+    from edge_rnn.device.runtime import LoadedModel, onnx_step
 
     step = onnx_step(LoadedModel(Path("char_rnn.onnx"), Path("."), "model", {}, session))
     h = np.zeros((1, HIDDEN), np.float32)

@@ -9,7 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from edge_rnn.cli import app
-from edge_rnn.manifest import load_manifest
+from edge_rnn.device.manifest import load_manifest
 from conftest import write_png
 
 runner = CliRunner()

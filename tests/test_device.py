@@ -61,3 +61,50 @@ def test_generate_without_tensorflow(char_dir):
     assert proc.returncode == 0, proc.stderr
     assert "HEAVY_MODULES=\n" in proc.stderr
     assert proc.stdout.startswith("ROMEO:") and proc.stdout.endswith("\n") and len(proc.stdout[:-1]) == 86
+
+
+# What device modules may import from inside the package: each other, the error types, the named
+# tolerances and the version. Everything else in edge_rnn is the workstation side.
+DEVICE_MAY_IMPORT = {"edge_rnn", "edge_rnn.errors", "edge_rnn.tolerances"}
+DEVICE_THIRD_PARTY = {"numpy", "onnxruntime", "PIL"}
+
+
+def _imports(path) -> set[str]:
+    """Absolute names of every module a source file imports, at any depth (function-level imports too)."""
+    import ast
+
+    package = "edge_rnn.device"
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                names.add(f"{base}.{node.module}" if node.module else base)
+            else:
+                names.add(node.module)
+    return names
+
+
+def test_device_modules_import_nothing_from_the_training_side():
+    from pathlib import Path
+
+    import edge_rnn.device
+
+    folder = Path(edge_rnn.device.__file__).parent
+    files = sorted(folder.glob("*.py"))
+    assert len(files) >= 6
+    for path in files:
+        for name in _imports(path):
+            top = name.split(".")[0]
+            if top == "edge_rnn":
+                assert name.startswith("edge_rnn.device") or name in DEVICE_MAY_IMPORT, f"{path.name} imports {name}"
+            else:
+                assert top in DEVICE_THIRD_PARTY or top in sys.stdlib_module_names or top == "__future__", f"{path.name} imports {name}"
+
+
+def test_the_boundary_check_sees_a_forbidden_import(tmp_path):
+    bad = tmp_path / "bad.py"
+    bad.write_text("def f():\n    from ..lstm import train\n    import tensorflow\n", encoding="utf-8")
+    assert {"edge_rnn.lstm", "tensorflow"} <= _imports(bad)

@@ -10,9 +10,10 @@ import pytest
 
 from edge_rnn.export import op_counts
 from edge_rnn.lstm import load_keras_model, preprocess
-from edge_rnn.manifest import load_manifest, sha256_file
-from edge_rnn.runtime import load_model, predict_probs
-from edge_rnn.tolerances import FP32_PROB_ATOL, QUANT_MAX_ACCURACY_DROP_PP, QUANT_MIN_AGREEMENT
+from edge_rnn.device.manifest import load_manifest, sha256_file
+from edge_rnn.device.runtime import load_model, predict_probs
+from edge_rnn.device.parity import quant_gate
+from edge_rnn.tolerances import FP32_PROB_ATOL
 
 
 @pytest.fixture(scope="module")
@@ -38,14 +39,41 @@ def test_keras_vs_onnx_fp32_parity(probs, digits):
     assert np.array_equal(probs["onnx"].argmax(1), probs["keras"].argmax(1))
 
 
-def test_int8_agrees_with_fp32(probs, digits):
-    agreement = np.mean(probs["int8"].argmax(1) == probs["onnx"].argmax(1))
-    assert agreement >= QUANT_MIN_AGREEMENT
-    acc_fp32 = np.mean(probs["onnx"].argmax(1) == digits.y_test)
-    acc_int8 = np.mean(probs["int8"].argmax(1) == digits.y_test)
-    assert 100 * (acc_fp32 - acc_int8) <= QUANT_MAX_ACCURACY_DROP_PP
+def test_int8_keeps_the_quantization_promise(probs, digits):
+    gate = quant_gate(probs["onnx"], probs["int8"], labels=digits.y_test)
+    assert gate.ok, gate.failures
+    # Enough of the held-out digits are ones fp32 is sure of for the promise to mean something.
+    assert gate.confident_count >= 0.7 * len(digits.y_test)
     # Quantization really changed the numbers (it is not the fp32 model twice).
     assert np.max(np.abs(probs["int8"] - probs["onnx"])) > 1e-6
+
+
+def _damage_scale(src, dst, *, factor: float, which: str) -> str:
+    """Copy an int8 model with one weight scale multiplied by `factor` (a broken quantizer); return its name."""
+    from onnx import numpy_helper
+
+    model = onnx.load(str(src))
+    scales = [t for t in model.graph.initializer if "scale" in t.name and which in t.name]
+    assert scales, [t.name for t in model.graph.initializer]
+    target = scales[0]
+    target.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(target) * np.float32(factor), target.name))
+    onnx.save(model, str(dst))
+    return target.name
+
+
+@pytest.mark.parametrize("which", ["W_scale", "R_scale"])
+def test_the_int8_gate_fails_on_a_damaged_model(probs, digits, mnist_dir, tmp_path, which):
+    """The promise above is not vacuous: one LSTM weight tensor's scale ×4 must break it on any host."""
+    damaged = tmp_path / "damaged.onnx"
+    name = _damage_scale(mnist_dir / "model.int8.onnx", damaged, factor=4.0, which=which)
+    from edge_rnn.device.runtime import create_session
+
+    session = create_session(damaged)
+    x = preprocess(digits.x_test)
+    broken = np.concatenate([session.run(None, {"input": x[i : i + 256]})[0] for i in range(0, len(x), 256)])
+    gate = quant_gate(probs["onnx"], broken, labels=digits.y_test, candidate=f"int8 with {name} ×4")
+    assert not gate.ok, f"{name} ×4 still passes: {gate}"
+    assert any("sure of" in f for f in gate.failures) and any("pp accuracy" in f for f in gate.failures)
 
 
 def test_graphs_hold_fused_lstm_ops(mnist_dir):
@@ -104,3 +132,19 @@ def test_training_is_reproducible(digits):
     b = train(small, cfg=cfg).model.get_weights()
     for wa, wb in zip(a, b):
         np.testing.assert_array_equal(wa, wb)
+
+
+def test_pipeline_gate_fails_on_a_damaged_int8_file(mnist_copy, digits):
+    """The pipeline's own gate (what makes `edge-rnn pipeline` exit 1) on a folder whose int8 file is broken."""
+    from edge_rnn.device.manifest import load_manifest, record_file, save_manifest
+    from edge_rnn.pipeline import check_classifier, gate_classifier
+
+    rows, reports, gates = check_classifier(mnist_copy, digits.x_test, digits.y_test)
+    assert gate_classifier(reports, gates) == []
+    _damage_scale(mnist_copy / "model.int8.onnx", mnist_copy / "model.int8.onnx", factor=4.0, which="W_scale")
+    manifest = load_manifest(mnist_copy)
+    record_file(manifest, mnist_copy, "onnx_int8", "model.int8.onnx")
+    save_manifest(mnist_copy, manifest)
+    rows, reports, gates = check_classifier(mnist_copy, digits.x_test, digits.y_test)
+    failures = gate_classifier(reports, gates)
+    assert failures and all(f.startswith("onnx int8") for f in failures), failures

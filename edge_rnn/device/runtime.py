@@ -17,7 +17,7 @@ import numpy.typing as npt
 import onnxruntime as ort
 from onnxruntime.capi import onnxruntime_pybind11_state as _ort_state
 
-from .errors import InputError, ModelFileError
+from ..errors import InputError, ModelFileError
 from .manifest import load_manifest, role_of, verified_file
 
 # Every error onnxruntime raises derives straight from Exception; these are the ones it defines.
@@ -308,7 +308,7 @@ def generate(
     threads: int | None = None,
 ) -> str:
     """Sample `length` characters after `prime` with the ONNX char RNN; same seed → same text as NumPy."""
-    from .char_rnn import generation_h0, sample_with
+    from .sampling import generation_h0, sample_with
 
     model = load_model(model_path, threads=threads)
     if model.manifest.get("task") != "generate":

@@ -21,8 +21,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
-from . import __version__
-from .errors import EdgeRnnError, ModelFileError
+from .. import __version__
+from ..errors import EdgeRnnError, ModelFileError
 
 MANIFEST_NAME = "manifest.json"
 SCHEMA_VERSION = 1
