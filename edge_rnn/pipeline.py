@@ -49,6 +49,11 @@ def _size(model_dir: Path, manifest: dict[str, Any], role: str) -> tuple[str, in
     return str(model_dir / entry["path"]), int(entry["bytes"])
 
 
+def _whole_sequence_role(role: str) -> bool:
+    """ONNX files that take whole sequences (step models are checked step by step where they are made)."""
+    return role.startswith("onnx") and not role.startswith("onnx_step")
+
+
 def check_classifier(
     model_dir: str | os.PathLike[str], x_test: np.ndarray, y_test: np.ndarray
 ) -> tuple[list[Row], list[ParityReport], list[QuantGate]]:
@@ -60,7 +65,7 @@ def check_classifier(
     keras_model, manifest = load_keras_model(model_dir)
     x = preprocess(x_test)
     probs = {"keras": keras_model.predict(x, batch_size=256, verbose=0)}
-    roles = [r for r in manifest["files"] if r.startswith("onnx")]
+    roles = [r for r in manifest["files"] if _whole_sequence_role(r)]
     for role in roles:
         probs[role] = predict_probs(load_model(_size(model_dir, manifest, role)[0]), x)
     accuracy = {name: float(np.mean(p.argmax(1) == y_test)) for name, p in probs.items()}
@@ -84,6 +89,7 @@ def check_classifier(
         metrics[f"{role}_vs_onnx_argmax_agreement"] = report.argmax_agreement
         metrics[f"{role}_vs_onnx_confident_agreement"] = gate.confident_agreement
         metrics[f"{role}_vs_onnx_confident_count"] = gate.confident_count
+        metrics[f"{role}_vs_onnx_mean_max_abs_prob_diff"] = gate.mean_max_abs_diff
         metrics[f"{role}_vs_onnx_max_abs_prob_diff"] = report.checks[0].max_abs_diff
         rows.append(Row(manifest["model"], role.replace("onnx_", "onnx "), *_size(model_dir, manifest, role), "accuracy",
                         accuracy[role], "onnx fp32", report.checks[0].max_abs_diff, report.argmax_agreement,
@@ -161,7 +167,7 @@ def check_char_rnn(
     from .char_rnn import cross_entropy, encode, forward, heldout_text, load_trained, sample
     from .device.sampling import generation_h0
     from .device.runtime import generate
-    from .tolerances import FP32_LOGIT_ATOL, LOSS_RTOL
+    from .tolerances import FP32_LOGIT_ATOL, LOSS_RTOL, QUANT_MAX_NATS_INCREASE
 
     model_dir = Path(model_dir)
     ckpt, manifest = load_trained(model_dir)
@@ -169,12 +175,13 @@ def check_char_rnn(
     inputs, targets = ids[:-1], ids[1:]
     reference, _ = forward(ckpt.params, ids=inputs, h_prev=np.zeros((ckpt.hidden, 1)))
     logits = {role: score_onnx(_size(model_dir, manifest, role)[0], inputs, hidden=ckpt.hidden)
-              for role in manifest["files"] if role.startswith("onnx")}
+              for role in manifest["files"] if _whole_sequence_role(role)}
     # cross_entropy sums over characters; the table and manifest report nats per character.
     nats = {"numpy": cross_entropy(reference, targets=targets) / len(targets)}
     nats.update({role: cross_entropy(l, targets=targets) / len(targets) for role, l in logits.items()})
     report = compare({"logits": reference}, {"logits": logits["onnx"]}, atol=FP32_LOGIT_ATOL, names=("numpy", "onnx"), argmax_of="logits")
     reports = [report]
+    failures = [] if report.ok else [report.summary().replace("\n", ";")]
     prime = "".join(ckpt.vocab[i] for i in inputs[:8])
     text_numpy = sample(ckpt, prime=prime, length=300, seed=seed, h0=generation_h0(manifest, hidden=ckpt.hidden))
     text_onnx = generate(model_dir / manifest["files"]["onnx"]["path"], prime=prime, length=300, seed=seed)
@@ -194,11 +201,13 @@ def check_char_rnn(
             continue
         q = compare({"logits": logits["onnx"]}, {"logits": logits[role]}, atol=float("inf"), names=("onnx", role), argmax_of="logits")
         reports.append(q)
+        if nats[role] - nats["onnx"] > QUANT_MAX_NATS_INCREASE:
+            failures.append(f"{role.replace('onnx_', 'onnx ')} scores {nats[role]:.4f} nats/char, "
+                            f"{nats[role] - nats['onnx']:.4f} above fp32's > {QUANT_MAX_NATS_INCREASE:g}")
         metrics[f"{role}_vs_onnx_top1_agreement"] = q.argmax_agreement
         rows.append(Row(manifest["model"], role.replace("onnx_", "onnx "), *_size(model_dir, manifest, role), "nats/char", nats[role],
                         "onnx fp32", q.checks[0].max_abs_diff, q.argmax_agreement))
     update_manifest(model_dir, metrics=metrics)
-    failures = [] if report.ok else [report.summary().replace("\n", ";")]
     if loss_rel > LOSS_RTOL:
         failures.append(f"ONNX loss {nats['onnx']:.6f} vs NumPy {nats['numpy']:.6f}: relative {loss_rel:.1e} > {LOSS_RTOL:g}")
     if text_numpy != text_onnx:

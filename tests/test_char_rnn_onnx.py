@@ -145,3 +145,29 @@ def test_output_projection_is_quantizable(model, tmp_path):
     ops = Counter(node.op_type for node in onnx.load(dst).graph.node)
     assert ops["MatMul"] == 0 and (ops["MatMulInteger"] + ops["DynamicQuantizeMatMul"]) == 1
     assert ops["RNN"] == 1
+
+
+def test_char_int8_gate_fails_on_a_damaged_projection(char_dir, tmp_path):
+    """The pipeline's nats/char promise for quantized char RNNs holds for the real int8 file and fails when
+    the output projection's weight scale is ×4 (a broken quantizer)."""
+    import shutil
+
+    import onnx
+    from onnx import numpy_helper
+
+    from edge_rnn.device.manifest import load_manifest, record_file, save_manifest
+    from edge_rnn.pipeline import check_char_rnn
+
+    folder = shutil.copytree(char_dir, tmp_path / "char")
+    _, _, failures = check_char_rnn(folder, max_chars=3000)
+    assert failures == []
+    model = onnx.load(str(folder / "model.int8.onnx"))
+    inits = {t.name: t for t in model.graph.initializer}
+    scale = next(i for n in model.graph.node if n.op_type == "Mul" for i in n.input if i in inits and "scale" in i)
+    inits[scale].CopyFrom(numpy_helper.from_array(numpy_helper.to_array(inits[scale]) * np.float32(4.0), scale))
+    onnx.save(model, str(folder / "model.int8.onnx"))
+    manifest = load_manifest(folder)
+    record_file(manifest, folder, "onnx_int8", "model.int8.onnx")
+    save_manifest(folder, manifest)
+    _, _, failures = check_char_rnn(folder, max_chars=3000)
+    assert len(failures) == 1 and "onnx int8" in failures[0] and "nats/char" in failures[0], failures

@@ -77,6 +77,7 @@ class QuantGate:
     confident_count: int
     margin: float
     accuracy_drop_pp: float | None  # fp32 accuracy − quantized accuracy, percentage points (None without labels)
+    mean_max_abs_diff: float  # mean over inputs of max |Δprob|
     failures: list[str] = field(default_factory=list)
 
     @property
@@ -95,7 +96,12 @@ def quant_gate(
 
     The promises and why they hold on every host are in tolerances.py (QUANT_*).
     """
-    from ..tolerances import QUANT_CONFIDENT_MARGIN, QUANT_MAX_ACCURACY_DROP_PP, QUANT_MIN_CONFIDENT_AGREEMENT
+    from ..tolerances import (
+        QUANT_CONFIDENT_MARGIN,
+        QUANT_MAX_ACCURACY_DROP_PP,
+        QUANT_MAX_MEAN_PROB_DIFF,
+        QUANT_MIN_CONFIDENT_AGREEMENT,
+    )
 
     fp32_probs, quant_probs = np.asarray(fp32_probs), np.asarray(quant_probs)
     if fp32_probs.shape != quant_probs.shape or fp32_probs.ndim != 2 or len(fp32_probs) == 0:
@@ -112,11 +118,17 @@ def quant_gate(
         accuracy_drop_pp=None
         if labels is None
         else 100.0 * float(np.mean(fp32_probs.argmax(1) == labels) - np.mean(quant_probs.argmax(1) == labels)),
+        mean_max_abs_diff=float(np.mean(np.max(np.abs(fp32_probs.astype(np.float64) - quant_probs), axis=1))),
     )
     if gate.confident_agreement < QUANT_MIN_CONFIDENT_AGREEMENT:
         gate.failures.append(
             f"{candidate} agrees with fp32 on {gate.confident_agreement:.2%} of the {gate.confident_count} inputs fp32 is sure of "
             f"(top-1 ahead by ≥ {QUANT_CONFIDENT_MARGIN:g}) < {QUANT_MIN_CONFIDENT_AGREEMENT:.1%}"
+        )
+    if gate.mean_max_abs_diff > QUANT_MAX_MEAN_PROB_DIFF:
+        gate.failures.append(
+            f"{candidate}'s probabilities differ from fp32's by {gate.mean_max_abs_diff:.3f} on average (max |Δ| per input) "
+            f"> {QUANT_MAX_MEAN_PROB_DIFF:g}"
         )
     if gate.accuracy_drop_pp is not None and gate.accuracy_drop_pp > QUANT_MAX_ACCURACY_DROP_PP:
         gate.failures.append(f"{candidate} loses {gate.accuracy_drop_pp:.2f} pp accuracy > {QUANT_MAX_ACCURACY_DROP_PP:g} pp")
