@@ -210,37 +210,48 @@ def quantize(
 @clean_errors
 def infer(
     model: Path = typer.Argument(..., help="MODEL.onnx with its manifest.json beside it."),
-    inputs: List[Path] = typer.Argument(..., help="28×28 images (PNG, grey or RGB) or .npy arrays (one image or a batch)."),
-    top_k: int = typer.Option(1, "--top-k", min=1, help="How many labels to show per input."),
+    inputs: Optional[List[Path]] = typer.Argument(
+        None, help="Images (PNG, grey or RGB) or .npy arrays for image models; one .npy for a one-input model."
+    ),
+    named: List[str] = typer.Option([], "--input", help="NAME=FILE.npy for each input of a model with several; repeat it."),
+    top_k: int = typer.Option(1, "--top-k", min=1, help="How many labels to show per input (models with labels)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
     threads: int = typer.Option(0, min=0, max=256, help="onnxruntime intra-op threads (0 = onnxruntime's default)."),
 ) -> None:
-    """Classify images with an exported model on onnxruntime (no TensorFlow needed).
+    """Run an exported model on onnxruntime (no TensorFlow needed): every output, labels where the model has them.
 
     Example: edge-rnn infer artifacts/mnist-lstm/model.int8.onnx digit.png batch.npy --top-k 3
     """
     from .device.runtime import infer as run_infer
 
-    predictions = run_infer(model, inputs, top_k=top_k, threads=threads or None)
+    result = run_infer(model, inputs or [], named=named, top_k=top_k, threads=threads or None)
     if as_json:
         rows = [
             {"input": p.input, "label": p.label, "probability": p.probability, "top": [{"label": l, "probability": q} for l, q in p.top]}
-            for p in predictions
+            for p in result.predictions
         ]
-        print(json.dumps({"model": str(model), "predictions": rows}, indent=2))
+        payload = {"model": str(model), "predictions": rows}
+        if result.outputs:
+            payload["outputs"] = {name: y.tolist() for name, y in result.outputs.items()}
+        print(json.dumps(payload, indent=2))
         return
-    table = Table()
-    table.add_column("input")
-    table.add_column("label", justify="right")
-    table.add_column("probability", justify="right")
-    if top_k > 1:
-        table.add_column(f"top {top_k}")
-    for p in predictions:
-        row = [p.input, p.label, f"{p.probability:.4f}"]
+    if result.predictions:
+        table = Table()
+        table.add_column("input")
+        table.add_column("label", justify="right")
+        table.add_column("probability", justify="right")
         if top_k > 1:
-            row.append("  ".join(f"{l}:{q:.3f}" for l, q in p.top))
-        table.add_row(*row)
-    out.print(table)
+            table.add_column(f"top {top_k}")
+        for p in result.predictions:
+            row = [p.input, p.label, f"{p.probability:.4f}"]
+            if top_k > 1:
+                row.append("  ".join(f"{l}:{q:.3f}" for l, q in p.top))
+            table.add_row(*row)
+        out.print(table)
+    for name, y in result.outputs.items():
+        out.print(f"{name} {tuple(y.shape)}:", highlight=False)
+        for row, values in zip(result.rows, y):
+            out.print(f"  {row}: {json.dumps(values.round(4).tolist())}", highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -261,6 +272,29 @@ def generate(
 
     text = run_generate(model, prime=prime, length=length, temperature=temperature, seed=seed, threads=threads or None)
     print(prime + text)
+
+
+@app.command()
+@clean_errors
+def stream(
+    model: Path = typer.Argument(..., help="A step model (MODEL.step.onnx, or the char RNN's model.onnx) with its manifest.json beside it."),
+    inputs: List[str] = typer.Option(
+        [], "--input",
+        help="FILE.npy holding one sequence, (T, …) or (1, T, …), or NAME=FILE.npy per input. Without it: JSON rows from stdin, one step per line.",
+    ),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", min=1, help="Stop after this many steps."),
+    threads: int = typer.Option(1, min=0, max=256, help="onnxruntime intra-op threads (0 = onnxruntime's default)."),
+) -> None:
+    """Feed a sequence one time step at a time, carrying the recurrent state; print each step's outputs as a JSON line.
+
+    Example: edge-rnn stream models/sensor/model.step.onnx --input window.npy --max-steps 100
+    """
+    from .device.runtime import stream as run_stream
+
+    steps = run_stream(model, inputs=inputs, lines=None if inputs else sys.stdin, max_steps=max_steps, threads=threads or None)
+    for t, outputs in enumerate(steps):
+        # Batch 1: each output without its batch axis. Flushed line by line: this is the device loop.
+        print(json.dumps({"step": t, "outputs": {name: y[0].tolist() for name, y in outputs.items()}}), flush=True)
 
 
 @app.command("sample")

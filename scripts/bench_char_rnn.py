@@ -128,7 +128,11 @@ def generation(checkpoint: char_rnn.Checkpoint, *, chars: int, rounds: int) -> N
     model = char_rnn_model(checkpoint.params, vocab=checkpoint.vocab)
     # One intra-op thread (`edge-rnn generate --threads 1`): at batch 1, time 1 more threads only add wake-ups.
     session = ort.InferenceSession(model.SerializeToString(), session_options(threads=1), providers=["CPUExecutionProvider"])
-    loaded = LoadedModel(Path("char_rnn.onnx"), Path("."), "model", {}, session)
+    hidden, vocab_size = checkpoint.hidden, len(checkpoint.vocab)
+    state = [{"layer": "rnn", "name": "h", "input": "h0", "output": "h", "dtype": "float32", "shape": ["batch", hidden]}]
+    io = {"inputs": [{"name": "ids", "dtype": "int64", "shape": ["batch", 1]}, {"name": "h0", "dtype": "float32", "shape": ["batch", hidden]}],
+          "outputs": [{"name": "logits", "dtype": "float32", "shape": ["batch", 1, vocab_size]}, {"name": "h", "dtype": "float32", "shape": ["batch", hidden]}]}
+    loaded = LoadedModel(Path("char_rnn.onnx"), Path("."), "model", {}, session, io, state)
 
     def session_run_step(ids, h):  # the plain session.run path, for comparison
         logits, h_next = session.run(None, {"ids": ids, "h0": h})

@@ -115,7 +115,11 @@ def test_runtime_step_matches_session_run(session, ids):
 
     from edge_rnn.device.runtime import LoadedModel, onnx_step
 
-    step = onnx_step(LoadedModel(Path("char_rnn.onnx"), Path("."), "model", {}, session))
+    vocab_size = session.get_outputs()[0].shape[-1]
+    state = [{"layer": "rnn", "name": "h", "input": "h0", "output": "h", "dtype": "float32", "shape": ["batch", HIDDEN]}]
+    io = {"inputs": [{"name": "ids", "dtype": "int64", "shape": ["batch", 1]}, {"name": "h0", "dtype": "float32", "shape": ["batch", HIDDEN]}],
+          "outputs": [{"name": "logits", "dtype": "float32", "shape": ["batch", 1, vocab_size]}, {"name": "h", "dtype": "float32", "shape": ["batch", HIDDEN]}]}
+    step = onnx_step(LoadedModel(Path("char_rnn.onnx"), Path("."), "model", {}, session, io, state))
     h = np.zeros((1, HIDDEN), np.float32)
     kept = []
     for i in ids[:50]:  # one char at a time: the preallocated IOBinding path

@@ -35,7 +35,7 @@ def _commands(typer_app, prefix=()):
 
 def test_every_command_has_help_with_an_example():
     commands = list(_commands(app))
-    assert {("train", "mnist-lstm"), ("export",), ("quantize",), ("infer",), ("pipeline",)} <= set(commands)
+    assert {("train", "mnist-lstm"), ("export",), ("quantize",), ("infer",), ("stream",), ("generate",), ("pipeline",)} <= set(commands)
     for path in commands:
         result = run(*path, "--help")
         assert result.exit_code == 0, path

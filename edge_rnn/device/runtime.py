@@ -1,299 +1,244 @@
-"""Run exported models with onnxruntime: sessions, input checks, infer, generate.
+"""Run exported models with onnxruntime: infer (any model), stream (step models), generate (char RNN).
 
 Device path: imports numpy, onnxruntime, Pillow (for images) and this package's device modules only —
-never tensorflow, tf2onnx or onnx.
+never tensorflow, tf2onnx or onnx. Sessions live in session.py, input readers in inputs.py, the state
+machinery in stepper.py; the names other modules import from here are re-exported.
 """
 
 from __future__ import annotations
 
 import os
-import zipfile
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import numpy.typing as npt
-import onnxruntime as ort
-from onnxruntime.capi import onnxruntime_pybind11_state as _ort_state
 
-from ..errors import InputError, ModelFileError
-from .manifest import load_manifest, role_of, verified_file
-
-# Every error onnxruntime raises derives straight from Exception; these are the ones it defines.
-ORT_ERRORS = tuple(
-    value for value in vars(_ort_state).values() if isinstance(value, type) and issubclass(value, Exception)
+from ..errors import InputError
+from .inputs import (
+    MASKS, ORT_DTYPES, check_post_padded, convert_array, json_rows, load_images, parse_input_specs, preprocess_pixels, read_feeds,
+    read_npy,
 )
-# .npy inputs bigger than this are refused before loading (a batch of 28×28 float32 digits is ~3 KB each).
-MAX_NPY_BYTES = 512 * 1024 * 1024
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".pgm", ".tif", ".tiff", ".webp")
+from .sampling import StepFn
+from .session import ORT_ERRORS, LoadedModel, create_session, load_model, require_command, session_options
+from .stepper import TIME_DIM, Stepper
+
+__all__ = [
+    "ORT_ERRORS", "LoadedModel", "Prediction", "Inference", "Stepper", "create_session", "generate", "infer",
+    "load_images", "load_model", "onnx_step", "predict_probs", "preprocess_pixels", "session_options", "stream",
+]
+
+# Rows per session.run call in `infer`: bounds the activations' memory for big .npy batches.
+INFER_BATCH = 256
 
 
-def session_options(*, threads: int | None = None, opt_level: str = "all") -> ort.SessionOptions:
-    """SessionOptions for latency on small devices: sequential execution, `threads` intra-op threads."""
-    options = ort.SessionOptions()
-    options.graph_optimization_level = {
-        "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-    }[opt_level]
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    if threads:
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-    return options
-
-
-def create_session(path: str | os.PathLike[str], *, threads: int | None = None, opt_level: str = "all") -> ort.InferenceSession:
-    """An onnxruntime CPU session; a broken file becomes ModelFileError."""
-    try:
-        return ort.InferenceSession(
-            str(path), sess_options=session_options(threads=threads, opt_level=opt_level), providers=["CPUExecutionProvider"]
-        )
-    except ORT_ERRORS as exc:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise ModelFileError(f"onnxruntime cannot load {path}: {first} — re-export it") from exc
-
-
-@dataclass
-class LoadedModel:
-    """A verified model file, its folder's manifest and an onnxruntime session."""
-
-    path: Path
-    model_dir: Path
-    role: str
-    manifest: dict[str, Any]
-    session: ort.InferenceSession
-
-    def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        try:
-            return self.session.run(None, feeds)
-        except ORT_ERRORS as exc:
-            raise InputError(f"{self.path.name} rejected the input: {str(exc).splitlines()[0]}") from exc
-
-
-def load_model(model_path: str | os.PathLike[str], *, threads: int | None = None, opt_level: str = "all") -> LoadedModel:
-    """Load MODEL.onnx after verifying it against the manifest beside it (sha256, size, I/O names)."""
-    path = Path(model_path)
-    if not path.is_file():
-        raise ModelFileError(f"no model file {path} — run `edge-rnn export` (and `edge-rnn quantize`) first")
-    model_dir = path.parent
-    manifest = load_manifest(model_dir)
-    role = role_of(manifest, model_dir, path)
-    verified_file(manifest, model_dir, role)
-    io = manifest.get("io")
-    specs_ok = isinstance(io, dict) and all(
-        isinstance(io.get(side), list) and all(isinstance(spec, dict) and isinstance(spec.get("name"), str) for spec in io[side])
-        for side in ("inputs", "outputs")
-    )
-    if not specs_ok:
-        raise ModelFileError(f"manifest in {model_dir}: 'io' must list inputs and outputs with names — re-export the folder")
-    session = create_session(path, threads=threads, opt_level=opt_level)
-    expected = ([s["name"] for s in io["inputs"]], [s["name"] for s in io["outputs"]])
-    actual = ([i.name for i in session.get_inputs()], [o.name for o in session.get_outputs()])
-    if expected != actual:
-        raise ModelFileError(f"{path} has inputs/outputs {actual}, the manifest says {expected} — re-export it")
-    _check_task_fields(manifest, session, model_dir)
-    return LoadedModel(path, model_dir, role, manifest, session)
-
-
-def _check_task_fields(manifest: dict[str, Any], session: ort.InferenceSession, model_dir: Path) -> None:
-    """The manifest fields infer/generate read have the right types and match the graph's sizes."""
-
-    def bad(what: str) -> ModelFileError:
-        return ModelFileError(f"manifest in {model_dir}: {what} — re-export the folder with edge-rnn")
-
-    last_dim = session.get_outputs()[0].shape[-1]
-    task = manifest.get("task")
-    if task == "classify":
-        pre = manifest.get("preprocessing")
-        image = pre.get("image") if isinstance(pre, dict) else None
-        if not (isinstance(image, dict) and all(isinstance(image.get(k), int) and image[k] > 0 for k in ("height", "width"))):
-            raise bad("preprocessing.image needs positive integer height and width")
-        if not all(isinstance(pre.get(k, 0.0), (int, float)) and np.isfinite(pre.get(k, 0.0)) for k in ("scale", "offset")):
-            raise bad("preprocessing.scale and offset must be numbers")
-        labels = manifest.get("labels")
-        if not (isinstance(labels, list) and labels and all(isinstance(label, str) for label in labels)):
-            raise bad("labels must be a list of strings")
-        if isinstance(last_dim, int) and len(labels) != last_dim:
-            raise bad(f"{len(labels)} labels for a model with {last_dim} outputs")
-    elif task == "generate":
-        vocab = manifest.get("vocab")
-        if not (isinstance(vocab, list) and vocab and all(isinstance(c, str) and len(c) == 1 for c in vocab) and len(set(vocab)) == len(vocab)):
-            raise bad("vocab must be a list of distinct single characters")
-        if isinstance(last_dim, int) and len(vocab) != last_dim:
-            raise bad(f"vocab has {len(vocab)} characters but the model scores {last_dim}")
-        config = manifest.get("config")
-        hidden = config.get("hidden") if isinstance(config, dict) else None
-        h_dim = session.get_inputs()[-1].shape[-1]
-        if not isinstance(hidden, int) or (isinstance(h_dim, int) and h_dim != hidden):
-            raise bad(f"config.hidden must be the model's hidden size ({h_dim})")
-    else:
-        raise bad(f"unknown task {task!r}")
-
-
-# ---------------------------------------------------------------------------------------------
-# Classifiers (mnist-lstm): images / .npy arrays → probabilities
-
-
-def _image_pixels(path: Path, *, height: int, width: int) -> npt.NDArray[np.uint8]:
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as img:
-            img.load()
-            size = img.size
-            if size != (width, height):
-                raise InputError(f"{path} is {size[0]}×{size[1]} pixels; the model takes {width}×{height} images — resize it first")
-            if img.mode not in ("L", "RGB", "RGBA", "P", "LA", "1", "I;16", "I"):
-                raise InputError(f"{path} has pixel mode {img.mode}; give an 8-bit grey or RGB image")
-            if img.mode in ("I;16", "I"):
-                raise InputError(f"{path} is a 16/32-bit image; give an 8-bit grey or RGB image")
-            return np.asarray(img.convert("L"), dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise InputError(f"cannot read {path} as an image ({exc}) — give a 28×28 PNG or a .npy array") from exc
-
-
-def _npy_pixels(path: Path, *, height: int, width: int) -> npt.NDArray[np.float32]:
-    """A .npy of one image (28, 28) or a batch (N, 28, 28): uint8 raw pixels or float already in [0, 1]."""
-    if path.stat().st_size > MAX_NPY_BYTES:
-        raise InputError(f"{path} is larger than {MAX_NPY_BYTES // 2**20} MiB — split it into smaller batches")
-    try:
-        array = np.load(path, allow_pickle=False)
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
-        raise InputError(f"cannot read {path} as a .npy array ({str(exc).splitlines()[0]}) — save it with numpy.save") from exc
-    if not isinstance(array, np.ndarray):
-        raise InputError(f"{path} is an .npz archive; give one .npy array per file")
-    shape = array.shape
-    if array.ndim == 2:
-        array = array[None]
-    if array.ndim != 3 or array.shape[1:] != (height, width) or array.shape[0] == 0:
-        raise InputError(f"{path} has shape {shape}; expected ({height}, {width}) or (N, {height}, {width})")
-    return array
-
-
-def preprocess_pixels(images: npt.NDArray[np.uint8], *, preprocessing: dict[str, Any]) -> npt.NDArray[np.float32]:
-    """uint8 pixels (N, H, W) → float32 model input, exactly as the manifest's preprocessing says."""
-    x = images.astype(np.float32) * np.float32(preprocessing["scale"]) + np.float32(preprocessing.get("offset", 0.0))
-    if preprocessing["image"].get("invert"):
-        x = np.float32(1.0) - x
-    return x.astype(np.float32, copy=False)
-
-
-def load_inputs(
-    paths: Sequence[str | os.PathLike[str]], *, preprocessing: dict[str, Any]
-) -> tuple[npt.NDArray[np.float32], list[str]]:
-    """Read PNGs and .npy files → float32 (N, H, W) preprocessed as the manifest says, and a name per row."""
-    height, width = preprocessing["image"]["height"], preprocessing["image"]["width"]
-    batches, names = [], []
-    for raw in paths:
-        path = Path(raw)
-        if not path.is_file():
-            raise InputError(f"no such input file: {path}")
-        if path.suffix.lower() == ".npy":
-            array = _npy_pixels(path, height=height, width=width)
-            if array.dtype == np.uint8:
-                x = preprocess_pixels(array, preprocessing=preprocessing)
-            elif np.issubdtype(array.dtype, np.floating):
-                if not np.all(np.isfinite(array)) or array.min() < 0.0 or array.max() > 1.0:
-                    raise InputError(f"{path}: float arrays must be preprocessed pixels in [0, 1]; save raw pixels as uint8")
-                x = array.astype(np.float32)
-            else:
-                raise InputError(f"{path} has dtype {array.dtype}; give uint8 pixels or float32 in [0, 1]")
-            names += [f"{path.name}[{i}]" for i in range(len(x))] if len(x) > 1 else [path.name]
-        elif path.suffix.lower() in IMAGE_SUFFIXES:
-            x = preprocess_pixels(_image_pixels(path, height=height, width=width)[None], preprocessing=preprocessing)
-            names.append(path.name)
-        else:
-            raise InputError(f"{path}: unsupported input type {path.suffix!r}; give .png (or another image) or .npy")
-        batches.append(x.astype(np.float32))
-    if not batches:
-        raise InputError("no inputs given — pass one or more .png or .npy files")
-    return np.concatenate(batches), names
-
-
-def predict_probs(model: LoadedModel, x: npt.NDArray[np.float32], *, batch_size: int = 256) -> npt.NDArray[np.float32]:
+def predict_probs(model: LoadedModel, x: npt.NDArray[np.float32], *, batch_size: int = INFER_BATCH) -> npt.NDArray[np.float32]:
     """float32 (N, T, F) → probabilities (N, classes), in batches."""
-    name = model.manifest["io"]["inputs"][0]["name"]
+    name = model.io["inputs"][0]["name"]
     out = [model.run({name: x[i : i + batch_size]})[0] for i in range(0, len(x), batch_size)]
     return np.concatenate(out)
 
 
 @dataclass
 class Prediction:
+    """Top-k labels of one row from the first output's last axis (probabilities when the model ends in softmax)."""
+
     input: str
     label: str
     probability: float
     top: list[tuple[str, float]]
 
 
-def infer(
-    model_path: str | os.PathLike[str],
-    inputs: Sequence[str | os.PathLike[str]],
-    *,
-    top_k: int = 1,
-    threads: int | None = None,
-) -> list[Prediction]:
-    """Classify each image / array row with MODEL.onnx: the top-k labels and their probabilities."""
-    model = load_model(model_path, threads=threads)
-    if model.manifest.get("task") != "classify":
-        raise InputError(f"{model.path} is a {model.manifest.get('task')!r} model — use `edge-rnn generate` for it")
-    labels = model.manifest["labels"]
-    if not 1 <= top_k <= len(labels):
-        raise InputError(f"--top-k must be between 1 and {len(labels)}")
-    x, names = load_inputs(inputs, preprocessing=model.manifest["preprocessing"])
-    probs = predict_probs(model, x)
+@dataclass
+class Inference:
+    """`rows`: a name per batch row; `outputs`: every output (N, …) by name, except for image classifiers,
+    whose one output `predictions` shows; `predictions`: top-k per row where the manifest has labels."""
+
+    rows: list[str]
+    outputs: dict[str, np.ndarray] = field(default_factory=dict)
+    predictions: list[Prediction] = field(default_factory=list)
+
+
+def _graph_dtypes(model: LoadedModel) -> dict[str, Any]:
+    return {i.name: ORT_DTYPES.get(i.type, np.float32) for i in model.session.get_inputs()}
+
+
+def _top_k(scores: np.ndarray, rows: list[str], *, labels: list[str], top_k: int) -> list[Prediction]:
+    """(N, classes) → a Prediction per row."""
     results = []
-    for name, p in zip(names, probs):
+    for name, p in zip(rows, scores):
         order = np.argsort(-p, kind="stable")[:top_k]
         top = [(labels[i], float(p[i])) for i in order]
         results.append(Prediction(name, top[0][0], top[0][1], top))
     return results
 
 
+def _row_names(path_name: str, n: int) -> list[str]:
+    return [f"{path_name}[{i}]" for i in range(n)] if n > 1 else [path_name]
+
+
+def infer(
+    model_path: str | os.PathLike[str],
+    inputs: Sequence[str | os.PathLike[str]] = (),
+    *,
+    named: Sequence[str] = (),
+    top_k: int = 1,
+    threads: int | None = None,
+) -> Inference:
+    """Run MODEL.onnx on files: images for image classifiers, else one .npy per input (`NAME=FILE.npy` in `named`).
+
+    State inputs of a step model start at zeros. Every output is returned, (N, …) each; labels and top-k
+    where the manifest has labels and the first output is (N, classes).
+    """
+    model = load_model(model_path, threads=threads)
+    require_command(model, "infer")
+    labels = model.manifest.get("labels")
+    if labels is not None and not 1 <= top_k <= len(labels):
+        raise InputError(f"--top-k must be between 1 and {len(labels)}")
+    pre = model.manifest.get("preprocessing")
+    if isinstance(pre, dict) and "image" in pre:
+        if named:
+            raise InputError(f"{model.path.name} reads images: pass them as arguments, not with --input")
+        x, rows = load_images(inputs, preprocessing=pre)
+        return Inference(rows, predictions=_top_k(predict_probs(model, x), rows, labels=labels, top_k=top_k))
+
+    state = {s["input"]: s for s in model.state}
+    model_inputs = [s for s in model.io["inputs"] if s["name"] not in state]
+    specs = [*inputs, *named]
+    if not specs:
+        names = ", ".join(s["name"] for s in model_inputs)
+        raise InputError(f"no inputs given — pass FILE.npy (one input) or --input NAME=FILE.npy for each of {names}")
+    feeds = read_feeds(model_inputs, specs, dtypes=_graph_dtypes(model), masking=model.manifest.get("masking", []))
+    n = next(iter(feeds.values())).shape[0]
+    first_file = parse_input_specs(specs, names=[s["name"] for s in model_inputs])[model_inputs[0]["name"]]
+    rows = _row_names(first_file.name, n)
+    out_names = [o.name for o in model.session.get_outputs()]
+    chunks: dict[str, list[np.ndarray]] = {name: [] for name in out_names}
+    for i in range(0, n, INFER_BATCH):
+        batch = {name: x[i : i + INFER_BATCH] for name, x in feeds.items()}
+        zeros = {name: np.zeros((len(next(iter(batch.values()))), s["shape"][1]), np.float32) for name, s in state.items()}
+        for name, y in zip(out_names, model.run({**batch, **zeros})):
+            chunks[name].append(y)
+    outputs = {name: np.concatenate(ys) for name, ys in chunks.items()}
+    first = outputs[out_names[0]]
+    predictions = _top_k(first, rows, labels=labels, top_k=top_k) if labels and first.ndim == 2 else []
+    return Inference(rows, outputs, predictions)
+
+
+# ---------------------------------------------------------------------------------------------
+# Streaming: a step model fed one time step at a time
+
+
+def _sequence_spec(spec: dict[str, Any]) -> dict[str, Any]:
+    """A step input's spec over a whole sequence: the time axis (length 1 in the step form) is free."""
+    return {**spec, "shape": [spec["shape"][0], TIME_DIM, *spec["shape"][2:]]}
+
+
+def _row_spec(spec: dict[str, Any]) -> dict[str, Any]:
+    """A step input's spec for one JSON row: no time axis (the stream adds it)."""
+    return {**spec, "shape": [spec["shape"][0], *spec["shape"][2:]]}
+
+
+def _file_sequences(stepper: Stepper, specs: Sequence[str | os.PathLike[str]]) -> dict[str, np.ndarray]:
+    """`NAME=FILE.npy` (or FILE.npy for one input) → {input: (1, T, …) for sequences, (1, …) otherwise}, checked."""
+    files = parse_input_specs(specs, names=[s["name"] for s in stepper.input_specs])
+    dtypes = _graph_dtypes(stepper.model)
+    sequences = {}
+    for spec in stepper.input_specs:
+        name, path = spec["name"], files[spec["name"]]
+        x = convert_array(read_npy(path), spec=_sequence_spec(spec) if name in stepper.temporal else spec, dtype=dtypes[name], where=str(path))
+        if x.shape[0] != 1:
+            raise InputError(f"{path} holds a batch of {x.shape[0]} sequences; `stream` takes one — use `edge-rnn infer` for batches")
+        sequences[name] = x
+    for m in stepper.model.manifest.get("masking", []):
+        if m["input"] in stepper.temporal and m["input"] in sequences:
+            check_post_padded(sequences[m["input"]], kind=m["kind"], value=m.get("value", 0.0), where=str(files[m["input"]]))
+    return sequences
+
+
+def _json_steps(stepper: Stepper, lines: Iterable[str]) -> Iterator[dict[str, np.ndarray]]:
+    """JSON lines → one step's feeds {input: (1, 1, …) or (1, …)} each, checked as they arrive (post-padding too)."""
+    dtypes = _graph_dtypes(stepper.model)
+    masking = [m for m in stepper.model.manifest.get("masking", []) if m["input"] in stepper.temporal]
+    padded: set[str] = set()
+    for number, row in enumerate(json_rows(lines, names=[s["name"] for s in stepper.input_specs]), start=1):
+        feeds = {}
+        for spec in stepper.input_specs:
+            name = spec["name"]
+            where = f"stdin line {number}"
+            if name in stepper.temporal:
+                feeds[name] = convert_array(row[name], spec=_row_spec(spec), dtype=dtypes[name], where=where)[:, None]
+            else:
+                feeds[name] = convert_array(row[name], spec=spec, dtype=dtypes[name], where=where)
+            if feeds[name].shape[0] != 1:
+                raise InputError(f"{where} (input {name!r}) holds {feeds[name].shape[0]} examples; a stream row is one step of one sequence")
+        for m in masking:
+            real = bool(MASKS[m["kind"]](feeds[m["input"]], m.get("value", 0.0)).all())
+            if real and m["input"] in padded:
+                raise InputError(
+                    f"stdin line {number} (input {m['input']!r}) is a real step after padding — masked inputs must be post-padded "
+                    "(real steps first, padding at the end), as the whole-sequence model would differ from Keras otherwise"
+                )
+            if not real:
+                padded.add(m["input"])
+        yield feeds
+
+
+def stream(
+    model_path: str | os.PathLike[str] | LoadedModel,
+    sequences: Mapping[str, np.ndarray] | None = None,
+    *,
+    inputs: Sequence[str | os.PathLike[str]] = (),
+    lines: Iterable[str] | None = None,
+    max_steps: int | None = None,
+    threads: int | None = None,
+) -> Iterator[dict[str, np.ndarray]]:
+    """Feed a step model one time step at a time, carrying its state; yield {output: array (1, …)} per step.
+
+    The source is one of: `sequences` {input: (1, T, …)} already converted, `inputs` (`NAME=FILE.npy`, or
+    FILE.npy for a one-input model; a sequence is (T, …) or (1, T, …)), or `lines` of JSON (one step each:
+    an array for a one-input model, {"NAME": array, …} otherwise). Files are checked before the first step;
+    JSON rows as they arrive.
+    """
+    if max_steps is not None and max_steps < 1:
+        raise InputError(f"--max-steps must be at least 1, got {max_steps}")
+    stepper = Stepper(model_path, threads=threads)
+    require_command(stepper.model, "stream")
+    if lines is not None:
+        steps: Iterator[dict[str, np.ndarray]] = (stepper.step(feeds) for feeds in _json_steps(stepper, lines))
+    else:
+        steps = stepper.run_sequence(dict(sequences) if sequences is not None else _file_sequences(stepper, inputs))
+    for t, outputs in enumerate(steps):
+        if max_steps is not None and t >= max_steps:
+            return
+        yield outputs
+
+
 # ---------------------------------------------------------------------------------------------
 # Generators (char-rnn): state carried between calls
 
 
-def onnx_step(model: LoadedModel):
-    """A char-RNN step function over the session: (ids int64 (B, T), h (B, H)) → (logits float32 (B, T, V), h float32 (B, H)).
+def onnx_step(model: LoadedModel | Stepper) -> StepFn:
+    """The char RNN's step function over a Stepper: (ids int64 (1, T), h (1, H)) → (logits float32 (1, T, V), h (1, H)).
 
-    One character of one sequence — generation's case — runs through an IOBinding over numpy
-    buffers bound once, which skips session.run's per-call conversion of inputs and outputs
-    (H=100, one thread, a step alone: ~10 µs instead of ~13 µs); other shapes go through session.run.
-    Either way the returned arrays are the caller's own.
+    One character — generation's case — runs through the Stepper's IOBinding; a prime of several characters
+    runs through session.run in one call (the char RNN's file takes any length). When `h` is the state the
+    previous call returned, it is already in the Stepper's buffers and is not copied back. Other batch sizes go
+    through session.run. The returned arrays are the caller's own.
     """
-    session = model.session
-    (ids_in, h_in), (logits_out, h_out) = session.get_inputs(), session.get_outputs()
-    hidden, vocab_size = h_in.shape[1], logits_out.shape[2]
-
-    def run(ids: np.ndarray, h: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        logits, h_next = model.run({ids_in.name: ids.astype(np.int64, copy=False), h_in.name: h.astype(np.float32, copy=False)})
-        return logits, h_next
-
-    if not (isinstance(hidden, int) and isinstance(vocab_size, int)):
-        return run  # sizes not fixed in the graph: nothing to preallocate
-    ids_buf = np.zeros((1, 1), np.int64)
-    h_buf = np.zeros((1, hidden), np.float32)
-    logits_buf = np.zeros((1, 1, vocab_size), np.float32)
-    h_next_buf = np.zeros((1, hidden), np.float32)
-    binding = session.io_binding()  # the OrtValues share the buffers' memory, which the closure keeps alive
-    binding.bind_ortvalue_input(ids_in.name, ort.OrtValue.ortvalue_from_numpy(ids_buf))
-    binding.bind_ortvalue_input(h_in.name, ort.OrtValue.ortvalue_from_numpy(h_buf))
-    binding.bind_ortvalue_output(logits_out.name, ort.OrtValue.ortvalue_from_numpy(logits_buf))
-    binding.bind_ortvalue_output(h_out.name, ort.OrtValue.ortvalue_from_numpy(h_next_buf))
+    stepper = model if isinstance(model, Stepper) else Stepper(model)
+    (ids_name,), (logits_name,), (state,) = [s["name"] for s in stepper.input_specs], stepper.output_names, stepper.model.state
+    last: list[Any] = [None]
 
     def step(ids: np.ndarray, h: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        if ids.shape != (1, 1) or h.shape != (1, hidden):
-            return run(ids, h)
-        ids_buf[0, 0] = ids[0, 0]
-        np.copyto(h_buf, h)
-        try:
-            session.run_with_iobinding(binding)
-        except ORT_ERRORS as exc:
-            raise InputError(f"{model.path.name} rejected the input: {str(exc).splitlines()[0]}") from exc
-        return logits_buf.copy(), h_next_buf.copy()
+        if h.shape[0] != stepper.batch:
+            logits, h_next = stepper.model.run({ids_name: ids.astype(np.int64, copy=False), state["input"]: h.astype(np.float32, copy=False)})
+            return logits, h_next
+        if h is not last[0]:
+            stepper.state = {state["input"]: h}
+        logits = stepper.step({ids_name: ids})[logits_name]
+        last[0] = stepper.state[state["input"]]
+        return logits, last[0]
 
     return step
 
@@ -311,16 +256,17 @@ def generate(
     from .sampling import generation_h0, sample_with
 
     model = load_model(model_path, threads=threads)
-    if model.manifest.get("task") != "generate":
-        raise InputError(f"{model.path} is a {model.manifest.get('task')!r} model — use `edge-rnn infer` for it")
+    require_command(model, "generate")
     hidden = int(model.manifest["config"]["hidden"])
+    h0 = generation_h0(model.manifest, hidden=hidden)
+    (state,) = model.state
     return sample_with(
-        onnx_step(model),
+        onnx_step(Stepper(model, initial_state={state["input"]: h0})),
         vocab="".join(model.manifest["vocab"]),
         hidden=hidden,
         prime=prime,
         length=length,
         temperature=temperature,
         seed=seed,
-        h0=generation_h0(model.manifest, hidden=hidden),
+        h0=h0,
     )

@@ -1,0 +1,326 @@
+"""Bounded readers for what a device feeds a model: .npy arrays, images, JSON rows.
+
+Device path: numpy and Pillow (for images) only. Every reader checks sizes before it allocates, refuses
+what it cannot convert without changing a value (object and structured arrays, NaN/Inf, fractional
+ids, ids outside the vocabulary), and says which input and which row is wrong.
+
+Masked inputs (the manifest's `masking`) must be post-padded: onnxruntime runs a masked recurrent
+layer over the first `sequence_lens` steps of each row, which equals Keras only when every real step
+comes before every padding step (see edge_rnn/keras_onnx.py).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import zipfile
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+import numpy as np
+import numpy.typing as npt
+
+from ..errors import InputError
+
+# .npy inputs bigger than this are refused before loading (a batch of 28×28 float32 digits is ~3 KB each).
+MAX_NPY_BYTES = 512 * 1024 * 1024
+# One JSON row on stdin is one time step of a stream: a few thousand numbers at most.
+MAX_JSON_LINE_BYTES = 1024 * 1024
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".pgm", ".tif", ".tiff", ".webp")
+# float32 holds every integer up to 2**24 exactly; beyond, an integer array fed as floats would change.
+FLOAT32_EXACT_INT = 2**24
+# The dtype names onnxruntime reports for graph inputs → numpy.
+ORT_DTYPES = {
+    "tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
+    "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(int16)": np.int16, "tensor(int8)": np.int8,
+    "tensor(uint8)": np.uint8, "tensor(bool)": np.bool_,
+}
+# What a post-padding check sees as a real (unmasked) step, per masking kind: (B, T, …) → (B, T) bool.
+MASKS: dict[str, Callable[[np.ndarray, float], np.ndarray]] = {
+    "mask_zero": lambda x, value: x != value,  # Embedding(mask_zero=True): id 0 is padding
+    "mask_value": lambda x, value: np.any(x != value, axis=-1),  # Masking(mask_value): a step equal to it everywhere
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# .npy
+
+
+def read_npy(path: str | os.PathLike[str], *, max_bytes: int = MAX_NPY_BYTES) -> np.ndarray:
+    """One .npy array, its header (shape, dtype, size) checked before the data is read; never unpickles."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"no such input file: {path}")
+    if path.stat().st_size > max_bytes:
+        raise InputError(f"{path} is larger than {max_bytes // 2**20} MiB — split it into smaller batches")
+    try:
+        with open(path, "rb") as f:
+            if zipfile.is_zipfile(f):
+                raise InputError(f"{path} is an .npz archive; give one .npy array per file")
+            f.seek(0)
+            version = np.lib.format.read_magic(f)
+            if version not in ((1, 0), (2, 0)):
+                raise InputError(f"{path} is a .npy file of format {version[0]}.{version[1]} (structured fields); give a plain numeric array")
+            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, _, dtype = read_header(f)
+            _check_numeric(dtype, where=str(path))
+            if math.prod(shape) * dtype.itemsize > max_bytes:
+                raise InputError(f"{path} declares shape {shape} of {dtype}, over {max_bytes // 2**20} MiB — split it into smaller batches")
+            f.seek(0)
+            array = np.load(f, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise InputError(f"cannot read {path} as a .npy array ({str(exc).splitlines()[0]}) — save it with numpy.save") from exc
+    return array
+
+
+def _check_numeric(dtype: np.dtype, *, where: str) -> None:
+    if dtype.hasobject or dtype.fields is not None or dtype.subdtype is not None or dtype.kind not in "biuf":
+        raise InputError(f"{where} has dtype {dtype}; give a plain numeric array (integers or floats)")
+
+
+# ---------------------------------------------------------------------------------------------
+# Images (mnist-lstm): PNGs and .npy pixel arrays → preprocessed float32 (N, H, W)
+
+
+def _image_pixels(path: Path, *, height: int, width: int) -> npt.NDArray[np.uint8]:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            img.load()
+            size = img.size
+            if size != (width, height):
+                raise InputError(f"{path} is {size[0]}×{size[1]} pixels; the model takes {width}×{height} images — resize it first")
+            if img.mode not in ("L", "RGB", "RGBA", "P", "LA", "1", "I;16", "I"):
+                raise InputError(f"{path} has pixel mode {img.mode}; give an 8-bit grey or RGB image")
+            if img.mode in ("I;16", "I"):
+                raise InputError(f"{path} is a 16/32-bit image; give an 8-bit grey or RGB image")
+            return np.asarray(img.convert("L"), dtype=np.uint8)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise InputError(f"cannot read {path} as an image ({exc}) — give a 28×28 PNG or a .npy array") from exc
+
+
+def _npy_pixels(path: Path, *, height: int, width: int) -> np.ndarray:
+    """A .npy of one image (28, 28) or a batch (N, 28, 28): uint8 raw pixels or float already in [0, 1]."""
+    array = read_npy(path)
+    shape = array.shape
+    if array.ndim == 2:
+        array = array[None]
+    if array.ndim != 3 or array.shape[1:] != (height, width) or array.shape[0] == 0:
+        raise InputError(f"{path} has shape {shape}; expected ({height}, {width}) or (N, {height}, {width})")
+    return array
+
+
+def preprocess_pixels(images: npt.NDArray[np.uint8], *, preprocessing: dict[str, Any]) -> npt.NDArray[np.float32]:
+    """uint8 pixels (N, H, W) → float32 model input, exactly as the manifest's preprocessing says."""
+    x = images.astype(np.float32) * np.float32(preprocessing["scale"]) + np.float32(preprocessing.get("offset", 0.0))
+    if preprocessing["image"].get("invert"):
+        x = np.float32(1.0) - x
+    return x.astype(np.float32, copy=False)
+
+
+def load_images(
+    paths: Sequence[str | os.PathLike[str]], *, preprocessing: dict[str, Any]
+) -> tuple[npt.NDArray[np.float32], list[str]]:
+    """Read PNGs and .npy files → float32 (N, H, W) preprocessed as the manifest says, and a name per row."""
+    height, width = preprocessing["image"]["height"], preprocessing["image"]["width"]
+    batches, names = [], []
+    for raw in paths:
+        path = Path(raw)
+        if not path.is_file():
+            raise InputError(f"no such input file: {path}")
+        if path.suffix.lower() == ".npy":
+            array = _npy_pixels(path, height=height, width=width)
+            if array.dtype == np.uint8:
+                x = preprocess_pixels(array, preprocessing=preprocessing)
+            elif np.issubdtype(array.dtype, np.floating):
+                if not np.all(np.isfinite(array)) or array.min() < 0.0 or array.max() > 1.0:
+                    raise InputError(f"{path}: float arrays must be preprocessed pixels in [0, 1]; save raw pixels as uint8")
+                x = array.astype(np.float32)
+            else:
+                raise InputError(f"{path} has dtype {array.dtype}; give uint8 pixels or float32 in [0, 1]")
+            names += [f"{path.name}[{i}]" for i in range(len(x))] if len(x) > 1 else [path.name]
+        elif path.suffix.lower() in IMAGE_SUFFIXES:
+            x = preprocess_pixels(_image_pixels(path, height=height, width=width)[None], preprocessing=preprocessing)
+            names.append(path.name)
+        else:
+            raise InputError(f"{path}: unsupported input type {path.suffix!r}; give .png (or another image) or .npy")
+        batches.append(x.astype(np.float32))
+    if not batches:
+        raise InputError("no inputs given — pass one or more .png or .npy files")
+    return np.concatenate(batches), names
+
+
+# ---------------------------------------------------------------------------------------------
+# Arrays for any model: one per graph input, checked against the manifest's I/O spec
+
+
+def convert_array(
+    array: np.ndarray, *, spec: dict[str, Any], dtype: np.dtype | type, where: str, batched: bool | None = None
+) -> np.ndarray:
+    """`array` as graph input `spec` (name, dtype, shape) of numpy `dtype`, with a batch axis; raises InputError.
+
+    Integer inputs are ids: whole numbers in [0, spec["vocab"]) when the spec gives a vocabulary size, and never
+    negative (ONNX Gather would wrap a negative id around where Keras refuses it). Float inputs must be finite.
+    A single example without the batch axis gets one; `batched` forces the choice.
+    """
+    name = spec["name"]
+    where = f"{where} (input {name!r})"
+    _check_numeric(array.dtype, where=where)
+    if array.dtype.kind == "b":
+        raise InputError(f"{where} has dtype bool; give numbers")
+    target = np.dtype(dtype)
+    shape = spec.get("shape", [])
+    if batched is None:
+        batched = array.ndim == len(shape)
+    if array.ndim != len(shape) - (0 if batched else 1):
+        expected = _shape_text(shape)
+        raise InputError(f"{where} has shape {array.shape}; expected {expected} or one example {_shape_text(shape[1:])}")
+    given = array.shape
+    if not batched:
+        array = array[None]
+    if array.shape[0] == 0:
+        raise InputError(f"{where} holds a batch of 0 examples; give at least one")
+    for axis, (got, want) in enumerate(zip(array.shape, shape)):
+        if isinstance(want, int) and got != want:
+            raise InputError(f"{where} has shape {given}; expected {_shape_text(shape)}" + ("" if batched else f" or one example {_shape_text(shape[1:])}"))
+        if axis > 0 and got == 0:
+            raise InputError(f"{where} has shape {given}: an axis is empty")
+    if target.kind in "iu":
+        return _as_ids(array, target=target, vocab=spec.get("vocab"), where=where)
+    if target.kind == "f":
+        return _as_floats(array, target=target, where=where)
+    raise InputError(f"{where}: the graph takes {target}, which edge-rnn cannot feed from a .npy array")
+
+
+def _as_ids(array: np.ndarray, *, target: np.dtype, vocab: Any, where: str) -> np.ndarray:
+    if array.dtype.kind == "f":
+        if not np.all(np.isfinite(array)):
+            raise InputError(f"{where} holds NaN or Inf; ids must be whole numbers")
+        if not np.all(array == np.round(array)):
+            raise InputError(f"{where} holds fractional values but the model takes integer ids; save whole numbers")
+    low = array.min()
+    high = array.max()
+    if low < 0:
+        raise InputError(f"{where} holds the id {low:g}; ids start at 0")
+    limit = vocab if isinstance(vocab, int) and vocab > 0 else np.iinfo(target).max + 1
+    if high >= limit:
+        raise InputError(f"{where} holds the id {high:g}; ids must be below {limit}" + (" (the vocabulary size)" if limit == vocab else ""))
+    return array.astype(target)
+
+
+def _as_floats(array: np.ndarray, *, target: np.dtype, where: str) -> np.ndarray:
+    if array.dtype.kind in "iu" and array.size and max(abs(int(array.min())), abs(int(array.max()))) > FLOAT32_EXACT_INT:
+        raise InputError(f"{where} holds integers beyond ±{FLOAT32_EXACT_INT}, which {target} cannot hold exactly")
+    with np.errstate(over="ignore"):
+        x = array.astype(target)
+    if not np.all(np.isfinite(x)):
+        raise InputError(f"{where} holds NaN or Inf (or values too large for {target}); give finite numbers")
+    return x
+
+
+def _shape_text(shape: list) -> str:
+    return "(" + ", ".join(str(d) for d in shape) + ("," if len(shape) == 1 else "") + ")"
+
+
+def check_post_padded(x: np.ndarray, *, kind: str, value: float, where: str) -> None:
+    """Refuse a masked input (B, T, …) whose row has a real step after a padding step, naming the row."""
+    real = MASKS[kind](x, value)  # (B, T)
+    late = real[:, 1:] & ~real[:, :-1]  # a real step right after a padding step
+    if late.any():
+        row = int(np.argmax(late.any(axis=1)))
+        step = int(np.argmax(late[row])) + 1
+        raise InputError(
+            f"{where} row {row}: step {step} is real after padding (value {value:g}) — masked inputs must be post-padded "
+            "(real steps first, padding at the end), as onnxruntime's sequence lengths would differ from Keras otherwise"
+        )
+
+
+def parse_input_specs(specs: Sequence[str | os.PathLike[str]], *, names: Sequence[str]) -> dict[str, Path]:
+    """`NAME=FILE.npy` per input (or one `FILE.npy` for a one-input model) → {input name: path}."""
+    files: dict[str, Path] = {}
+    for raw in specs:
+        text = os.fspath(raw)
+        name, sep, rest = text.partition("=")
+        if sep and name in names:
+            key, path = name, Path(rest)
+        elif len(names) == 1:
+            key, path = names[0], Path(text)
+        else:
+            raise InputError(f"{text!r}: name the input it feeds, NAME=FILE.npy, with NAME one of {', '.join(names)}")
+        if key in files:
+            raise InputError(f"input {key!r} is given twice ({files[key]} and {path})")
+        if path.suffix.lower() != ".npy":
+            raise InputError(f"{path}: unsupported input type {path.suffix!r}; give a .npy array (numpy.save)")
+        files[key] = path
+    missing = [n for n in names if n not in files]
+    if missing:
+        raise InputError(f"no array for input {', '.join(repr(m) for m in missing)} — pass --input NAME=FILE.npy for each of {', '.join(names)}")
+    return files
+
+
+def read_feeds(
+    io_inputs: Sequence[dict[str, Any]],
+    specs: Sequence[str | os.PathLike[str]],
+    *,
+    dtypes: dict[str, Any] | None = None,
+    masking: Iterable[dict[str, Any]] = (),
+) -> dict[str, np.ndarray]:
+    """One .npy per input spec (`NAME=FILE.npy`, or `FILE.npy` for one input) → {name: array (B, …)} of the graph's dtypes.
+
+    Every input must hold the same batch size; masked inputs must be post-padded.
+    """
+    names = [s["name"] for s in io_inputs]
+    files = parse_input_specs(specs, names=names)
+    feeds = {}
+    for spec in io_inputs:
+        path = files[spec["name"]]
+        dtype = (dtypes or {}).get(spec["name"], spec.get("dtype", "float32"))
+        feeds[spec["name"]] = convert_array(read_npy(path), spec=spec, dtype=dtype, where=str(path))
+    batches = {name: x.shape[0] for name, x in feeds.items()}
+    if len(set(batches.values())) > 1:
+        raise InputError(f"the inputs hold different batch sizes {batches}; give every input the same number of examples")
+    for m in masking:
+        if m["input"] in feeds:
+            check_post_padded(feeds[m["input"]], kind=m["kind"], value=m.get("value", 0.0), where=str(files[m["input"]]))
+    return feeds
+
+
+# ---------------------------------------------------------------------------------------------
+# JSON rows (stream from stdin): one time step per line
+
+
+def json_rows(lines: Iterable[str], *, names: Sequence[str], max_bytes: int = MAX_JSON_LINE_BYTES) -> Iterator[dict[str, np.ndarray]]:
+    """Lines of JSON → {input name: array} per line: an array for a one-input model, else {"NAME": array, …}.
+
+    A text stream (stdin) is read with a bounded readline, so one endless line cannot exhaust memory.
+    """
+    if hasattr(lines, "readline"):
+        text = lines
+        lines = iter(lambda: text.readline(max_bytes + 1), "")
+    for number, line in enumerate(lines, start=1):
+        if len(line) > max_bytes:
+            raise InputError(f"stdin line {number} is longer than {max_bytes // 1024} KiB — one line is one time step")
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise InputError(f"stdin line {number} is not JSON ({exc.msg}) — give one JSON array per line") from exc
+        if not isinstance(row, dict):
+            if len(names) != 1:
+                raise InputError(f"stdin line {number}: the model has inputs {', '.join(names)}; give {{\"NAME\": array, …}} per line")
+            row = {names[0]: row}
+        unknown = sorted(set(row) - set(names))
+        if unknown or len(row) != len(names):
+            raise InputError(f"stdin line {number} has inputs {sorted(row)}; the model takes {', '.join(names)}")
+        arrays = {}
+        for name, value in row.items():
+            try:
+                arrays[name] = np.asarray(value)
+            except ValueError as exc:
+                raise InputError(f"stdin line {number} (input {name!r}) is not a rectangular array of numbers") from exc
+            if arrays[name].dtype.kind not in "biuf":
+                raise InputError(f"stdin line {number} (input {name!r}) is not a rectangular array of numbers")
+        yield arrays

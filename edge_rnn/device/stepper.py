@@ -1,0 +1,195 @@
+"""Run a steppable model one time step at a time, carrying the state of every recurrent layer.
+
+Device path: numpy and onnxruntime only.
+
+A steppable file takes one time step of each input plus the state of every recurrent layer
+(`state.{layer}.h`, `.c` for LSTMs; the char RNN's `h0`) and returns the outputs for the sequence so
+far plus the new state (`state_out.{layer}.h`, …; the char RNN's `h`). The Stepper keeps two sets of
+preallocated state buffers and two IOBindings that read one set and write the other, so a step costs
+one copy of each input into its bound buffer, one `run_with_iobinding` and a copy of each output —
+no per-call conversion of inputs and outputs, no rebinding, no state copies. Shapes the buffers do not
+fit (another batch size, several time steps at once where the graph allows it) go through session.run.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Iterator
+
+import numpy as np
+import onnxruntime as ort
+
+from ..errors import InputError, ModelFileError
+from .inputs import ORT_DTYPES
+from .session import ORT_ERRORS, LoadedModel, load_model
+
+TIME_DIM = "time"
+
+
+def _step_shape(shape: list, *, batch: int) -> tuple[int, ...] | None:
+    """A spec's shape for one step of `batch` examples: batch → batch, time → 1; None if another axis is free."""
+    dims = []
+    for axis, d in enumerate(shape):
+        if axis == 0:
+            dims.append(batch)
+        elif d == TIME_DIM:
+            dims.append(1)
+        elif isinstance(d, int):
+            dims.append(d)
+        else:
+            return None
+    return tuple(dims)
+
+
+class Stepper:
+    """One step at a time through a steppable model; `state` carries over between `step` calls."""
+
+    def __init__(
+        self,
+        model: LoadedModel | str | os.PathLike[str],
+        *,
+        batch: int = 1,
+        threads: int | None = None,
+        initial_state: dict[str, np.ndarray] | None = None,
+    ) -> None:
+        self.model = model if isinstance(model, LoadedModel) else load_model(model, threads=threads)
+        check_steppable(self.model)
+        if batch < 1:
+            raise InputError(f"batch must be at least 1, got {batch}")
+        self.batch = batch
+        session = self.model.session
+        state_in = {s["input"] for s in self.model.state}
+        state_out = {s["output"] for s in self.model.state}
+        self.input_specs = [s for s in self.model.io["inputs"] if s["name"] not in state_in]
+        self.output_specs = [s for s in self.model.io["outputs"] if s["name"] not in state_out]
+        self.output_names = [s["name"] for s in self.output_specs]
+        # Inputs fed one step per call: those the sequence form (`io`) reads over time and the step form at length 1.
+        sequence_specs = {s["name"]: s for s in self.model.manifest.get("io", {}).get("inputs", [])}
+        self.temporal = {s["name"] for s in self.input_specs if _is_temporal(s, sequence_specs.get(s["name"]))}
+        self.dtypes = {i.name: np.dtype(ORT_DTYPES.get(i.type, np.float32)) for i in session.get_inputs()}
+        self._initial = {s["input"]: self._state_array(s, (initial_state or {}).get(s["input"])) for s in self.model.state}
+        # Two state sets: binding k reads set k and writes set 1 - k; `_cur` is the set holding the state.
+        self._states = [{s["input"]: np.zeros((batch, s["shape"][1]), np.float32) for s in self.model.state} for _ in range(2)]
+        self._cur = 0
+        self.reset()
+        self._inputs: dict[str, np.ndarray] = {}
+        self._outputs: dict[str, np.ndarray] = {}
+        self._bindings: list[Any] = []
+        shapes_in = {s["name"]: _step_shape(s["shape"], batch=batch) for s in self.input_specs}
+        shapes_out = {s["name"]: _step_shape(s["shape"], batch=batch) for s in self.output_specs}
+        if all(shape is not None for shape in (*shapes_in.values(), *shapes_out.values())):
+            out_dtypes = {o.name: np.dtype(ORT_DTYPES.get(o.type, np.float32)) for o in session.get_outputs()}
+            self._inputs = {name: np.zeros(shape, self.dtypes[name]) for name, shape in shapes_in.items()}
+            self._outputs = {name: np.zeros(shape, out_dtypes[name]) for name, shape in shapes_out.items()}
+            # The OrtValues share the buffers' memory; the Stepper keeps both alive together.
+            for k in (0, 1):
+                binding = session.io_binding()
+                for name, buf in self._inputs.items():
+                    binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(buf))
+                for name, buf in self._outputs.items():
+                    binding.bind_ortvalue_output(name, ort.OrtValue.ortvalue_from_numpy(buf))
+                for s in self.model.state:
+                    binding.bind_ortvalue_input(s["input"], ort.OrtValue.ortvalue_from_numpy(self._states[k][s["input"]]))
+                    binding.bind_ortvalue_output(s["output"], ort.OrtValue.ortvalue_from_numpy(self._states[1 - k][s["input"]]))
+                self._bindings.append(binding)
+
+    def _state_array(self, spec: dict[str, Any], value: np.ndarray | None) -> np.ndarray:
+        shape = (self.batch, spec["shape"][1])
+        if value is None:
+            return np.zeros(shape, np.float32)
+        array = np.asarray(value, dtype=np.float32)
+        if array.shape == shape[1:]:
+            array = np.broadcast_to(array, shape)
+        if array.shape != shape or not np.all(np.isfinite(array)):
+            raise InputError(f"state {spec['input']!r} must be finite numbers of shape {shape} or {shape[1:]}, got {np.shape(value)}")
+        return array
+
+    @property
+    def state(self) -> dict[str, np.ndarray]:
+        """The current state of every recurrent layer, {state input name: float32 (batch, units)} (copies)."""
+        return {name: buf.copy() for name, buf in self._states[self._cur].items()}
+
+    @state.setter
+    def state(self, values: dict[str, np.ndarray]) -> None:
+        for s in self.model.state:
+            if s["input"] in values:
+                np.copyto(self._states[self._cur][s["input"]], self._state_array(s, values[s["input"]]))
+
+    def reset(self) -> None:
+        """Back to the initial state (zeros unless given)."""
+        for name, value in self._initial.items():
+            np.copyto(self._states[self._cur][name], value)
+
+    def step(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """One step: {input: (batch, 1, …) or (batch, …)} → {output: array} (the caller's own), state carried."""
+        missing = [s["name"] for s in self.input_specs if s["name"] not in feeds]
+        if missing:
+            raise InputError(f"no value for input {', '.join(missing)} of {self.model.path.name}")
+        if self._bindings and all(feeds[n].shape == buf.shape for n, buf in self._inputs.items()):
+            for name, buf in self._inputs.items():
+                try:
+                    np.copyto(buf, feeds[name], casting="same_kind")
+                except TypeError as exc:
+                    raise InputError(f"input {name!r} has dtype {feeds[name].dtype}; the model takes {buf.dtype}") from exc
+            try:
+                self.model.session.run_with_iobinding(self._bindings[self._cur])
+            except ORT_ERRORS as exc:
+                raise InputError(f"{self.model.path.name} rejected the input: {str(exc).splitlines()[0]}") from exc
+            self._cur = 1 - self._cur
+            return {name: buf.copy() for name, buf in self._outputs.items()}
+        return self._run(feeds)
+
+    def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The same step through session.run, for shapes the bound buffers do not fit."""
+        state = self._states[self._cur]
+        batches = {n: feeds[n].shape[0] for n in (s["name"] for s in self.input_specs) if np.ndim(feeds[n])}
+        if any(b != self.batch for b in batches.values()):
+            raise InputError(f"the stepper runs a batch of {self.batch}; the inputs hold {batches}")
+        model_feeds = {s["name"]: np.asarray(feeds[s["name"]], dtype=self.dtypes[s["name"]]) for s in self.input_specs}
+        results = dict(zip((o.name for o in self.model.session.get_outputs()), self.model.run({**model_feeds, **state})))
+        for s in self.model.state:
+            np.copyto(state[s["input"]], results[s["output"]])
+        return {name: results[name] for name in self.output_names}
+
+    def run_sequence(self, x_by_input: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
+        """Sequences {input: (batch, T, …)} → one {output: array} per step; inputs without a time axis repeat each step.
+
+        The sequence inputs are `self.temporal`; others (e.g. a feature vector) are given once, (batch, …).
+        """
+        temporal = {n for n in x_by_input if n in self.temporal}
+        lengths = {x_by_input[n].shape[1] for n in temporal}
+        if len(lengths) > 1:
+            raise InputError(f"the sequences have different lengths {sorted(lengths)}; give every sequence input the same number of steps")
+        steps = lengths.pop() if lengths else 1
+        for t in range(steps):
+            yield self.step({n: x[:, t : t + 1] if n in temporal else x for n, x in x_by_input.items()})
+
+
+def _is_temporal(step_spec: dict[str, Any], sequence_spec: dict[str, Any] | None) -> bool:
+    """A step input is one time step of a sequence when its sequence form differs at axis 1 (time or T vs 1)."""
+    shape = step_spec["shape"]
+    if len(shape) < 2 or shape[1] not in (1, TIME_DIM):
+        return False
+    if sequence_spec is None:
+        return True
+    seq_shape = sequence_spec.get("shape", [])
+    return len(seq_shape) == len(shape) and seq_shape[1] != shape[1]
+
+
+def check_steppable(model: LoadedModel) -> None:
+    """Raise unless `model`'s file is a step form, saying why and what to stream instead."""
+    if model.steppable:
+        return
+    refused = model.manifest.get("step_refused")
+    if isinstance(refused, str) and refused:
+        raise InputError(f"{model.path.name} has no step form: {refused}")
+    step_role = step_role_of(model.role)
+    entry = model.manifest.get("files", {}).get(step_role)
+    if isinstance(entry, dict):
+        raise InputError(f"{model.path.name} runs whole sequences; stream {entry.get('path')} (its step form) instead")
+    raise ModelFileError(f"{model.path.name} runs whole sequences and {model.model_dir} holds no step form of it — re-export the folder with edge-rnn")
+
+
+def step_role_of(role: str) -> str:
+    """The role of a sequence file's step twin: onnx → onnx_step, onnx_int8 → onnx_step_int8."""
+    return role.replace("onnx", "onnx_step", 1)
