@@ -477,7 +477,8 @@ def _has(module: str) -> bool:
 
 def _plan_model(model_dir: Path, cfg: BenchConfig, work: Path, notes: list[str]) -> tuple[list[_Row], dict[str, dict]]:
     """Rows to measure for one model folder and the coverage report of each quantized variant."""
-    from .quantize import classifier_inputs, text_ids
+    from .models.char_rnn import text_ids
+    from .models.mnist_lstm import classifier_inputs
 
     manifest = load_manifest(model_dir)
     verified_file(manifest, model_dir, "onnx")

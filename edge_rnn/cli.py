@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import sys
+from collections import Counter
 from pathlib import Path
 from typing import Callable, List, Optional
 
@@ -165,44 +166,78 @@ def train_char_rnn(
     )
 
 
+def _audit_table(audit: list[dict]) -> Table:
+    table = Table(title="graph audit: each Keras layer → the ONNX ops it became")
+    for name in ("layer", "class", "ONNX ops", "time loop", "note"):
+        table.add_column(name)
+    for entry in audit:
+        ops = entry["onnx_ops"]
+        loop = "fused" if entry["fused"] else ("LOOP" if {"Loop", "Scan"} & set(ops) else "—")
+        shown = ", ".join(f"{op}×{n}" if n > 1 else op for op, n in Counter(ops).items()) or "—"
+        table.add_row(entry["layer"], entry["cls"], shown, loop, entry["note"])
+    return table
+
+
 @app.command()
 @clean_errors
 def export(
-    model_dir: Path = typer.Argument(..., help="Model folder (with manifest.json) to export."),
+    model: Path = typer.Argument(..., help="MODEL.keras (a new folder is made) or a model folder with manifest.json (exported in place)."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="Folder for a .keras file's export (default: beside it, named after it)."),
+    labels: Optional[Path] = typer.Option(None, "--labels", help="Class names, one per line, as many as the first output's last dimension."),
+    fail_on_loop: bool = typer.Option(False, "--fail-on-loop", help="Fail instead of falling back to tf2onnx, and if any graph holds Loop/Scan."),
+    trust_h5: bool = typer.Option(False, "--trust-h5", help="Load an .h5 file (its loader can run code stored in the file: only for files you trust)."),
     opset: int = typer.Option(ExportConfig.opset, min=13, max=18, help="ONNX opset (13–18)."),
 ) -> None:
-    """Export a trained model folder to DIR/model.onnx (fused recurrent ops, dynamic batch axis).
+    """Export a Keras model or a model folder to ONNX (fused LSTM/GRU/RNN ops, a step model where it streams),
+    validated output by output against the source.
 
-    Example: edge-rnn export artifacts/mnist-lstm --opset 17
+    Example: edge-rnn export my_model.keras --out models/my_model --labels labels.txt
     """
     from .export import export as run_export
 
-    report = run_export(model_dir, cfg=ExportConfig(opset=opset))
+    report = run_export(model, cfg=ExportConfig(opset=opset), out=out_dir, labels=labels, fail_on_loop=fail_on_loop, trust_h5=trust_h5)
     for note in report.notes:
         err.print(note, highlight=False)
-    ops = ", ".join(f"{op}×{n}" for op, n in report.op_counts.items())
-    diff = f", max |Δ| vs source {report.max_abs_diff:.2e}" if report.max_abs_diff is not None else ""
-    out.print(f"{report.path} (opset {report.opset}{diff}): {ops}")
+    if report.audit:
+        out.print(_audit_table(report.audit))
+    for validation in report.validations:
+        for name, entry in validation.metrics().items():
+            out.print(f"parity {validation.role} {name}: max|Δ| {entry['max_abs_diff']:.2e} ({entry['tolerance']}) ok", highlight=False)
+    if report.step_refused:
+        out.print(f"no step model: {report.step_refused}", highlight=False)
+    for role, path in report.files.items():
+        ops = ", ".join(f"{op}×{n}" for op, n in report.graphs.get(role, {}).items())
+        out.print(f"{path}" + (f" (opset {report.opset}): {ops}" if ops else ""), highlight=False)
 
 
 @app.command()
 @clean_errors
 def quantize(
-    model_dir: Path = typer.Argument(..., help="Model folder holding model.onnx."),
+    model_dir: Path = typer.Argument(..., help="Model folder holding model.onnx (and model.step.onnx, quantized too)."),
     variant: List[str] = typer.Option(
-        ["int8"], "--variant", help="int8 (dynamic), int8-static (QDQ, calibrated on training data), fp16; repeat for several."
+        ["int8"], "--variant", help="int8 (dynamic), int8-static (QDQ, calibrated), fp16; repeat for several."
     ),
     calibration: str = typer.Option("minmax", help="Calibration method for int8-static: minmax | entropy | percentile."),
+    calibration_data: List[str] = typer.Option(
+        [], "--calibration-data",
+        help="int8-static inputs for a Keras model: FILE.npy (one input) or NAME=FILE.npy per input (built-ins use their training data).",
+    ),
 ) -> None:
-    """Quantize DIR/model.onnx with onnxruntime.quantization and report what was quantized.
+    """Quantize DIR/model.onnx (and the step model) with onnxruntime.quantization and report what was quantized.
 
     Example: edge-rnn quantize artifacts/mnist-lstm --variant int8 --variant int8-static --calibration entropy
     """
     from .quantize import quantize as run_quantize
 
-    for report in run_quantize(model_dir, variants=tuple(variant), calibration=calibration):
+    for report in run_quantize(model_dir, variants=tuple(variant), calibration=calibration, calibration_data=calibration_data):
         ops = ", ".join(f"{op}×{n}" for op, n in report.op_counts.items())
         out.print(f"{report.path}: {report.bytes:,} bytes ({report.bytes / report.fp32_bytes:.2f}× fp32) — {ops}")
+        drift = report.coverage.get("step_drift")
+        if drift:
+            streams = f" ({drift['streams']} streams × {drift['steps_per_stream']})" if drift["streams"] > 1 else ""
+            out.print(f"  step drift vs fp32 over {drift['steps']:,} steps{streams}: outputs max|Δ| "
+                      f"{max(drift['outputs_max_abs_diff'].values(), default=0.0):.2e}, state max|Δ| "
+                      f"{max(drift['state_max_abs_diff'].values(), default=0.0):.2e}", highlight=False)
         out.print(f"  coverage: {json.dumps(report.coverage)}", highlight=False)
 
 

@@ -1,41 +1,62 @@
-"""Export a model folder to ONNX: Keras via tf2onnx, the NumPy char RNN via onnx.helper; audit the graph.
+"""Export a model to ONNX through its adapter, validate every file against the source, write a model folder.
 
-Generic over models: the exporter is chosen by the files the manifest lists (`keras` or `checkpoint`),
-and the input/output names and shapes come from the manifest's `io` block.
+Two ways in: a model folder (its manifest names the adapter: mnist-lstm, char-rnn, keras), or a Keras
+file (`.keras`; `.h5` only when trusted), which becomes a new folder holding a copy `model.keras`,
+`model.onnx`, `model.step.onnx` where the model streams, and `manifest.json`.
+
+Every file is written to a temporary name, checked (onnx.checker, then onnxruntime against the source
+model on realistic inputs: every output's max |Δ| with its named tolerance, and the step model fed one
+step at a time against the whole sequence), and renamed only when every check passed; a failure lists
+all failed outputs at once and leaves the previous files as they were.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
 from .config import ExportConfig
 from .errors import EdgeRnnError, ModelFileError, require
-from .device.manifest import atomic_path, load_manifest, record_file, save_manifest, verified_file
-from .tolerances import FP32_LOGIT_ATOL, FP32_PROB_ATOL
+from .device.manifest import SCHEMA_VERSION, atomic_path, load_manifest, record_file, save_manifest, sha256_file
+from .validate import Validation, check, run_steps, session, stepped_outputs
 
 ONNX_FILE = "model.onnx"
+KERAS_FILE = "model.keras"
 BATCH_DIM = "batch"
 # Fused recurrent ops; an export holding recurrent layers but none of these fell back to Loop.
 FUSED_RECURRENT_OPS = ("LSTM", "GRU", "RNN")
-KERAS_RECURRENT_LAYERS = ("LSTM", "GRU", "SimpleRNN")
+# Ops that run a time loop through onnxruntime's graph executor, step by step (what --fail-on-loop refuses).
+LOOP_OPS = ("Loop", "Scan")
 # 13: Unsqueeze/Squeeze take axes as inputs (the char-RNN graph); 18: the newest tf2onnx 1.17 converts to.
 SUPPORTED_OPSETS = range(13, 19)
+# Validation inputs: enough rows for every padding pattern twice; a symbolic time axis gets this many steps.
+VALIDATION_BATCH = 16
+VALIDATION_STEPS = 12
+# What a labels file may hold: one label per line, short enough to print.
+MAX_LABEL_CHARS = 200
 
 
 @dataclass
 class ExportReport:
-    path: Path
+    path: Path  # model.onnx
     op_counts: dict[str, int]
     opset: int
-    max_abs_diff: float | None = None
+    max_abs_diff: float | None = None  # the largest max |Δ| of model.onnx's outputs against the source
     notes: list[str] = field(default_factory=list)
+    model_dir: Path | None = None
+    files: dict[str, Path] = field(default_factory=dict)  # role → path of every file written
+    graphs: dict[str, dict[str, int]] = field(default_factory=dict)  # role → op counts
+    audit: list[dict[str, Any]] = field(default_factory=list)
+    validations: list[Validation] = field(default_factory=list)
+    step_refused: str | None = None
 
 
 def op_counts(model) -> dict[str, int]:
@@ -44,8 +65,10 @@ def op_counts(model) -> dict[str, int]:
 
 
 def _set_metadata(model, props: dict[str, Any]) -> None:
+    """Add (or replace) metadata_props; keys already there and not in `props` stay."""
+    kept = [(p.key, p.value) for p in model.metadata_props if p.key not in props]
     del model.metadata_props[:]
-    for key, value in props.items():
+    for key, value in [*kept, *props.items()]:
         entry = model.metadata_props.add()
         entry.key = key
         entry.value = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
@@ -57,27 +80,6 @@ def _name_batch_axis(model) -> None:
         dims = value.type.tensor_type.shape.dim
         if dims and not dims[0].dim_value:
             dims[0].dim_param = BATCH_DIM
-
-
-def _save_validated(model, path: Path, *, validate: Callable[[Path], float], atol: float, source: str) -> float:
-    """check_model(full_check=True), write to a temporary file, compare it with the source model, and only
-    then rename it over `path`: a failed export leaves the previous model.onnx as it was."""
-    from .device.runtime import ORT_ERRORS
-
-    onnx = require("onnx", "train")
-    try:
-        onnx.checker.check_model(model, full_check=True)
-    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
-        raise EdgeRnnError(f"the exported graph fails onnx.checker ({str(exc).splitlines()[0]}) — not saved") from exc
-    with atomic_path(path) as tmp:
-        onnx.save(model, str(tmp))
-        try:
-            diff = validate(tmp)
-        except ORT_ERRORS as exc:
-            raise EdgeRnnError(f"onnxruntime cannot run the exported graph ({str(exc).splitlines()[0]}) — not saved") from exc
-        if not diff <= atol:
-            raise EdgeRnnError(f"the ONNX export differs from {source} by {diff:.3g} > {atol:g} — not saved")
-    return diff
 
 
 def keras_to_onnx(keras_model, *, io: dict[str, Any], opset: int):
@@ -104,6 +106,174 @@ def keras_to_onnx(keras_model, *, io: dict[str, Any], opset: int):
     return model
 
 
+
+
+def read_labels(path: str | os.PathLike[str]) -> list[str]:
+    """Class names from a text file, one per line (trailing blank lines ignored)."""
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise EdgeRnnError(f"cannot read labels from {path} ({exc}) — give a UTF-8 text file, one label per line") from exc
+    while lines and not lines[-1].strip():
+        lines.pop()
+    if not lines or any(not line.strip() or len(line) > MAX_LABEL_CHARS for line in lines):
+        raise EdgeRnnError(f"{path}: every line must be one label (non-empty, ≤ {MAX_LABEL_CHARS} characters)")
+    return [line.strip() for line in lines]
+
+
+def _validate(adapter, source, manifest: dict[str, Any], paths: dict[str, Path]) -> list[Validation]:
+    """model.onnx on realistic inputs against the source; the step model fed step by step against the source
+    on the whole sequence. Every output of both, collected."""
+    io = manifest["io"]
+    inputs = adapter.sample_inputs(manifest, batch=VALIDATION_BATCH, time_steps=VALIDATION_STEPS, seed=0)
+    reference = adapter.reference(source, inputs, io=io)
+    sess = session(paths["onnx"])
+    got = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, {s["name"]: inputs[s["name"]] for s in io["inputs"]})))
+    what = f"the source ({adapter.name})"
+    validations = [check("onnx", reference, got, tolerance=lambda n, r: adapter.tolerance(n, r, stepped=False), source=what)]
+    step = manifest.get("step")
+    if step:
+        fed = {s["name"] for s in step["inputs"]} | {s["input"] for s in step["state"]}
+        # An input the step model lacks only set a recurrent layer's initial state, which the step model
+        # starts at zero: the reference gets zeros for it too.
+        inputs = {n: x if n in fed else np.zeros_like(x) for n, x in inputs.items()}
+        if any(n not in fed for n in reference):
+            reference = adapter.reference(source, inputs, io=io)
+        initial = {s["input"]: inputs[s["input"]] for s in step["state"] if s["input"] in inputs}
+        role = "onnx_step" if "onnx_step" in paths else "onnx"
+        steps = run_steps(session(paths[role]), step, inputs, initial=initial)
+        got = stepped_outputs(steps, step, reference)
+        got.update({s["output"]: steps[-1][s["output"]] for s in step["state"] if s["output"] in reference})
+        wanted = {n: r for n, r in reference.items() if n in got}
+        validations.append(check("onnx_step", wanted, got, tolerance=lambda n, r: adapter.tolerance(n, r, stepped=True), source=what))
+    return validations
+
+
+def _loops(graphs: dict[str, dict[str, int]]) -> list[str]:
+    return [f"{role} holds {op}×{counts[op]}" for role, counts in graphs.items() for op in LOOP_OPS if counts.get(op)]
+
+
+def _new_keras_manifest(path: Path) -> dict[str, Any]:
+    return {"schema": SCHEMA_VERSION, "model": path.stem, "adapter": "keras", "task": "keras",
+            "source": {"file": str(path), "sha256": sha256_file(path)}, "files": {}}
+
+
+def export(
+    source: str | os.PathLike[str],
+    *,
+    cfg: ExportConfig = ExportConfig(),
+    out: str | os.PathLike[str] | None = None,
+    labels: str | os.PathLike[str] | None = None,
+    fail_on_loop: bool = False,
+    trust_h5: bool = False,
+) -> ExportReport:
+    """Export a model folder in place, or a Keras file into a new folder (`out`, default: beside it, named after
+    its stem); validate every file against the source before anything is renamed; record it all in the manifest."""
+    from .models import adapter_for
+    from .models.keras_model import KerasAdapter, load_keras_file
+
+    onnx = require("onnx", "train")
+    if cfg.opset not in SUPPORTED_OPSETS:
+        raise EdgeRnnError(f"--opset {cfg.opset} is not supported; choose {SUPPORTED_OPSETS.start}–{SUPPORTED_OPSETS.stop - 1}")
+    source = Path(source)
+    keras_file: Path | None = None
+    if source.is_dir():
+        if out is not None:
+            raise EdgeRnnError(f"--out is for a Keras file; the folder {source} is exported in place")
+        model_dir, manifest = source, load_manifest(source)
+        adapter = adapter_for(manifest)
+        if not any(role in manifest["files"] for role in adapter.source_roles):
+            raise ModelFileError(f"manifest in {model_dir} lists no {' or '.join(adapter.source_roles)} file — train first")
+        model = adapter.load(model_dir, manifest)
+    else:
+        model = load_keras_file(source, trust_h5=trust_h5)
+        keras_file, adapter = source, KerasAdapter()
+        model_dir = Path(out) if out is not None else source.parent / source.stem
+        manifest = _new_keras_manifest(source)
+    label_list = read_labels(labels) if labels is not None else None
+    if label_list is not None and adapter.name != "keras":
+        raise EdgeRnnError(f"--labels is for Keras models; {manifest['model']} takes its labels from its training data")
+
+    exported = adapter.export(model, manifest, opset=cfg.opset, fail_on_loop=fail_on_loop)
+    graphs = {g.role: op_counts(g.model) for g in exported.graphs}
+    if fail_on_loop and _loops(graphs):
+        raise EdgeRnnError(f"--fail-on-loop: {', '.join(_loops(graphs))} — nothing written")
+    fields = dict(exported.fields)
+    new = {k: v for k, v in manifest.items() if k not in ("step", "step_refused")}
+    new.setdefault("versions", {}).update(fields.pop("versions", {}))
+    new.update(fields, adapter=adapter.name, opset=cfg.opset)
+    if label_list is not None:
+        classes = new["io"]["outputs"][0]["shape"][-1]
+        if label_list and len(label_list) != classes:
+            raise EdgeRnnError(f"{labels} has {len(label_list)} labels but the model's first output "
+                               f"{new['io']['outputs'][0]['name']!r} has {classes} values — one label per line, one per class")
+        new["labels"] = label_list
+    for graph in exported.graphs:
+        props = {"edge_rnn.model": new["model"], "edge_rnn.adapter": adapter.name, "edge_rnn.role": graph.role,
+                 "edge_rnn.versions": new["versions"], "edge_rnn.audit": new.get("audit", [])}
+        props.update({f"edge_rnn.{k}": new[k] for k in ("config", "preprocessing", "labels") if k in new})
+        _set_metadata(graph.model, props)
+        try:
+            onnx.checker.check_model(graph.model, full_check=True)
+        except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+            raise EdgeRnnError(f"the exported {graph.file} fails onnx.checker ({str(exc).splitlines()[0]}) — not saved") from exc
+
+    created = not model_dir.exists()
+    try:
+        validations = _write_validated(adapter, model, new, exported.graphs, model_dir, keras_file=keras_file)
+    except BaseException:
+        if created and model_dir.is_dir() and not any(model_dir.iterdir()):
+            model_dir.rmdir()
+        raise
+
+    # Variants derived from older files no longer describe these ones.
+    new["files"] = {r: e for r, e in new.get("files", {}).items() if not r.startswith("onnx")}
+    files = {}
+    for graph in exported.graphs:
+        record_file(new, model_dir, graph.role, graph.file)
+        files[graph.role] = model_dir / graph.file
+    if keras_file is not None:
+        record_file(new, model_dir, "keras", KERAS_FILE)
+        files["keras"] = model_dir / KERAS_FILE
+    new.setdefault("versions", {}).update(_export_versions())
+    new["graphs"] = graphs
+    metrics = new.setdefault("metrics", {})
+    metrics.pop("export_random_input_max_abs_diff", None)
+    metrics["export_parity"] = {v.role: v.metrics() for v in validations}
+    save_manifest(model_dir, new)
+    onnx_check = validations[0].report.checks
+    return ExportReport(
+        model_dir / ONNX_FILE, graphs["onnx"], cfg.opset, max(c.max_abs_diff for c in onnx_check) if onnx_check else None,
+        exported.notes, model_dir, files, graphs, new.get("audit", []), validations, new.get("step_refused"),
+    )
+
+
+def _write_validated(adapter, model, manifest: dict[str, Any], graphs, model_dir: Path, *, keras_file: Path | None) -> list[Validation]:
+    """Write every graph (and the Keras copy) to temporary files, validate, and rename them all only if all checks pass."""
+    from .device.runtime import ORT_ERRORS
+
+    onnx = require("onnx", "train")
+    with contextlib.ExitStack() as stack:
+        paths = {g.role: stack.enter_context(atomic_path(model_dir / g.file)) for g in graphs}
+        for graph in graphs:
+            onnx.save(graph.model, str(paths[graph.role]))
+        try:
+            validations = _validate(adapter, model, manifest, paths)
+        except ORT_ERRORS as exc:
+            raise EdgeRnnError(f"onnxruntime cannot run the exported graph ({str(exc).splitlines()[0]}) — not saved") from exc
+        failures = [f for v in validations for f in v.failures()]
+        if failures:
+            raise EdgeRnnError(f"the export differs from {validations[0].report.reference} — not saved: {'; '.join(failures)}")
+        if keras_file is not None:
+            copy = stack.enter_context(atomic_path(model_dir / KERAS_FILE))
+            if keras_file.suffix.lower() == ".keras":
+                shutil.copyfile(keras_file, copy)
+            else:
+                model.save(copy)  # a trusted .h5 becomes a .keras copy
+    return validations
+
+
 def _export_versions() -> dict[str, str]:
     import onnxruntime as ort
 
@@ -111,106 +281,3 @@ def _export_versions() -> dict[str, str]:
     return {"onnx": onnx.__version__, "onnxruntime": ort.__version__}
 
 
-def _recurrent_layers(keras_model) -> list[str]:
-    return [layer.__class__.__name__ for layer in keras_model.layers if layer.__class__.__name__ in KERAS_RECURRENT_LAYERS]
-
-
-def _validate_keras_export(keras_model, onnx_path: Path, io: dict[str, Any], *, seed: int = 0) -> float:
-    """Max |Δ| between Keras and onnxruntime on 64 random inputs in the preprocessed range [0, 1]."""
-    import onnxruntime as ort
-
-    spec = io["inputs"][0]
-    shape = [64 if isinstance(d, str) else d for d in spec["shape"]]
-    x = np.random.default_rng(seed).random(shape, dtype=np.float32)
-    expected = np.asarray(keras_model(x, training=False))
-    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    (got,) = session.run([io["outputs"][0]["name"]], {spec["name"]: x})
-    return float(np.max(np.abs(expected - got)))
-
-
-def _export_keras(model_dir: Path, manifest: dict[str, Any], cfg: ExportConfig) -> ExportReport:
-    from .lstm import load_keras_model, versions
-    from .optimize import clean_recurrent_graph
-
-    keras_model, _ = load_keras_model(model_dir)
-    onnx_model = keras_to_onnx(keras_model, io=manifest["io"], opset=cfg.opset)
-    raw_counts = op_counts(onnx_model)
-    onnx_model, clean_report = clean_recurrent_graph(onnx_model)
-    counts = op_counts(onnx_model)
-    notes = [f"graph cleanup: {raw_counts} → {counts}"]
-    recurrent = _recurrent_layers(keras_model)
-    fused = sum(counts.get(op, 0) for op in FUSED_RECURRENT_OPS)
-    if recurrent and fused < len(recurrent):
-        notes.append(f"only {fused} fused recurrent ops for {len(recurrent)} recurrent layers ({recurrent}): tf2onnx fell back to Loop")
-    _set_metadata(
-        onnx_model,
-        {
-            "edge_rnn.model": manifest["model"],
-            "edge_rnn.config": manifest.get("config", {}),
-            "edge_rnn.preprocessing": manifest.get("preprocessing", {}),
-            "edge_rnn.labels": manifest.get("labels", []),
-            "edge_rnn.versions": versions(),
-            "edge_rnn.cleanup": clean_report,
-        },
-    )
-    path = model_dir / ONNX_FILE
-    diff = _save_validated(
-        onnx_model, path, validate=lambda tmp: _validate_keras_export(keras_model, tmp, manifest["io"]),
-        atol=FP32_PROB_ATOL, source="Keras on random inputs",
-    )
-    return ExportReport(path, counts, cfg.opset, diff, notes)
-
-
-def _export_char_rnn(model_dir: Path, manifest: dict[str, Any], cfg: ExportConfig) -> ExportReport:
-    import onnxruntime as ort
-
-    from .char_rnn import forward, load_checkpoint
-    from .graphs import char_rnn_model
-
-    ckpt = load_checkpoint(verified_file(manifest, model_dir, "checkpoint"))
-    if list(ckpt.vocab) != manifest.get("vocab"):
-        raise ModelFileError(f"the checkpoint's vocabulary differs from the manifest's in {model_dir} — retrain the folder")
-    onnx_model = char_rnn_model(ckpt.params, vocab=ckpt.vocab, opset=cfg.opset)
-    (ids_name, h0_name) = [spec["name"] for spec in manifest["io"]["inputs"]]
-
-    def validate(tmp: Path) -> float:
-        # NumPy float64 vs onnxruntime on a random id sequence from a random state.
-        rng = np.random.default_rng(0)
-        ids = rng.integers(0, len(ckpt.vocab), size=200)
-        h0 = rng.standard_normal((ckpt.hidden, 1)) * 0.5
-        expected, h_expected = forward(ckpt.params, ids=ids, h_prev=h0)
-        session = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
-        logits, h = session.run(None, {ids_name: ids[None].astype(np.int64), h0_name: h0.T.astype(np.float32)})
-        return max(float(np.max(np.abs(logits[0] - expected))), float(np.max(np.abs(h - h_expected.T))))
-
-    path = model_dir / ONNX_FILE
-    diff = _save_validated(onnx_model, path, validate=validate, atol=FP32_LOGIT_ATOL, source="the NumPy model")
-    return ExportReport(path, op_counts(onnx_model), cfg.opset, diff)
-
-
-def export(model_dir: str | os.PathLike[str], *, cfg: ExportConfig = ExportConfig()) -> ExportReport:
-    """Export the model in `model_dir` to `model_dir/model.onnx`, record it in the manifest, return a report."""
-    require("onnx", "train")
-    if cfg.opset not in SUPPORTED_OPSETS:
-        raise EdgeRnnError(f"--opset {cfg.opset} is not supported; choose {SUPPORTED_OPSETS.start}–{SUPPORTED_OPSETS.stop - 1}")
-    model_dir = Path(model_dir)
-    manifest = load_manifest(model_dir)
-    files = manifest.get("files", {})
-    if "keras" in files:
-        report = _export_keras(model_dir, manifest, cfg)
-    elif "checkpoint" in files:
-        report = _export_char_rnn(model_dir, manifest, cfg)
-    else:
-        raise ModelFileError(f"manifest in {model_dir} lists neither a 'keras' model nor a 'checkpoint' — train first")
-    manifest = load_manifest(model_dir)
-    # Variants derived from an older model.onnx no longer describe this one.
-    for role in [r for r in manifest["files"] if r.startswith("onnx_")]:
-        del manifest["files"][role]
-    record_file(manifest, model_dir, "onnx", ONNX_FILE)
-    manifest["opset"] = report.opset
-    manifest.setdefault("versions", {}).update(_export_versions())
-    manifest.setdefault("graphs", {})["onnx"] = report.op_counts
-    if report.max_abs_diff is not None:
-        manifest.setdefault("metrics", {})["export_random_input_max_abs_diff"] = report.max_abs_diff
-    save_manifest(model_dir, manifest)
-    return report

@@ -70,6 +70,11 @@ IDENTITY_LAYERS = ("Dropout", "SpatialDropout1D", "SpatialDropout2D", "SpatialDr
 class UnsupportedLayerError(EdgeRnnError):
     """A Keras layer (or graph op) has no converter here; the caller may fall back to tf2onnx."""
 
+    def __init__(self, message: str, *, layer: str | None = None, cls: str | None = None) -> None:
+        super().__init__(message)
+        self.layer = layer  # the refused layer's name and class, for the fallback's audit
+        self.cls = cls
+
 
 class NotStreamableError(EdgeRnnError):
     """step=True on a model that needs the whole sequence (bidirectional, backwards, time reshapes…)."""
@@ -232,7 +237,8 @@ class _Converter:
 
     def refuse(self, reason: str, *, todo: str = "export it with tf2onnx instead") -> UnsupportedLayerError:
         layer = self.layer
-        return UnsupportedLayerError(f"layer {layer.name!r} ({type(layer).__name__}): {reason} — {todo}")
+        return UnsupportedLayerError(f"layer {layer.name!r} ({type(layer).__name__}): {reason} — {todo}",
+                                     layer=layer.name, cls=type(layer).__name__)
 
     def not_streamable(self, reason: str) -> NotStreamableError:
         layer = self.layer

@@ -63,7 +63,8 @@ def build_model(cfg: LstmConfig = LstmConfig(), *, train_samples: int = 60_000):
             layers.Dropout(cfg.dropout),
             layers.Dense(cfg.dense, activation="relu"),
             layers.Dropout(cfg.dropout),
-            layers.Dense(cfg.classes, activation="softmax"),
+            # Named after the output: keras_onnx names graph outputs after their layer, and the manifest says "probs".
+            layers.Dense(cfg.classes, activation="softmax", name=OUTPUT_NAME),
         ],
         name="mnist_lstm",
     )

@@ -6,6 +6,13 @@ Variants (file roles in the manifest):
 - `onnx_int8_static`  static int8 in QDQ format (quantize_static), activation ranges calibrated on real training
                       data; onnxruntime has no static LSTM/GRU/RNN kernel, so the recurrent ops stay float.
 - `onnx_fp16`         float16 weights and compute, float32 inputs/outputs (onnxruntime.transformers.float16).
+- `onnx_step_int8`    dynamic int8 of the step model `model.step.onnx`, where the folder has one.
+
+Any folder works: the model's adapter (edge_rnn.models) gives the calibration data — the built-in models'
+own training data, or for a user's Keras model the `.npy` files the user names. onnxruntime has int8
+kernels for LSTM only, so GRU and RNN stay float32 and the coverage report says so. Every variant that
+streams (its graph takes the manifest's state inputs) is run next to its fp32 step model over
+DRIFT_STEPS steps, and the drift (max |Δ| of outputs and state) goes into its coverage record.
 
 Measured choices (mnist-lstm, onnxruntime 1.32, 1 thread, batch 1): per-channel weights make the dynamic
 model 12 % slower and bigger with no accuracy gain; reduce_range, QUInt8 weights and skipping the
@@ -15,19 +22,18 @@ pre-processing are all within noise. So: per-tensor QInt8 weights, after pre-pro
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
-
 import os
 import tempfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
-import numpy.typing as npt
 
-from .errors import DataError, EdgeRnnError, require
+from .errors import EdgeRnnError, require
 from .export import op_counts
 from .device.hostinfo import cpu_features
 from .device.manifest import atomic_path, load_manifest, record_file, save_manifest, verified_file
@@ -38,6 +44,11 @@ VARIANTS: dict[str, tuple[str, str]] = {
     "int8-static": ("onnx_int8_static", "model.int8-static.onnx"),
     "fp16": ("onnx_fp16", "model.fp16.onnx"),
 }
+# The step model (model.step.onnx) gets dynamic int8 only: it runs one step per call on a device, where
+# int8 weights matter; static QDQ would need calibration feeds for every state tensor.
+STEP_VARIANTS: dict[str, tuple[str, str]] = {"int8": ("onnx_step_int8", "model.step.int8.onnx")}
+# A streaming variant is run this many steps next to fp32 (state carried, never reset) to measure its drift.
+DRIFT_STEPS = 1000
 FP16_KEEP_FLOAT32 = ("Transpose",)
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
 # Calibration inputs: enough real samples for stable ranges, few enough that Entropy/Percentile stay fast.
@@ -93,6 +104,7 @@ class QuantizeReport:
     fp32_bytes: int
     op_counts: dict[str, int]
     coverage: dict[str, Any]
+    role: str = ""
 
 
 def _dtype_bytes(tensor) -> int:
@@ -209,70 +221,6 @@ def coverage(
 
 
 # ---------------------------------------------------------------------------------------------
-# Calibration data: real training inputs, never the held-out split
-
-
-def _digit_images(manifest: dict[str, Any], *, split: str) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.uint8]]:
-    from .data import KERAS_SETS, load_digits
-
-    data = manifest.get("data", {})
-    name, source = data.get("name"), data.get("source")
-    spec = name if name in (*KERAS_SETS, "sample") else source
-    if not spec:
-        raise DataError(f"the manifest of {manifest.get('model')} does not say which data it was trained on")
-    digits = load_digits(spec)
-    if digits.warnings:
-        # load_digits fell back to the bundled sample: not the data the model was trained and held out on.
-        raise DataError(f"cannot load the model's data {spec!r} ({digits.warnings[0]}) — restore access to it")
-    return (digits.x_train, digits.y_train) if split == "train" else (digits.x_test, digits.y_test)
-
-
-def classifier_inputs(manifest: dict[str, Any], *, split: str) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
-    """The model's own data as preprocessed float32 (N, T, F) inputs and int64 labels (N,); split 'train' or 'heldout'."""
-    from .device.runtime import preprocess_pixels
-
-    images, labels = _digit_images(manifest, split=split)
-    return preprocess_pixels(images, preprocessing=manifest["preprocessing"]), labels.astype(np.int64)
-
-
-def text_ids(manifest: dict[str, Any], *, split: str) -> npt.NDArray[np.int64]:
-    """Char ids (N,) int64 of the model's training text ('train') or its held-out tail ('heldout')."""
-    from .char_rnn import encode, text_split
-
-    train, val = text_split(manifest)
-    return encode(train if split == "train" else val, vocab="".join(manifest["vocab"]))
-
-
-def calibration_feeds(
-    manifest: dict[str, Any], fp32_path: str | os.PathLike[str], *, samples: int = CALIBRATION_SAMPLES
-) -> list[dict[str, np.ndarray]]:
-    """Feed dicts of real training inputs: digit batches, or char-id chunks with the hidden state carried over."""
-    inputs = [spec["name"] for spec in manifest["io"]["inputs"]]
-    if manifest.get("task") == "generate":
-        import onnxruntime as ort
-
-        T = int(manifest["config"]["seq_length"])
-        H = int(manifest["config"]["hidden"])
-        ids = text_ids(manifest, split="train")[: samples * T]
-        chunks = ids[: len(ids) // T * T].reshape(-1, T)
-        # Each row of a batch is its own stream through the text; states come from running fp32, so the
-        # ranges of h0 are the ones the model meets when generating.
-        rows = len(chunks) // CALIBRATION_BATCH * CALIBRATION_BATCH or len(chunks)
-        streams = chunks[:rows].reshape(-1 if rows >= CALIBRATION_BATCH else 1, min(CALIBRATION_BATCH, rows), T)
-        session = ort.InferenceSession(str(fp32_path), providers=["CPUExecutionProvider"])
-        h = np.zeros((streams.shape[1], H), np.float32)
-        feeds = []
-        for batch in streams:
-            feed = {inputs[0]: batch.astype(np.int64), inputs[1]: h}
-            feeds.append(feed)
-            h = session.run(None, feed)[1]
-        return feeds
-    x, _ = classifier_inputs(manifest, split="train")
-    x = x[:samples]
-    return [{inputs[0]: x[i : i + CALIBRATION_BATCH]} for i in range(0, len(x), CALIBRATION_BATCH)]
-
-
-# ---------------------------------------------------------------------------------------------
 # Variant makers
 
 
@@ -302,14 +250,15 @@ class _FeedReader:
         return next(self._feeds, None)
 
 
-def _static_int8(src: Path, dst: Path, *, manifest: dict[str, Any], calibration: str, samples: int) -> dict[str, Any]:
+def _static_int8(src: Path, dst: Path, *, feeds: Callable[[], list[dict[str, np.ndarray]]], calibration: str,
+                 calibration_data: str, **_: Any) -> dict[str, Any]:
     quantization = require("onnxruntime.quantization", "train")
     method = {
         "minmax": quantization.CalibrationMethod.MinMax,
         "entropy": quantization.CalibrationMethod.Entropy,
         "percentile": quantization.CalibrationMethod.Percentile,
     }[calibration]
-    feeds = calibration_feeds(manifest, src, samples=samples)
+    feeds = feeds()
     reader = _FeedReader(feeds)
     with tempfile.TemporaryDirectory() as tmp:
         pre = Path(tmp) / "pre.onnx"
@@ -324,7 +273,7 @@ def _static_int8(src: Path, dst: Path, *, manifest: dict[str, Any], calibration:
             weight_type=quantization.QuantType.QInt8,
         )
     n = sum(len(next(iter(f.values()))) for f in feeds)
-    return {"format": "QDQ", "calibration": calibration, "calibration_samples": n, "calibration_data": "training split"}
+    return {"format": "QDQ", "calibration": calibration, "calibration_samples": n, "calibration_data": calibration_data}
 
 
 def _fp16(src: Path, dst: Path, **_: Any) -> dict[str, Any]:
@@ -354,14 +303,38 @@ def _quiet_root_logging() -> Iterator[None]:
         root.setLevel(level)
 
 
+def parse_calibration_data(items: Sequence[str]) -> dict[str, str]:
+    """`FILE.npy` (the model's one input) or `NAME=FILE.npy` per input → {input name or "": path}."""
+    data: dict[str, str] = {}
+    for item in items:
+        name, _, path = item.rpartition("=") if "=" in item else ("", "", item)
+        if name in data:
+            raise EdgeRnnError(f"--calibration-data gives {name or 'the input'!r} twice")
+        data[name] = path
+    if "" in data and len(data) > 1:
+        raise EdgeRnnError("--calibration-data: with several files, name each input: NAME=FILE.npy")
+    return data
+
+
+def steppable(model, step: dict[str, Any] | None) -> bool:
+    """A model file streams when its graph inputs include every state input of the manifest's step block."""
+    names = {i.name for i in model.graph.input}
+    return bool(step) and all(s["input"] in names for s in step["state"])
+
+
 def quantize(
     model_dir: str | os.PathLike[str],
     *,
     variants: tuple[str, ...] = ("int8",),
     calibration: str = "minmax",
     calibration_samples: int = CALIBRATION_SAMPLES,
+    calibration_data: Sequence[str] = (),
 ) -> list[QuantizeReport]:
-    """Make each variant of `model_dir/model.onnx`, record it in the manifest, return coverage reports."""
+    """Make each variant of `model_dir/model.onnx` (and int8 of model.step.onnx), record them in the manifest,
+    return coverage reports; a streaming variant also gets its drift from fp32 over DRIFT_STEPS steps."""
+    from .models import adapter_for
+    from .validate import drift
+
     onnx = require("onnx", "train")
     model_dir = Path(model_dir)
     unknown = [v for v in variants if v not in VARIANTS]
@@ -369,25 +342,46 @@ def quantize(
         raise EdgeRnnError(f"unknown variant(s) {unknown}; choose from {sorted(VARIANTS)}")
     if calibration not in CALIBRATION_METHODS:
         raise EdgeRnnError(f"unknown calibration method {calibration!r}; choose from {list(CALIBRATION_METHODS)}")
+    data = parse_calibration_data(calibration_data)
+    if data and "int8-static" not in variants:
+        raise EdgeRnnError("--calibration-data is for --variant int8-static")
     manifest = load_manifest(model_dir)
-    src = verified_file(manifest, model_dir, "onnx")
-    fp32_model = onnx.load(str(src))
-    reports = []
+    adapter = adapter_for(manifest)
+    step = manifest.get("step")
+    jobs = []  # (variant, fp32 role, variant role, variant file)
     for variant in variants:
-        role, name = VARIANTS[variant]
+        jobs.append((variant, "onnx", *VARIANTS[variant]))
+        if variant in STEP_VARIANTS and "onnx_step" in manifest["files"]:
+            jobs.append((variant, "onnx_step", *STEP_VARIANTS[variant]))
+    sources = {role: verified_file(manifest, model_dir, role) for role in {job[1] for job in jobs}}
+    stream: dict[str, np.ndarray] | None = None
+    reports = []
+    for variant, src_role, role, name in jobs:
+        src = sources[src_role]
+        fp32_model = onnx.load(str(src))
+        feeds = functools.partial(adapter.calibration_feeds, model_dir, manifest, src, samples=calibration_samples,
+                                  batch=CALIBRATION_BATCH, data=data or None)
+        described = f"files {data}" if data else "training split"
         with atomic_path(model_dir / name) as tmp, _quiet_root_logging():
-            settings = _MAKERS[variant](src, tmp, manifest=manifest, calibration=calibration, samples=calibration_samples)
+            settings = _MAKERS[variant](src, tmp, feeds=feeds, calibration=calibration, calibration_data=described)
             q_model = onnx.load(str(tmp))
             runtime_ops = runtime_op_counts(tmp)
+            step_drift = None
+            if steppable(q_model, step):
+                stream = adapter.stream_inputs(manifest, steps=DRIFT_STEPS, seed=0) if stream is None else stream
+                step_drift = drift(src, tmp, step, stream)
         record_file(manifest, model_dir, role, name)
         cov = coverage(fp32_model, q_model, variant=variant, runtime_ops=runtime_ops)
         cov["settings"] = settings
+        if step_drift is not None:
+            cov["step_drift"] = step_drift
         # int8 kernels (and so the rounding of near-ties) depend on the CPU: record which one made these figures.
         cov["host"] = cpu_features()
         cov["file_ratio"] = (model_dir / name).stat().st_size / src.stat().st_size
         q_counts = op_counts(q_model)
         manifest.setdefault("graphs", {})[role] = q_counts
         manifest.setdefault("quantization", {})[role] = cov
-        reports.append(QuantizeReport(variant, model_dir / name, (model_dir / name).stat().st_size, src.stat().st_size, q_counts, cov))
+        reports.append(QuantizeReport(variant, model_dir / name, (model_dir / name).stat().st_size, src.stat().st_size,
+                                      q_counts, cov, role=role))
     save_manifest(model_dir, manifest)
     return reports

@@ -26,7 +26,17 @@ def test_manifest_describes_the_char_rnn(char_dir):
     for entry in manifest["files"].values():
         assert entry["sha256"] == sha256_file(char_dir / entry["path"])
     assert 0 < manifest["metrics"]["val_nats_per_char"] < np.log(len(manifest["vocab"]))
-    assert manifest["metrics"]["export_random_input_max_abs_diff"] <= 1e-4
+    parity = manifest["metrics"]["export_parity"]
+    assert parity["onnx"]["logits"]["ok"] and parity["onnx"]["logits"]["max_abs_diff"] <= 1e-4
+    # model.onnx is its own step model: fed one char at a time it matches NumPy on the whole text.
+    assert parity["onnx_step"]["logits"]["ok"] and parity["onnx_step"]["h"]["max_abs_diff"] <= 1e-4
+    assert manifest["adapter"] == "char-rnn"
+    assert manifest["step"]["inputs"] == [{**manifest["io"]["inputs"][0], "shape": ["batch", 1]}]
+    assert manifest["step"]["state"] == [
+        {"layer": "rnn", "name": "h", "input": "h0", "output": "h", "dtype": "float32", "shape": ["batch", 64]}]
+    # The int8 file streams too (it takes h0): its drift from fp32 over 1,000 chars of text is on record.
+    drift = manifest["quantization"]["onnx_int8"]["step_drift"]
+    assert drift["steps"] == 1000 and 0 < drift["outputs_max_abs_diff"]["logits"] < 10 and np.isfinite(drift["state_max_abs_diff"]["h"])
 
 
 def test_generate_matches_numpy_sample(char_dir):

@@ -92,9 +92,10 @@ def test_the_int8_gate_fails_on_a_damaged_model(probs, digits, mnist_dir, tmp_pa
         assert any(promise in f for f in gate.failures), (promise, gate.failures)
 
 
-def test_graphs_hold_fused_lstm_ops(mnist_dir):
-    fp32 = onnx.load(str(mnist_dir / "model.onnx"))
-    int8 = onnx.load(str(mnist_dir / "model.int8.onnx"))
+@pytest.mark.parametrize("fp32_file, int8_file", [("model.onnx", "model.int8.onnx"), ("model.step.onnx", "model.step.int8.onnx")])
+def test_graphs_hold_fused_lstm_ops(mnist_dir, fp32_file, int8_file):
+    fp32 = onnx.load(str(mnist_dir / fp32_file))
+    int8 = onnx.load(str(mnist_dir / int8_file))
     assert op_counts(fp32).get("LSTM") == 2
     assert "Loop" not in op_counts(fp32) and "Scan" not in op_counts(fp32)
     assert op_counts(int8).get("DynamicQuantizeLSTM") == 2
@@ -102,6 +103,21 @@ def test_graphs_hold_fused_lstm_ops(mnist_dir):
     onnx.checker.check_model(fp32, full_check=True)
     acts = [list(a.strings) for n in fp32.graph.node if n.op_type == "LSTM" for a in n.attribute if a.name == "activations"]
     assert acts == [[b"Sigmoid", b"Relu", b"Relu"]] * 2
+
+
+def test_step_model_streams_each_digit(mnist_dir):
+    """keras_onnx's step model: one row per call, h and c of both LSTMs carried; parity and int8 drift recorded."""
+    manifest = load_manifest(mnist_dir)
+    step = manifest["step"]
+    assert [s["name"] for s in step["inputs"]] == ["input"] and step["inputs"][0]["shape"] == ["batch", 1, 28]
+    assert [s["name"] for s in step["outputs"]] == ["probs"]
+    assert [(s["name"], s["shape"]) for s in step["state"]] == [("h", ["batch", 128]), ("c", ["batch", 128])] * 2
+    parity = manifest["metrics"]["export_parity"]
+    assert parity["onnx"]["probs"]["ok"] and parity["onnx_step"]["probs"]["ok"]
+    assert parity["onnx_step"]["probs"]["max_abs_diff"] <= FP32_PROB_ATOL
+    drift = manifest["quantization"]["onnx_step_int8"]["step_drift"]
+    assert drift["steps"] >= 1000 and 0 < drift["outputs_max_abs_diff"]["probs"] <= 1.0
+    assert set(drift["state_max_abs_diff"]) == {s["output"] for s in step["state"]}
 
 
 def test_onnx_metadata_and_dynamic_batch(mnist_dir, digits):
@@ -124,7 +140,8 @@ def test_manifest_describes_every_file(mnist_dir):
     assert manifest["data"]["name"] == "sample" and manifest["data"]["train"] == 4000 and manifest["data"]["heldout"] == 1000
     assert manifest["preprocessing"]["scale"] == pytest.approx(1 / 255)
     assert manifest["labels"] == [str(d) for d in range(10)]
-    assert set(manifest["files"]) == {"keras", "onnx", "onnx_int8"}
+    assert set(manifest["files"]) == {"keras", "onnx", "onnx_step", "onnx_int8", "onnx_step_int8"}
+    assert manifest["adapter"] == "mnist-lstm"
     for entry in manifest["files"].values():
         path = mnist_dir / entry["path"]
         assert entry["sha256"] == sha256_file(path) and entry["bytes"] == path.stat().st_size

@@ -10,7 +10,8 @@ from edge_rnn.errors import EdgeRnnError
 from edge_rnn.export import op_counts
 from edge_rnn.lstm import preprocess
 from edge_rnn.device.manifest import load_manifest
-from edge_rnn.quantize import calibration_feeds, classifier_inputs, quantize, weight_bytes
+from edge_rnn.models.mnist_lstm import MnistLstmAdapter, classifier_inputs
+from edge_rnn.quantize import quantize, weight_bytes
 from edge_rnn.device.runtime import load_model, predict_probs
 from edge_rnn.device.parity import quant_gate
 
@@ -50,7 +51,7 @@ def test_static_int8_keeps_the_quantization_promise(static_dir, digits):
 
 def test_calibration_uses_training_digits_not_heldout(mnist_dir, digits):
     manifest = load_manifest(mnist_dir)
-    feeds = calibration_feeds(manifest, mnist_dir / "model.onnx", samples=64)
+    feeds = MnistLstmAdapter().calibration_feeds(mnist_dir, manifest, mnist_dir / "model.onnx", samples=64, batch=32)
     x = np.concatenate([f["input"] for f in feeds])
     assert x.shape == (64, 28, 28) and x.dtype == np.float32
     np.testing.assert_array_equal(x, preprocess(digits.x_train[:64]))
