@@ -226,6 +226,13 @@ def _fallback(keras_model, refused, *, opset: int) -> Exported:
         if layer.name == refused.layer:
             note += f" ({why})"
         audit.append({"layer": layer.name, "cls": type(layer).__name__, "onnx_ops": [], "fused": False, "note": note})
+    # tf2onnx's node names do not map back to layers reliably, so its graph is audited as one entry.
+    ops = [node.op_type for node in model.graph.node]
+    loops = {op: ops.count(op) for op in ("Loop", "Scan") if op in ops}
+    audit.append({"layer": "(whole model)", "cls": "tf2onnx", "onnx_ops": ops, "fused": False,
+                  "note": (f"holds {', '.join(f'{op}×{n}' for op, n in loops.items())}: onnxruntime runs each time step "
+                           "through its graph executor, and quantize_dynamic cannot make a Loop's weights int8")
+                  if loops else "no Loop: tf2onnx fused every recurrent layer"})
     fields = {
         "io": io,
         "masking": [],
