@@ -286,7 +286,7 @@ def infer(
     for name, y in result.outputs.items():
         out.print(f"{name} {tuple(y.shape)}:", highlight=False)
         for row, values in zip(result.rows, y):
-            out.print(f"  {row}: {json.dumps(values.round(4).tolist())}", highlight=False, soft_wrap=True)
+            out.print(f"  {row}: {json.dumps(values.astype(float).round(4).tolist())}", highlight=False, soft_wrap=True)
 
 
 @app.command()
