@@ -233,7 +233,9 @@ def quantize(
         ops = ", ".join(f"{op}×{n}" for op, n in report.op_counts.items())
         out.print(f"{report.path}: {report.bytes:,} bytes ({report.bytes / report.fp32_bytes:.2f}× fp32) — {ops}")
         drift = report.coverage.get("step_drift")
-        if drift:
+        if drift and "note" in drift:
+            out.print(f"  step drift: {drift['note']}", highlight=False)
+        if drift and drift["steps"]:
             streams = f" ({drift['streams']} streams × {drift['steps_per_stream']})" if drift["streams"] > 1 else ""
             out.print(f"  step drift vs fp32 over {drift['steps']:,} steps{streams}: outputs max|Δ| "
                       f"{max(drift['outputs_max_abs_diff'].values(), default=0.0):.2e}, state max|Δ| "

@@ -343,3 +343,32 @@ def test_a_damaged_conversion_fails_parity_and_keeps_the_previous_files(files, e
     monkeypatch.setattr(keras_onnx, "convert", damaged)
     one_line_error(run("export", files["gru_stack"], "--out", folder), "not saved", "onnx activity", "onnx_step activity")
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+
+
+def test_a_keras_folder_exports_again_in_place(exported):
+    """`edge-rnn export DIR` on a folder made from a .keras file: same source, labels kept, another opset."""
+    dirs, _ = exported
+    folder = dirs["imdb"]
+    before = load_manifest(folder)
+    result = run("export", folder, "--opset", "15")
+    assert result.exit_code == 0, result.output
+    manifest = load_manifest(folder)
+    assert manifest["opset"] == 15 and onnx.load(str(folder / "model.onnx")).opset_import[0].version == 15
+    assert manifest["source"] == before["source"] and manifest["labels"] == ["negative", "positive"]
+    assert manifest["files"]["keras"] == before["files"]["keras"]
+    one_line_error(run("export", folder, "--out", folder.parent / "elsewhere"), "--out is for a Keras file")
+
+
+def test_drift_of_a_stream_fp32_cannot_finish(tmp_path):
+    """A relu LSTM with a large recurrent kernel overflows fp32 itself within 1,000 steps: the drift record
+    says where and compares the steps before, instead of writing NaN."""
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((None, 3), name="x"), layers.LSTM(8, activation="relu", name="lstm"), layers.Dense(2)])
+    model.layers[0].cell.recurrent_kernel.assign(model.layers[0].cell.recurrent_kernel * 8.0)
+    model.save(tmp_path / "unbounded.keras")
+    assert run("export", tmp_path / "unbounded.keras").exit_code == 0
+    result = run("quantize", tmp_path / "unbounded", "--variant", "int8")
+    assert result.exit_code == 0, result.output
+    drift = load_manifest(tmp_path / "unbounded")["quantization"]["onnx_step_int8"]["step_drift"]
+    assert "overflows at step" in drift["note"] and 0 < drift["steps"] < 1000
+    assert np.isfinite(drift["max_abs_diff"]) and "overflows at step" in result.output

@@ -1,4 +1,8 @@
-"""clean_recurrent_graph: a real tf2onnx export of a small LSTM stack, plus hand-built LSTM/GRU/RNN graphs."""
+"""clean_recurrent_graph: a real tf2onnx export of a small LSTM stack, plus hand-built LSTM/GRU/RNN graphs.
+
+tf2onnx + this cleanup is the export path for models keras_onnx refuses (the fallback in
+edge_rnn.models.keras_model) and the bench's "plain" baseline; the built-in models export through keras_onnx.
+"""
 
 from __future__ import annotations
 
@@ -37,7 +41,7 @@ def sample_digits() -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def exported() -> onnx.ModelProto:
-    """The product's architecture at LSTM(16), one short epoch, exported the product's way."""
+    """The product's architecture at LSTM(16), one short epoch, exported the fallback's way (tf2onnx)."""
     tf = pytest.importorskip("tensorflow")
     tf2onnx = pytest.importorskip("tf2onnx")
     import keras
