@@ -5,24 +5,37 @@ its thread settings are its own: onnxruntime gets `threads` intra-op threads and
 TensorFlow `threads` intra- and inter-op threads, LiteRT `num_threads=threads`, and BLAS/OpenMP the
 same count through the environment the child starts with.
 
-Rows per model (when the model and the installed extras have them):
-- onnxruntime: fp32, dynamic int8, static int8 (QDQ), fp16; for Keras models also the plain tf2onnx
-  export (no graph cleanup) and that export through plain `quantize_dynamic` — the baselines the
-  cleaned, pre-processed variants are measured against.
-- Keras `model.predict` and the model called through a `tf.function` (`[train]` extra).
-- LiteRT fp32 and dynamic-range int8, converted with tf.lite.TFLiteConverter and run with the
-  ai-edge-litert interpreter (`[bench]` extra). The Keras 3 LSTM lowers to a TensorList that the
-  converter needs at a static shape, and XNNPACK cannot resize it, so each batch size is its own
+Rows per model folder (when the model and the installed extras have them):
+- onnxruntime: every whole-sequence variant in the folder (fp32, dynamic int8, static int8 (QDQ), fp16);
+  for Keras models also the plain tf2onnx export of `model.keras` (no graph cleanup: for GRU and
+  SimpleRNN layers that is tf2onnx's `Loop`), and, where dynamic int8 quantized an LSTM, that export
+  through plain `quantize_dynamic` — the baselines the fused, cleaned variants are measured against.
+- step: the folder's step model through the `Stepper` (state carried, IOBinding): latency is one step at
+  batch 1, throughput is sequences of T steps per second, and the row times T steps against one
+  whole-sequence call of the fp32 model at batch 1 in alternating blocks (the step-vs-sequence cost;
+  its peak memory includes that sequence session).
+- Keras: `model.predict` and the model called through a `tf.function` (`[train]` extra), per the kind.
+- LiteRT fp32 and dynamic-range int8 for the built-in classifier, converted with tf.lite.TFLiteConverter
+  and run with the ai-edge-litert interpreter (`[bench]` extra). The Keras 3 LSTM lowers to a TensorList
+  that the converter needs at a static shape, and XNNPACK cannot resize it, so each batch size is its own
   conversion of the same weights; the batch-1 file is the one whose size is reported.
 - char RNN: the NumPy (float64) reference.
 
-A folder missing a quantized variant (static int8, fp16) gets it made first, through `quantize`, as do
-folders whose static int8 was calibrated with another method than `calibration`. Coverage reports are
-recomputed at the bench's opt level, which decides which int8 kernels onnxruntime actually runs.
+How a row is scored follows from the folder's adapter (`adapter.bench_kind`, a key of `KINDS`):
+- classify (mnist-lstm): held-out accuracy and top-1 agreement with onnxruntime fp32;
+- generate (char RNN): latency is one generation step (batch 1, one character, state fed back);
+  throughput is sequences of `seq_length` characters per second; accuracy is validation nats/char
+  (lower is better) on the first `text_chars` characters of the held-out tail, from a zero state;
+- outputs (any Keras model): the model's own input shape from `adapter.sample_inputs` (T = the fixed
+  time axis, or `time_steps`), and instead of accuracy the max |Δ| of every output against onnxruntime
+  fp32 on the same inputs, plus top-1 agreement where the first output is a classifier's (N, classes).
+Step rows report the max |Δ| of the stepped outputs against the fp32 sequence model on the same stream.
 
-Char-RNN rows: latency is one generation step (batch 1, one character, state fed back); throughput is
-sequences of `seq_length` characters per second; accuracy is validation nats/char (lower is better)
-on the first `text_chars` characters of the held-out tail, scored as one stream from a zero state.
+A folder missing a quantized variant gets it made first, through `quantize`, written into the folder
+(the report's notes say so): int8 and fp16 always; static int8 only for the built-in models, which
+calibrate on their own data (and are re-calibrated when made with another method than `calibration`) —
+a Keras model's static int8 needs the user's calibration data, so it is measured only if present.
+Coverage reports are recomputed at the bench's opt level, which decides which int8 kernels run.
 """
 
 from __future__ import annotations
@@ -53,6 +66,10 @@ OPT_LEVELS = ("disable", "basic", "extended", "all")
 FP32_REFERENCE = ("fp32", "onnxruntime")
 # Manifest role → bench variant name, for the onnxruntime rows.
 ONNX_ROLES = {"onnx": "fp32", "onnx_int8": "int8", "onnx_int8_static": "int8-static", "onnx_fp16": "fp16"}
+# Time steps of a model whose time axis is dynamic, unless --time-steps says otherwise.
+DEFAULT_TIME_STEPS = 32
+# Ops counted in every onnxruntime row's graph (top level): what decides fused vs loop and int8 coverage.
+RECURRENT_OPS = ("LSTM", "GRU", "RNN", "DynamicQuantizeLSTM", "Loop", "Scan")
 THREAD_ENV = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 LIBRARIES = ("numpy", "onnxruntime", "onnx", "tensorflow", "keras", "tf2onnx", "ai-edge-litert", "matplotlib")
 
@@ -79,6 +96,8 @@ class BenchConfig:
     # on a shared VM a burst from a neighbour can slow one whole row (seen: int8 p50 0.153 ms in one
     # pass, 0.101–0.102 ms in six interleaved ones).
     rounds: int = 3
+    # Time steps for models with a dynamic time axis (None: DEFAULT_TIME_STEPS); a fixed axis keeps its length.
+    time_steps: int | None = None
 
 
 @dataclass
@@ -93,13 +112,19 @@ class BenchResult:
     latency_ms: dict[str, float]  # p50, p90, p99 at batch 1
     throughput_per_s: dict[str, float]  # batch size (as a string) → samples per second
     peak_rss_mb: float
-    accuracy: float | None  # held-out accuracy (classifiers) or validation nats/char (char RNN)
+    accuracy: float | None  # held-out accuracy (classifiers), validation nats/char (char RNN), None (max |Δ| rows)
     agreement_with_fp32: float | None  # top-1 agreement with onnxruntime fp32
     metric: str = "heldout_accuracy"
     runs: int = 0
     path: str = ""
     coverage: dict[str, Any] | None = None
     notes: list[str] = field(default_factory=list)
+    # Output name → max |Δ| against onnxruntime fp32 on the same inputs (Keras models and step rows).
+    max_abs_diff: dict[str, float] | None = None
+    # RECURRENT_OPS present in an ONNX row's graph, e.g. {"GRU": 1, "RNN": 1} or {"Loop": 2}.
+    graph_ops: dict[str, int] | None = None
+    # Step rows: {"time_steps": T, "steps_ms": T steps at batch 1, "sequence_ms": one sequence call, "ratio"}.
+    stepping: dict[str, float] | None = None
 
 
 @dataclass
@@ -137,7 +162,7 @@ class _Row:
     variant: str
     runtime: str
     path: str
-    task: str
+    kind: str  # a key of KINDS, or "step"
     data: str  # .npz with the evaluation inputs, written by the parent
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -351,6 +376,140 @@ def _measure_generator(row: _Row, cfg: BenchConfig) -> dict[str, Any]:
             "accuracy": float(nats), "top1": logits.argmax(-1), "metric": "val_nats_per_char"}
 
 
+def _feeds_predict(row: _Row, cfg: BenchConfig) -> tuple[Callable[[dict[str, np.ndarray]], list[np.ndarray]], float]:
+    """(predict({input: (B, T, …)}) → [output arrays in io order], load ms) for a Keras model's row."""
+    outputs = [s["name"] for s in row.extra["io"]["outputs"]]
+    if row.runtime == "onnxruntime":
+        t0 = time.perf_counter()
+        session = _ort_session(row.path, cfg)
+        load_ms = (time.perf_counter() - t0) * 1e3
+
+        def predict(feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+            # By name: tf2onnx orders a plain export's outputs by name, not as the model returns them.
+            return session.run(outputs, feeds)
+
+        return predict, load_ms
+    if row.runtime == "tf.function":
+        tf = require("tensorflow", "train")
+        keras = require("keras", "train")
+        tf.config.threading.set_intra_op_parallelism_threads(cfg.threads)
+        tf.config.threading.set_inter_op_parallelism_threads(cfg.threads)
+        t0 = time.perf_counter()
+        model = keras.saving.load_model(row.path, compile=False)
+        specs = [tf.TensorSpec([None if isinstance(d, str) else d for d in s["shape"]], s["dtype"], name=s["name"])
+                 for s in row.extra["io"]["inputs"]]
+        fn = tf.function(lambda *xs: model(xs[0] if len(xs) == 1 else list(xs), training=False), input_signature=specs)
+        # Tracing is part of getting a tf.function ready, so it counts as load time.
+        fn.get_concrete_function()
+        load_ms = (time.perf_counter() - t0) * 1e3
+        names = [s.name for s in specs]
+
+        def predict_tf(feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+            out = fn(*(feeds[n] for n in names))
+            return [o.numpy() for o in (out if isinstance(out, (list, tuple)) else [out])]
+
+        return predict_tf, load_ms
+    raise EdgeRnnError(f"unknown runtime {row.runtime!r} for a Keras model's row")
+
+
+def _measure_outputs(row: _Row, cfg: BenchConfig) -> dict[str, Any]:
+    """A Keras model's row: timings at its own input shape, and every output on the evaluation inputs."""
+    with np.load(row.data) as d:
+        feeds = {name: d[name] for name in d.files}
+    predict, load_ms = _feeds_predict(row, cfg)
+    one = {name: x[:1] for name, x in feeds.items()}
+    latency, runs = _latency(lambda: predict(one), cfg)
+    throughput = {}
+    for batch in cfg.batch_sizes:
+        fb = {name: _batched(x, batch) for name, x in feeds.items()}
+        throughput[str(batch)] = _throughput(lambda: predict(fb), batch, cfg)
+    return {"load_ms": load_ms, "latency_ms": latency, "runs": runs, "throughput_per_s": throughput,
+            "accuracy": None, "metric": "max_abs_diff", "outputs": [np.asarray(o) for o in predict(feeds)]}
+
+
+def _paired(a: Callable[[], Any], b: Callable[[], Any], cfg: BenchConfig) -> tuple[float, float, int]:
+    """Median ms per call of `a` and of `b`, timed in alternating blocks so that both see the same load;
+    and the number of timed calls of each (run counts and time budget as in _latency)."""
+    a(), b()  # first-call allocations stay out of the timings
+    block = max(1, min(20, cfg.runs // 10))
+    floor = min(cfg.runs, MIN_LATENCY_RUNS)
+    times: tuple[list[float], list[float]] = ([], [])
+    start = time.perf_counter()
+    while len(times[0]) < cfg.runs or time.perf_counter() - start < cfg.min_seconds:
+        for fn, ts in zip((a, b), times):
+            for _ in range(block):
+                t0 = time.perf_counter()
+                fn()
+                ts.append(time.perf_counter() - t0)
+        if len(times[0]) >= floor and time.perf_counter() - start > cfg.max_seconds:
+            break
+    return float(np.median(times[0]) * 1e3), float(np.median(times[1]) * 1e3), len(times[0])
+
+
+def _stepped(outs: list[dict[str, np.ndarray]], sequence: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Step outputs as the sequence model gives them: per-step (B, 1, …) joined over time where the sequence
+    output has a time axis of that length, else the last step's."""
+    joined = {}
+    for name, last in outs[-1].items():
+        seq = sequence.get(name)
+        per_time = seq is not None and seq.ndim == last.ndim > 1 and last.shape[1] == 1 and seq.shape[1] == len(outs)
+        joined[name] = np.concatenate([o[name] for o in outs], axis=1) if per_time else last
+    return joined
+
+
+def _measure_step(row: _Row, cfg: BenchConfig) -> dict[str, Any]:
+    """A step row: one step at batch 1 through the Stepper, T-step sequences per second, T steps vs one
+    sequence call at batch 1, and the stepped outputs vs the fp32 sequence model on the same stream."""
+    from .device.inputs import ORT_DTYPES
+    from .device.session import load_model
+    from .device.stepper import Stepper
+
+    with np.load(row.data) as d:
+        stream = {name: d[name] for name in d.files}  # step input → (1, T, …) (or (1, …) without a time axis)
+    T = int(row.extra["time_steps"])
+    t0 = time.perf_counter()
+    model = load_model(row.path, threads=cfg.threads, opt_level=cfg.opt_level)
+    stepper = Stepper(model, batch=1)
+    load_ms = (time.perf_counter() - t0) * 1e3
+
+    def step_feeds(x_by_input: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
+        return [{n: np.ascontiguousarray(x[:, t : t + 1]) if n in stepper.temporal else x for n, x in x_by_input.items()}
+                for t in range(T)]
+
+    steps = step_feeds(stream)
+    sequence = _ort_session(row.extra["sequence"], cfg)
+    # The sequence file's inputs the stream does not give are state inputs (the char RNN's h0): zeros, as the Stepper starts.
+    seq_feeds = {i.name: stream[i.name] if i.name in stream else
+                 np.zeros([d if isinstance(d, int) else 1 for d in i.shape], ORT_DTYPES.get(i.type, np.float32))
+                 for i in sequence.get_inputs()}
+    at = {"t": 0}
+
+    def one_step() -> None:
+        # Cycle through the stream from the initial state, as a device streams sequence after sequence.
+        if at["t"] == 0:
+            stepper.reset()
+        stepper.step(steps[at["t"]])
+        at["t"] = (at["t"] + 1) % T
+
+    def all_steps(runner: Stepper = stepper, feeds: list[dict[str, np.ndarray]] = steps) -> list[dict[str, np.ndarray]]:
+        runner.reset()
+        return [runner.step(f) for f in feeds]
+
+    latency, runs = _latency(one_step, cfg)
+    steps_ms, sequence_ms, _ = _paired(all_steps, lambda: sequence.run(None, seq_feeds), cfg)
+    throughput = {}
+    for batch in cfg.batch_sizes:
+        runner = Stepper(model, batch=batch)
+        feeds = step_feeds({n: _batched(x, batch) for n, x in stream.items()})
+        throughput[str(batch)] = _throughput(lambda: all_steps(runner, feeds), batch, cfg)
+    reference = dict(zip((o.name for o in sequence.get_outputs()), sequence.run(None, seq_feeds)))
+    stepped = _stepped(all_steps(), reference)
+    diffs = {name: float(np.max(np.abs(x.astype(np.float64) - reference[name]))) for name, x in stepped.items()
+             if name in reference and x.shape == reference[name].shape}
+    return {"load_ms": load_ms, "latency_ms": latency, "runs": runs, "throughput_per_s": throughput,
+            "accuracy": None, "metric": "max_abs_diff", "max_abs_diff": diffs,
+            "stepping": {"time_steps": T, "steps_ms": steps_ms, "sequence_ms": sequence_ms}}
+
 def _peak_rss_mb() -> float:
     """This process's peak resident memory in MiB.
 
@@ -367,7 +526,7 @@ def _peak_rss_mb() -> float:
 def _child(row: _Row, cfg: BenchConfig, queue) -> None:
     """Measure one row and put (result dict | error string) on the queue."""
     try:
-        out = _measure_generator(row, cfg) if row.task == "generate" else _measure_classifier(row, cfg)
+        out = MEASURES[row.kind](row, cfg)
         out["peak_rss_mb"] = _peak_rss_mb()
         queue.put(out)
     except (EdgeRnnError, ImportError, RuntimeError, ValueError, OSError) as exc:
@@ -417,41 +576,47 @@ def _run_row(row: _Row, cfg: BenchConfig) -> dict[str, Any] | str:
 # Preparation (in the parent): variants, baselines, evaluation data
 
 
-def _ensure_variants(model_dir: Path, manifest: dict[str, Any], cfg: BenchConfig) -> dict[str, Any]:
-    """Make any missing quantized variant (and re-calibrate static int8 for another method); return the manifest."""
+def _ensure_variants(model_dir: Path, manifest: dict[str, Any], adapter, cfg: BenchConfig, notes: list[str]) -> dict[str, Any]:
+    """Make the missing quantized variants this kind can have (see the module docstring); return the manifest."""
     from .quantize import VARIANTS, quantize
 
+    name = manifest["model"]
     missing = [v for v, (role, _) in VARIANTS.items() if role not in manifest["files"]]
-    static = manifest.get("quantization", {}).get("onnx_int8_static", {})
-    if "int8-static" not in missing and static.get("settings", {}).get("calibration") != cfg.calibration:
+    made_with = manifest.get("quantization", {}).get("onnx_int8_static", {}).get("settings", {}).get("calibration")
+    if adapter.needs_calibration_data:
+        if "int8-static" in missing:
+            missing.remove("int8-static")
+            notes.append(f"{name}: no int8-static row — static int8 needs your calibration data: "
+                         f"edge-rnn quantize {model_dir} --variant int8-static --calibration-data FILE.npy")
+        elif made_with != cfg.calibration:
+            notes.append(f"{name}: int8-static as calibrated with {made_with} (re-calibrating with {cfg.calibration} needs your data)")
+    elif "int8-static" not in missing and made_with != cfg.calibration:
         missing.append("int8-static")
     if missing:
         quantize(model_dir, variants=tuple(missing), calibration=cfg.calibration)
+        notes.append(f"{name}: made {', '.join(missing)} with edge-rnn quantize, written into {model_dir}")
     return load_manifest(model_dir)
 
 
-def _plain_baselines(model_dir: Path, manifest: dict[str, Any], work: Path, opset: int) -> dict[str, Path]:
-    """The plain tf2onnx export (no cleanup) and it through plain quantize_dynamic (no pre-processing)."""
+def _plain_baselines(keras_model, manifest: dict[str, Any], work: Path, opset: int, *, int8: bool) -> dict[str, Path]:
+    """The plain tf2onnx export (no cleanup) and, if `int8`, it through plain quantize_dynamic (no pre-processing)."""
     onnx = require("onnx", "train")
     quantization = require("onnxruntime.quantization", "train")
     from .export import keras_to_onnx
-    from .lstm import load_keras_model
 
-    keras_model, _ = load_keras_model(model_dir)
-    fp32, int8 = work / "plain.onnx", work / "plain.int8.onnx"
-    onnx.save(keras_to_onnx(keras_model, io=manifest["io"], opset=opset), str(fp32))
-    quantization.quantize_dynamic(str(fp32), str(int8), weight_type=quantization.QuantType.QInt8)
-    return {"fp32-plain": fp32, "int8-plain": int8}
+    plain = {"fp32-plain": work / "plain.onnx"}
+    onnx.save(keras_to_onnx(keras_model, io=manifest["io"], opset=opset), str(plain["fp32-plain"]))
+    if int8:
+        plain["int8-plain"] = work / "plain.int8.onnx"
+        quantization.quantize_dynamic(str(plain["fp32-plain"]), str(plain["int8-plain"]), weight_type=quantization.QuantType.QInt8)
+    return plain
 
 
-def _litert_files(model_dir: Path, manifest: dict[str, Any], work: Path, batch_sizes: Sequence[int]) -> dict[str, dict[str, str]]:
+def _litert_files(keras_model, manifest: dict[str, Any], work: Path, batch_sizes: Sequence[int]) -> dict[str, dict[str, str]]:
     """LiteRT fp32 and dynamic-range int8 flatbuffers of the Keras model, one per batch size (frozen weights)."""
     tf = require("tensorflow", "train")
     from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
 
-    from .lstm import load_keras_model
-
-    keras_model, _ = load_keras_model(model_dir)
     spec = manifest["io"]["inputs"][0]
     files: dict[str, dict[str, str]] = {"fp32": {}, "int8": {}}
     for batch in (1, *batch_sizes):
@@ -475,60 +640,157 @@ def _has(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
-def _plan_model(model_dir: Path, cfg: BenchConfig, work: Path, notes: list[str]) -> tuple[list[_Row], dict[str, dict]]:
-    """Rows to measure for one model folder and the coverage report of each quantized variant."""
-    from .models.char_rnn import text_ids
+def _recurrent_ops(model) -> dict[str, int]:
+    """RECURRENT_OPS in an onnx.ModelProto's top-level graph, with their counts."""
+    ops = [node.op_type for node in model.graph.node]
+    return {op: ops.count(op) for op in RECURRENT_OPS if op in ops}
+
+
+def _time_steps(manifest: dict[str, Any], cfg: BenchConfig, notes: list[str]) -> int:
+    """T for the model's inputs: its fixed time axis if it has one (a --time-steps is then ignored, with a note),
+    else cfg.time_steps or DEFAULT_TIME_STEPS."""
+    from .models.keras_model import temporal_inputs
+
+    temporal = temporal_inputs(manifest)
+    fixed = sorted({s["shape"][1] for s in manifest["io"]["inputs"] if s["name"] in temporal and isinstance(s["shape"][1], int)})
+    if fixed:
+        if cfg.time_steps is not None and cfg.time_steps != fixed[0]:
+            notes.append(f"{manifest['model']}: its time axis is fixed at {fixed[0]} steps; --time-steps {cfg.time_steps} ignored")
+        return fixed[0]
+    return cfg.time_steps or DEFAULT_TIME_STEPS
+
+
+def _classify_data(manifest: dict[str, Any], adapter, *, time_steps: int, cfg: BenchConfig) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     from .models.mnist_lstm import classifier_inputs
 
-    manifest = load_manifest(model_dir)
-    verified_file(manifest, model_dir, "onnx")
-    manifest = _ensure_variants(model_dir, manifest, cfg)
-    name, task = manifest["model"], manifest.get("task", "classify")
-    data = work / f"{name}.eval.npz"
-    extra: dict[str, Any] = {}
-    if task == "generate":
-        np.savez(data, ids=text_ids(manifest, split="heldout")[: cfg.text_chars + 1])
-        extra = {"seq_length": manifest["config"]["seq_length"], "hidden": manifest["config"]["hidden"]}
-    else:
-        x, y = classifier_inputs(manifest, split="heldout")
-        np.savez(data, x=x, y=y)
+    x, y = classifier_inputs(manifest, split="heldout")
+    return {"x": x, "y": y}, {}
+
+
+def _generate_data(manifest: dict[str, Any], adapter, *, time_steps: int, cfg: BenchConfig) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    from .models.char_rnn import text_ids
+
+    ids = text_ids(manifest, split="heldout")[: cfg.text_chars + 1]
+    return {"ids": ids}, {"seq_length": manifest["config"]["seq_length"], "hidden": manifest["config"]["hidden"]}
+
+
+def _outputs_data(manifest: dict[str, Any], adapter, *, time_steps: int, cfg: BenchConfig) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    # As many rows as the largest batch: batch 1 times the first (a full-length row), every output is compared on all.
+    inputs = adapter.sample_inputs(manifest, batch=max(cfg.batch_sizes), time_steps=time_steps, seed=0)
+    return inputs, {"io": manifest["io"]}
+
+
+@dataclass(frozen=True)
+class Kind:
+    """How bench measures and scores one kind of model (an adapter's `bench_kind`)."""
+
+    eval_data: Callable[..., tuple[dict[str, np.ndarray], dict[str, Any]]]  # in the parent: (arrays for the .npz, row extra)
+    measure: Callable[[_Row, BenchConfig], dict[str, Any]]  # in the child: one row's measurements
+    keras_runtimes: tuple[str, ...]  # Keras-side rows beside the ONNX ones, for folders holding model.keras
+    litert: bool  # LiteRT rows: the built-in classifier only (one float input, a static shape per batch size)
+
+
+KINDS: dict[str, Kind] = {
+    "classify": Kind(_classify_data, _measure_classifier, ("keras-predict", "tf.function"), litert=True),
+    "generate": Kind(_generate_data, _measure_generator, (), litert=False),
+    "outputs": Kind(_outputs_data, _measure_outputs, ("tf.function",), litert=False),
+}
+# The step row is measured the same way for every kind.
+STEP_KIND = "step"
+MEASURES: dict[str, Callable[[_Row, BenchConfig], dict[str, Any]]] = {
+    **{name: kind.measure for name, kind in KINDS.items()}, STEP_KIND: _measure_step,
+}
+
+
+def _step_row(model_dir: Path, manifest: dict[str, Any], adapter, work: Path, *, time_steps: int, notes: list[str]) -> _Row | None:
+    """The step row of a folder with a steppable file (model.step.onnx, or a model.onnx that carries its state)."""
+    from .device.session import load_model
+
+    name = manifest["model"]
+    for role in ("onnx_step", "onnx"):
+        if role in manifest["files"]:
+            path = verified_file(manifest, model_dir, role)
+            if load_model(path, threads=1).steppable:
+                data = work / f"{name}.stream.npz"
+                np.savez(data, **adapter.stream_inputs(manifest, steps=time_steps, seed=0))
+                extra = {"time_steps": time_steps, "sequence": str(verified_file(manifest, model_dir, "onnx"))}
+                return _Row(name, "step", "onnxruntime", str(path), STEP_KIND, str(data), extra)
+    notes.append(f"{name}: no step row — {manifest.get('step_refused') or 'the folder holds no step model'}")
+    return None
+
+
+def _plan_model(
+    model_dir: Path, cfg: BenchConfig, work: Path, notes: list[str]
+) -> tuple[list[_Row], dict[str, dict], dict[str, dict[str, int]]]:
+    """Rows to measure for one model folder, the coverage report of each quantized variant and each ONNX row's recurrent ops."""
+    from .models import adapter_for
+
     onnx = require("onnx", "train")
     from .quantize import coverage as coverage_of
     from .quantize import runtime_op_counts
 
-    rows, coverage = [], {}
+    manifest = load_manifest(model_dir)
+    verified_file(manifest, model_dir, "onnx")
+    adapter = adapter_for(manifest)
+    kind_name = adapter.bench_kind
+    kind = KINDS[kind_name]
+    manifest = _ensure_variants(model_dir, manifest, adapter, cfg, notes)
+    name = manifest["model"]
+    time_steps = _time_steps(manifest, cfg, notes)
+    arrays, extra = kind.eval_data(manifest, adapter, time_steps=time_steps, cfg=cfg)
+    data = work / f"{name}.eval.npz"
+    np.savez(data, **arrays)
+
+    def row(variant: str, runtime: str, path: str | Path, **more: Any) -> _Row:
+        return _Row(name, variant, runtime, str(path), kind_name, str(data), {**extra, **more})
+
+    rows, coverage, graph_ops = [], {}, {}
     fp32_model = onnx.load(str(verified_file(manifest, model_dir, "onnx")))
     for role, variant in ONNX_ROLES.items():
+        if role not in manifest["files"]:
+            continue
         path = verified_file(manifest, model_dir, role)
-        rows.append(_Row(name, variant, "onnxruntime", str(path), task, str(data), extra))
+        rows.append(row(variant, "onnxruntime", path))
+        model = fp32_model if variant == "fp32" else onnx.load(str(path))
+        graph_ops[variant] = _recurrent_ops(model)
         if variant != "fp32":
             # Recomputed at this opt level (which decides the kernels that run), with the settings the file was made with.
-            coverage[variant] = coverage_of(fp32_model, onnx.load(str(path)), variant=variant,
-                                            runtime_ops=runtime_op_counts(path, opt_level=cfg.opt_level))
+            coverage[variant] = coverage_of(fp32_model, model, variant=variant, runtime_ops=runtime_op_counts(path, opt_level=cfg.opt_level))
             coverage[variant]["settings"] = manifest.get("quantization", {}).get(role, {}).get("settings", {})
+    step = _step_row(model_dir, manifest, adapter, work, time_steps=time_steps, notes=notes)
+    if step is not None:
+        rows.append(step)
+        graph_ops["step"] = _recurrent_ops(onnx.load(step.path))
     files = manifest["files"]
     if "checkpoint" in files:
-        rows.append(_Row(name, "fp64", "numpy", str(verified_file(manifest, model_dir, "checkpoint")), task, str(data), extra))
+        rows.append(row("fp64", "numpy", verified_file(manifest, model_dir, "checkpoint")))
     if "keras" in files:
         if not _has("tensorflow"):
             notes.append(f"{name}: Keras, tf.function, LiteRT and plain-tf2onnx rows skipped: tensorflow is not installed — pip install 'edge-rnn[train]'")
-            return rows, coverage
-        plain = _plain_baselines(model_dir, manifest, work, int(manifest.get("opset", 17)))
+            return rows, coverage, graph_ops
+        keras_model = adapter.load(model_dir, manifest)
+        # The plain int8 baseline shows what pre-processing gains where dynamic int8 has a recurrent kernel (LSTM);
+        # GRU and RNN stay float in both, so for them it would measure nothing new.
+        int8_lstm = bool(coverage.get("int8", {}).get("quantized", {}).get("DynamicQuantizeLSTM"))
+        plain = _plain_baselines(keras_model, manifest, work, int(manifest.get("opset", 17)), int8=int8_lstm)
         for variant, path in plain.items():
-            rows.append(_Row(name, variant, "onnxruntime", str(path), task, str(data), extra))
-        coverage["int8-plain"] = coverage_of(
-            onnx.load(str(plain["fp32-plain"])), onnx.load(str(plain["int8-plain"])), variant="int8",
-            runtime_ops=runtime_op_counts(plain["int8-plain"], opt_level=cfg.opt_level),
-        )
-        keras_path = str(verified_file(manifest, model_dir, "keras"))
-        rows.append(_Row(name, "fp32", "keras-predict", keras_path, task, str(data), extra))
-        rows.append(_Row(name, "fp32", "tf.function", keras_path, task, str(data), extra))
-        if _has("ai_edge_litert"):
-            for variant, by_batch in _litert_files(model_dir, manifest, work, cfg.batch_sizes).items():
-                rows.append(_Row(name, variant, "litert", by_batch["1"], task, str(data), {**extra, "batch_files": by_batch}))
-        else:
-            notes.append(f"{name}: LiteRT rows skipped: ai-edge-litert is not installed — pip install 'edge-rnn[bench]'")
-    return rows, coverage
+            rows.append(row(variant, "onnxruntime", path))
+            graph_ops[variant] = _recurrent_ops(onnx.load(str(path)))
+        if "int8-plain" in plain:
+            coverage["int8-plain"] = coverage_of(
+                onnx.load(str(plain["fp32-plain"])), onnx.load(str(plain["int8-plain"])), variant="int8",
+                runtime_ops=runtime_op_counts(plain["int8-plain"], opt_level=cfg.opt_level),
+            )
+        keras_path = verified_file(manifest, model_dir, "keras")
+        for runtime in kind.keras_runtimes:
+            rows.append(row("fp32", runtime, keras_path))
+        if kind.litert:
+            if _has("ai_edge_litert"):
+                for variant, by_batch in _litert_files(keras_model, manifest, work, cfg.batch_sizes).items():
+                    rows.append(row(variant, "litert", by_batch["1"], batch_files=by_batch))
+            else:
+                notes.append(f"{name}: LiteRT rows skipped: ai-edge-litert is not installed — pip install 'edge-rnn[bench]'")
+    return rows, coverage, graph_ops
 
 
 # ---------------------------------------------------------------------------------------------
@@ -586,6 +848,14 @@ def targets(results: list[BenchResult]) -> list[Target]:
             lambda a, b: a.throughput_per_s[big(a)] / b.throughput_per_s[big(b)], "≥ 1.7", lambda r: r >= 1.7)
         if fp32 is not None and fp32.metric == "heldout_accuracy":
             add("fp32 − int8 accuracy (pp)", fp32, int8, lambda a, b: 100 * (a.accuracy - b.accuracy), "≤ 0.3", lambda r: r <= 0.3)
+        # tf2onnx turns GRU and SimpleRNN layers into Loop; the fused GRU/RNN ops must pay for themselves.
+        if fp32 is not None and {"GRU", "RNN"} & set(fp32.graph_ops or {}):
+            add("fused vs tf2onnx Loop: plain export latency / fused fp32", get("fp32-plain"), fp32, p50, "≥ 5", lambda r: r >= 5)
+        step = get("step")
+        if step is not None and step.stepping:
+            s = step.stepping
+            out.append(Target(f"{model}: {s['time_steps']} steps through the step model / one sequence call (batch 1)",
+                              s["ratio"], "≤ 2", s["ratio"] <= 2))
     return out
 
 
@@ -600,21 +870,50 @@ def default_model_dirs(out_dir: str | os.PathLike[str] = DEFAULT_OUT) -> list[Pa
 def _median_of_rounds(outs: list[dict[str, Any]]) -> dict[str, Any]:
     """One row's measurements over rounds: median timings, total runs, highest peak memory.
 
-    Accuracy and top-1 predictions are deterministic, so the first round's are kept.
+    Accuracy, top-1 predictions, outputs and max |Δ| are deterministic, so the first round's are kept; the
+    step-vs-sequence ratio is the ratio of the median times.
     """
     first = outs[0]
 
     def median(key: str, sub: str | None = None) -> float:
         return float(np.median([o[key] if sub is None else o[key][sub] for o in outs]))
 
+    stepping = {}
+    if "stepping" in first:
+        steps_ms, sequence_ms = median("stepping", "steps_ms"), median("stepping", "sequence_ms")
+        stepping = {"stepping": {**first["stepping"], "steps_ms": steps_ms, "sequence_ms": sequence_ms, "ratio": steps_ms / sequence_ms}}
     return {
         **first,
+        **stepping,
         "load_ms": median("load_ms"),
         "latency_ms": {q: median("latency_ms", q) for q in first["latency_ms"]},
         "throughput_per_s": {b: median("throughput_per_s", b) for b in first["throughput_per_s"]},
         "runs": int(sum(o["runs"] for o in outs)),
         "peak_rss_mb": max(o["peak_rss_mb"] for o in outs),
     }
+
+
+def _agreement(out: dict[str, Any], reference: dict[str, Any] | None) -> float | None:
+    """Top-1 agreement with onnxruntime fp32: of the top-1 predictions, or of the first outputs where they are a
+    classifier's (N, classes); None where the row has neither."""
+    if reference is None:
+        return None
+    if "top1" in out and "top1" in reference:
+        return float(np.mean(out["top1"] == reference["top1"]))
+    if "outputs" in out and "outputs" in reference:
+        mine, ref = out["outputs"][0], reference["outputs"][0]
+        if mine.ndim == 2 and mine.shape[1] > 1 and mine.shape == ref.shape:
+            return float(np.mean(mine.argmax(-1) == ref.argmax(-1)))
+    return None
+
+
+def _max_abs_diff(out: dict[str, Any], reference: dict[str, Any] | None, extra: dict[str, Any]) -> dict[str, float] | None:
+    """Output name → max |Δ| against onnxruntime fp32's outputs on the same inputs (rows that return outputs)."""
+    if reference is None or "outputs" not in out or "outputs" not in reference:
+        return None
+    names = [spec["name"] for spec in extra["io"]["outputs"]]
+    return {name: float(np.max(np.abs(mine.astype(np.float64) - ref), initial=0.0))
+            for name, mine, ref in zip(names, out["outputs"], reference["outputs"]) if mine.shape == ref.shape}
 
 
 def bench(
@@ -630,8 +929,8 @@ def bench(
 
     if cfg.calibration not in CALIBRATION_METHODS:
         raise EdgeRnnError(f"unknown --calibration {cfg.calibration!r}; choose from {list(CALIBRATION_METHODS)}")
-    if cfg.threads < 1 or cfg.runs < 1 or cfg.rounds < 1:
-        raise EdgeRnnError("--threads, --runs and --rounds must be at least 1")
+    if cfg.threads < 1 or cfg.runs < 1 or cfg.rounds < 1 or (cfg.time_steps is not None and cfg.time_steps < 1):
+        raise EdgeRnnError("--threads, --runs, --rounds and --time-steps must be at least 1")
     if not model_dirs:
         raise ModelFileError("no model folders given — run `edge-rnn pipeline` first, or pass model folders")
     notes: list[str] = []
@@ -642,8 +941,7 @@ def bench(
             work = Path(tmp) / model_dir.name
             work.mkdir()
             plans.append(_plan_model(model_dir, cfg, work, notes))
-        for rows, coverage in plans:
-            top1: dict[tuple[str, str], np.ndarray] = {}
+        for rows, coverage, graph_ops in plans:
             measured: list[list[dict[str, Any]]] = [[] for _ in rows]
             failed: set[int] = set()
             for _ in range(cfg.rounds):
@@ -658,25 +956,25 @@ def bench(
                         failed.add(i)
                         continue
                     measured[i].append(out)
-            for row, outs in zip(rows, measured):
-                if not outs:
+            outs = {(row.variant, row.runtime): _median_of_rounds(m) for row, m in zip(rows, measured) if m}
+            for row in rows:
+                out = outs.get((row.variant, row.runtime))
+                if out is None:
                     continue
-                out = _median_of_rounds(outs)
-                top1[(row.variant, row.runtime)] = out["top1"]
+                onnx_row = row.runtime == "onnxruntime"
                 results.append(
                     BenchResult(
                         model=row.model, variant=row.variant, runtime=row.runtime, size_bytes=Path(row.path).stat().st_size,
                         load_ms=out["load_ms"], latency_ms=out["latency_ms"], throughput_per_s=out["throughput_per_s"],
-                        peak_rss_mb=out["peak_rss_mb"], accuracy=out["accuracy"], agreement_with_fp32=None,
+                        peak_rss_mb=out["peak_rss_mb"], accuracy=out["accuracy"],
+                        agreement_with_fp32=_agreement(out, outs.get(FP32_REFERENCE)),
                         metric=out["metric"], runs=out["runs"], path=row.path,
-                        coverage=coverage.get(row.variant) if row.runtime == "onnxruntime" else None,
+                        coverage=coverage.get(row.variant) if onnx_row else None,
+                        max_abs_diff=out.get("max_abs_diff") or _max_abs_diff(out, outs.get(FP32_REFERENCE), row.extra),
+                        graph_ops=graph_ops.get(row.variant) if onnx_row else None,
+                        stepping=out.get("stepping"),
                     )
                 )
-            reference = top1.get(FP32_REFERENCE)
-            for result in results:
-                mine = top1.get((result.variant, result.runtime))
-                if result.model == rows[0].model and reference is not None and mine is not None:
-                    result.agreement_with_fp32 = float(np.mean(mine == reference))
     config = dataclasses.asdict(cfg)
     config["batch_sizes"] = list(cfg.batch_sizes)
     report = BenchReport(results, machine_info(threads=cfg.threads), config, targets(results), notes)
@@ -703,6 +1001,18 @@ def check_plot_path(path: str | os.PathLike[str]) -> None:
     require("matplotlib", "bench")
 
 
+def accuracy_text(metric: str, accuracy: float | None) -> str:
+    """The accuracy column: held-out accuracy, nats/char, or — for rows scored by max |Δ|."""
+    if accuracy is None:
+        return "—"
+    return f"{accuracy:.2%}" if metric == "heldout_accuracy" else f"{accuracy:.4f} nats/char"
+
+
+def max_abs_diff_text(max_abs_diff: dict[str, float] | None) -> str:
+    """The max |Δ| column: the largest over the row's outputs (each one is in the JSON), or —."""
+    return f"{max(max_abs_diff.values()):.1e}" if max_abs_diff else "—"
+
+
 def plot(report: BenchReport, *, path: str | os.PathLike[str]) -> None:
     """Latency (batch-1 p50) vs file size, log-log, one panel per model, a marker per runtime, accuracy annotated."""
     matplotlib = require("matplotlib", "bench")
@@ -724,7 +1034,7 @@ def plot(report: BenchReport, *, path: str | os.PathLike[str]) -> None:
             ax.scatter(x, y, marker=RUNTIME_MARKERS.get(r.runtime, "x"), color=colours[model], s=60, edgecolors="black", linewidths=0.5)
             near = sum(abs(np.log10(x / px)) < 0.15 and abs(np.log10(y / py)) < 0.06 for px, py in placed)
             placed.append((x, y))
-            acc = f"{r.accuracy:.1%}" if r.metric == "heldout_accuracy" else f"{r.accuracy:.3f} nats/char"
+            acc = accuracy_text(r.metric, r.accuracy) if r.accuracy is not None else f"max|Δ| {max_abs_diff_text(r.max_abs_diff)}"
             label = f"{r.variant} {acc}" if r.runtime == "onnxruntime" else f"{r.runtime} {r.variant} {acc}"
             ax.annotate(label, (x, y), fontsize=7, textcoords="offset points", xytext=(6, -9 * near), va="center")
         for values, set_scale, axis in (
@@ -748,7 +1058,7 @@ def plot(report: BenchReport, *, path: str | os.PathLike[str]) -> None:
         title="runtime", fontsize=8, loc="lower center", ncol=len(runtimes),
     )
     m = report.machine
-    fig.suptitle(f"edge-rnn bench — {m['cpu']}, {m['threads']} thread(s); labels: held-out accuracy or validation nats/char", fontsize=9)
+    fig.suptitle(f"edge-rnn bench — {m['cpu']}, {m['threads']} thread(s); labels: held-out accuracy, validation nats/char or max |Δ| vs ONNX fp32", fontsize=9)
     fig.tight_layout(rect=(0, 0.08, 1, 0.97))
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=120, format=Path(path).suffix[1:].lower())
@@ -760,6 +1070,7 @@ def markdown(doc: dict[str, Any]) -> str:
     m = doc["machine"]
     libs = ", ".join(f"{k} {v}" for k, v in m["libraries"].items())
     batches = [str(b) for b in doc["config"]["batch_sizes"]]
+    diffs = any(r.get("max_abs_diff") for r in doc["results"])
     lines = [
         f"Machine: {describe(m['cpu_features']) if 'cpu_features' in m else m['cpu']}, {m['platform']}, Python {m['python']}; {libs}.",
         f"Threads {m['threads']}, onnxruntime opt level `{doc['config']['opt_level']}`; latency p50/p90/p99 at batch 1 over "
@@ -767,11 +1078,11 @@ def markdown(doc: dict[str, Any]) -> str:
         f"{doc['config']['min_seconds']:g} s unless a row takes over {doc['config']['max_seconds']:g} s; counts in the JSON).",
         "",
         "| model | variant | runtime | size KiB | load ms | p50 ms | p90 ms | p99 ms | "
-        + " | ".join(f"/s @{b}" for b in batches) + " | peak MB | accuracy | agree fp32 |",
-        "|" + "---|" * (11 + len(batches)),
+        + " | ".join(f"/s @{b}" for b in batches) + " | peak MB | accuracy |" + (" max\\|Δ\\| fp32 |" if diffs else "") + " agree fp32 |",
+        "|" + "---|" * (11 + diffs + len(batches)),
     ]
     for r in doc["results"]:
-        acc = f"{r['accuracy']:.2%}" if r["metric"] == "heldout_accuracy" else f"{r['accuracy']:.4f} nats/char"
+        acc = accuracy_text(r["metric"], r["accuracy"]) + (f" | {max_abs_diff_text(r.get('max_abs_diff'))}" if diffs else "")
         agree = "—" if r["agreement_with_fp32"] is None else f"{r['agreement_with_fp32']:.2%}"
         lat = r["latency_ms"]
         lines.append(

@@ -358,19 +358,21 @@ def sample_numpy(
 def _bench_tables(report) -> list[Table]:
     """The measurements, the quantization coverage of each variant, and the targets as ratios."""
     m = report.machine
+    from .bench import accuracy_text, max_abs_diff_text
     from .device.hostinfo import describe
 
     rows = Table(title=f"edge-rnn bench — {describe(m['cpu_features'])}, {m['threads']} thread(s), opt level {report.config['opt_level']}")
     batches = [str(b) for b in report.config["batch_sizes"]]
+    diffs = any(r.max_abs_diff for r in report.results)
     for name in ("model", "variant", "runtime", "size KiB", "load ms", "p50 ms", "p90 ms", "p99 ms",
-                 *(f"/s @{b}" for b in batches), "peak MB", "accuracy", "agree fp32"):
+                 *(f"/s @{b}" for b in batches), "peak MB", "accuracy", *(["max|Δ| fp32"] if diffs else []), "agree fp32"):
         rows.add_column(name, justify="left" if name in ("model", "variant", "runtime") else "right")
     for r in report.results:
-        acc = f"{r.accuracy:.2%}" if r.metric == "heldout_accuracy" else f"{r.accuracy:.4f} nats/ch"
         agree = "—" if r.agreement_with_fp32 is None else f"{r.agreement_with_fp32:.2%}"
         rows.add_row(r.model, r.variant, r.runtime, f"{r.size_bytes / 1024:,.0f}", f"{r.load_ms:.1f}",
                      *(f"{r.latency_ms[p]:.3f}" for p in ("p50", "p90", "p99")),
-                     *(f"{r.throughput_per_s[b]:,.0f}" for b in batches), f"{r.peak_rss_mb:.0f}", acc, agree)
+                     *(f"{r.throughput_per_s[b]:,.0f}" for b in batches), f"{r.peak_rss_mb:.0f}",
+                     accuracy_text(r.metric, r.accuracy), *([max_abs_diff_text(r.max_abs_diff)] if diffs else []), agree)
     coverage = Table(title="quantization coverage (onnxruntime rows)")
     for name in ("model", "variant", "quantized", "runs as int8", "still float (why)", "weights vs fp32"):
         coverage.add_column(name)
@@ -393,7 +395,7 @@ def _bench_tables(report) -> list[Table]:
 @app.command()
 @clean_errors
 def bench(
-    model_dirs: Optional[List[Path]] = typer.Argument(None, help="Model folders (default: artifacts/mnist-lstm and artifacts/char-rnn that exist)."),
+    model_dirs: Optional[List[Path]] = typer.Argument(None, help="Model folders, built-in or from `edge-rnn export` (default: artifacts/mnist-lstm and artifacts/char-rnn that exist)."),
     threads: int = typer.Option(1, min=1, max=256, help="Threads for every runtime (onnxruntime intra-op, TensorFlow, LiteRT)."),
     opt_level: str = typer.Option("all", "--opt-level", help="onnxruntime graph optimisation: disable | basic | extended | all."),
     runs: int = typer.Option(1000, min=1, help="Minimum timed batch-1 runs per row, over at least 1 s (slow runtimes stop after 15 s, never below 200)."),
@@ -401,17 +403,18 @@ def bench(
     plot: Optional[Path] = typer.Option(None, "--plot", help="Draw latency vs size to this PNG (needs matplotlib)."),
     calibration: str = typer.Option("minmax", help="Static int8 calibration: minmax | entropy | percentile."),
     rounds: int = typer.Option(3, min=1, help="Measure every row this many times, interleaved; timings are medians over rounds."),
+    time_steps: Optional[int] = typer.Option(None, "--time-steps", min=1, help="Time steps for models with a dynamic time axis (default 32; a fixed axis keeps its length)."),
 ) -> None:
-    """Measure size, load time, latency, throughput, memory and accuracy of every variant and baseline, side by side.
+    """Measure size, load time, latency, throughput, memory and accuracy (max |Δ| vs ONNX fp32 for exported Keras models) of every variant and baseline, side by side.
 
-    Example: edge-rnn bench artifacts/mnist-lstm --threads 1 --json bench.json --plot bench.png
+    Example: edge-rnn bench artifacts/mnist-lstm models/my_model --time-steps 50 --json bench.json --plot bench.png
     """
     from .bench import BenchConfig, check_plot_path, default_model_dirs
     from .bench import bench as run_bench
     from .bench import plot as draw_plot
     from .bench import write_json
 
-    cfg = BenchConfig(threads=threads, opt_level=opt_level, runs=runs, calibration=calibration, rounds=rounds)
+    cfg = BenchConfig(threads=threads, opt_level=opt_level, runs=runs, calibration=calibration, rounds=rounds, time_steps=time_steps)
     if plot is not None:
         check_plot_path(plot)
     report = run_bench(

@@ -1,7 +1,9 @@
-"""`edge-rnn bench` on small real models: every row and JSON field present with sane values (not the timings)."""
+"""`edge-rnn bench` on small real models — the built-ins and a user's GRU+SimpleRNN model exported through the
+CLI: every row and JSON field present with sane values (not the timings)."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import math
@@ -9,7 +11,7 @@ import math
 import pytest
 from typer.testing import CliRunner
 
-from edge_rnn.bench import BenchConfig, bench, plot, write_json
+from edge_rnn.bench import BenchConfig, bench, markdown, plot, write_json
 from edge_rnn.cli import app
 
 # Few runs and no throughput time budget: the test checks the report, not the speed.
@@ -48,7 +50,11 @@ def test_json_has_every_field_with_sane_values(report):
         assert set(r["throughput_per_s"]) == {"64", "256"} and all(v > 0 for v in r["throughput_per_s"].values()), where
         assert 10 < r["peak_rss_mb"] < 16_000, where
         assert r["runs"] == FAST.runs
-        assert 0.0 <= r["agreement_with_fp32"] <= 1.0, where
+        if r["variant"] == "step":
+            # Scored by max |Δ| against the fp32 sequence model on the same stream, not by agreement.
+            assert r["agreement_with_fp32"] is None and r["max_abs_diff"], where
+        else:
+            assert 0.0 <= r["agreement_with_fp32"] <= 1.0, where
     machine = doc["machine"]
     assert machine["cpu"] and machine["cores"] >= 1 and machine["threads"] == 1
     assert {"numpy", "onnxruntime"} <= machine["libraries"].keys()
@@ -64,6 +70,8 @@ def test_classifier_rows_and_baselines(report):
     assert expected <= rows.keys()
     assert rows[("fp32", "onnxruntime")]["agreement_with_fp32"] == 1.0
     for key, r in rows.items():
+        if key == ("step", "onnxruntime"):
+            continue  # scored against the sequence model (test_built_in_models_get_a_step_row)
         assert 0.8 < r["accuracy"] <= 1.0, key  # a real classifier on every runtime
         assert r["agreement_with_fp32"] >= 0.97, key
     # Keras and the fp32 export make the same decisions.
@@ -92,13 +100,25 @@ def test_char_rnn_rows(report):
     rows = _rows(doc, "char-rnn")
     assert {("fp32", "onnxruntime"), ("int8", "onnxruntime"), ("int8-static", "onnxruntime"), ("fp16", "onnxruntime"), ("fp64", "numpy")} <= rows.keys()
     nats = rows[("fp32", "onnxruntime")]["accuracy"]
-    assert all(r["metric"] == "val_nats_per_char" for r in rows.values())
+    assert all(r["metric"] == "val_nats_per_char" for key, r in rows.items() if key != ("step", "onnxruntime"))
     # Briefly trained: better than a uniform guess over the vocabulary, and the NumPy reference agrees.
     assert 0.5 < nats < math.log(65)
     assert rows[("fp64", "numpy")]["accuracy"] == pytest.approx(nats, abs=1e-3)
     assert rows[("fp64", "numpy")]["agreement_with_fp32"] > 0.99
     # The RNN has no int8 kernel: the dynamic variant quantizes only the output MatMul and says why.
     assert rows[("int8", "onnxruntime")]["coverage"]["still_float"]["RNN"]["count"] == 1
+
+
+def test_built_in_models_get_a_step_row(report):
+    _, doc = report
+    for model, steps in (("mnist-lstm", 28), ("char-rnn", 32)):
+        step = _rows(doc, model)[("step", "onnxruntime")]
+        # Stepping the stream equals the sequence model on it (the char RNN's logits at every step).
+        assert max(step["max_abs_diff"].values()) < 1e-4, model
+        s = step["stepping"]
+        assert s["time_steps"] == steps and s["steps_ms"] > 0 and s["sequence_ms"] > 0, model
+        assert s["ratio"] == pytest.approx(s["steps_ms"] / s["sequence_ms"])
+        assert any(t["name"].startswith(f"{model}: {steps} steps through the step model") for t in doc["targets"])
 
 
 def test_targets_are_ratios_of_the_rows(report):
@@ -145,3 +165,96 @@ def test_rounds_take_the_median_timing_and_keep_every_run():
     assert combined["latency_ms"] == {"p50": 0.102, "p90": 0.204, "p99": 0.306}
     assert combined["load_ms"] == 31.0 and combined["runs"] == 3000 and combined["peak_rss_mb"] == 120.0
     assert combined["throughput_per_s"]["64"] == 1 / 0.102 and combined["accuracy"] == 0.9
+
+
+# ---------------------------------------------------------------------------------------------------
+# A user's model: GRU + SimpleRNN, exported through the CLI, benchmarked at its own input shape.
+
+USER_TIME_STEPS = 12
+
+
+@pytest.fixture(scope="module")
+def user_report(tmp_path_factory):
+    keras = pytest.importorskip("keras")
+    layers = keras.layers
+    work = tmp_path_factory.mktemp("user-bench")
+    keras.utils.set_random_seed(0)
+    keras.Sequential([
+        keras.Input((None, 8), name="sensor"),
+        layers.GRU(16, return_sequences=True),
+        layers.SimpleRNN(16),
+        layers.Dense(4, activation="softmax", name="activity"),
+    ]).save(work / "sensor.keras")
+    result = CliRunner().invoke(app, ["export", str(work / "sensor.keras"), "--out", str(work / "sensor")])
+    assert result.exit_code == 0, result.output
+    cfg = dataclasses.replace(FAST, batch_sizes=(4, 8), time_steps=USER_TIME_STEPS)
+    report = bench([work / "sensor"], cfg=cfg)
+    path = work / "bench.json"
+    write_json(report, path=path)
+    return report, json.loads(path.read_text())
+
+
+def test_user_model_rows(user_report):
+    report, doc = user_report
+    rows = _rows(doc, "sensor")
+    expected = {(v, "onnxruntime") for v in ("fp32", "int8", "fp16", "fp32-plain", "step")} | {("fp32", "tf.function")}
+    assert expected <= rows.keys(), sorted(rows)
+    # Static int8 needs the user's calibration data: not made, and the notes say how to make it; int8 and fp16 were made.
+    assert ("int8-static", "onnxruntime") not in rows
+    assert any("--calibration-data" in n for n in report.notes)
+    assert any("made int8, fp16" in n for n in report.notes)
+    for key, r in rows.items():
+        assert r["accuracy"] is None and r["metric"] == "max_abs_diff", key
+        assert set(r["throughput_per_s"]) == {"4", "8"} and r["latency_ms"]["p50"] > 0, key
+    # tf2onnx's export loops over time; ours is fused.
+    assert rows[("fp32-plain", "onnxruntime")]["graph_ops"].get("Loop", 0) >= 1
+    ours = rows[("fp32", "onnxruntime")]["graph_ops"]
+    assert ours == {"GRU": 1, "RNN": 1}
+    assert "Loop" not in rows[("step", "onnxruntime")]["graph_ops"]
+
+
+def test_user_model_max_abs_diff_against_fp32(user_report):
+    _, doc = user_report
+    rows = _rows(doc, "sensor")
+    assert rows[("fp32", "onnxruntime")]["max_abs_diff"] == {"activity": 0.0}
+    for key in (("fp32-plain", "onnxruntime"), ("fp32", "tf.function"), ("step", "onnxruntime")):
+        assert rows[key]["max_abs_diff"]["activity"] < 1e-4, key
+    for variant in ("int8", "fp16"):
+        diff = rows[(variant, "onnxruntime")]["max_abs_diff"]["activity"]
+        assert math.isfinite(diff) and 0.0 <= diff < 0.5, variant
+    # The first output is a classifier's (N, classes): top-1 agreement is reported.
+    assert rows[("fp32-plain", "onnxruntime")]["agreement_with_fp32"] is not None
+    assert rows[("step", "onnxruntime")]["stepping"]["time_steps"] == USER_TIME_STEPS
+
+
+def test_user_model_targets(user_report):
+    _, doc = user_report
+    rows = _rows(doc, "sensor")
+    targets = {t["name"]: t for t in doc["targets"]}
+    loop = targets["sensor: fused vs tf2onnx Loop: plain export latency / fused fp32"]
+    assert loop["ratio"] == pytest.approx(rows[("fp32-plain", "onnxruntime")]["latency_ms"]["p50"] / rows[("fp32", "onnxruntime")]["latency_ms"]["p50"])
+    assert loop["goal"] == "≥ 5"
+    step = targets[f"sensor: {USER_TIME_STEPS} steps through the step model / one sequence call (batch 1)"]
+    assert step["ratio"] == pytest.approx(rows[("step", "onnxruntime")]["stepping"]["ratio"]) and step["goal"] == "≤ 2"
+
+
+def test_user_model_renders(user_report, tmp_path):
+    from rich.console import Console
+
+    from edge_rnn.cli import _bench_tables
+
+    report, doc = user_report
+    text = markdown(doc)
+    assert "max\\|Δ\\| fp32" in text and "| sensor | fp32-plain | onnxruntime |" in text
+    console = Console(record=True, width=250)
+    for table in _bench_tables(report):
+        console.print(table)
+    assert "max|Δ| fp32" in console.export_text()
+    if importlib.util.find_spec("matplotlib") is not None:
+        plot(report, path=tmp_path / "bench.png")
+        assert (tmp_path / "bench.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_cli_rejects_zero_time_steps(tmp_path):
+    result = CliRunner().invoke(app, ["bench", str(tmp_path), "--time-steps", "0"])
+    assert result.exit_code == 2 and "Traceback" not in result.output

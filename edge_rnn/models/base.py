@@ -48,6 +48,11 @@ class Adapter:
     name = ""
     # Roles of the files a source comes in (the export refuses a folder holding none of them).
     source_roles: tuple[str, ...] = ()
+    # How `bench` scores this kind (a key of bench.KINDS): "classify" (held-out accuracy on the model's own
+    # data), "generate" (held-out nats/char) or "outputs" (max |Δ| of every output vs onnxruntime fp32).
+    bench_kind = "outputs"
+    # Whether static int8 needs the user's calibration data (no data of its own to calibrate on).
+    needs_calibration_data = True
 
     def load(self, model_dir: Path, manifest: dict[str, Any]) -> Any:
         """The source model of a folder (a Keras model, a checkpoint), verified against the manifest."""

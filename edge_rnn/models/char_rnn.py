@@ -45,6 +45,8 @@ class CharRnnAdapter(Adapter):
 
     name = "char-rnn"
     source_roles = ("checkpoint",)
+    bench_kind = "generate"
+    needs_calibration_data = False  # its own training text calibrates it
 
     def load(self, model_dir: Path, manifest: dict[str, Any]):
         from ..char_rnn import load_checkpoint

@@ -53,6 +53,8 @@ class MnistLstmAdapter(KerasAdapter):
     """Keras export and reference; real digits (not random pixels) for validation, calibration and drift."""
 
     name = "mnist-lstm"
+    bench_kind = "classify"
+    needs_calibration_data = False  # its own training digits calibrate it
 
     def load(self, model_dir: Path, manifest: dict[str, Any]):
         from ..lstm import load_keras_model
