@@ -649,14 +649,13 @@ def _recurrent_ops(model) -> dict[str, int]:
 def _time_steps(manifest: dict[str, Any], cfg: BenchConfig, notes: list[str]) -> int:
     """T for the model's inputs: its fixed time axis if it has one (a --time-steps is then ignored, with a note),
     else cfg.time_steps or DEFAULT_TIME_STEPS."""
-    from .models.keras_model import temporal_inputs
+    from .models.keras_model import fixed_time_steps
 
-    temporal = temporal_inputs(manifest)
-    fixed = sorted({s["shape"][1] for s in manifest["io"]["inputs"] if s["name"] in temporal and isinstance(s["shape"][1], int)})
-    if fixed:
-        if cfg.time_steps is not None and cfg.time_steps != fixed[0]:
-            notes.append(f"{manifest['model']}: its time axis is fixed at {fixed[0]} steps; --time-steps {cfg.time_steps} ignored")
-        return fixed[0]
+    fixed = fixed_time_steps(manifest)
+    if fixed is not None:
+        if cfg.time_steps is not None and cfg.time_steps != fixed:
+            notes.append(f"{manifest['model']}: its time axis is fixed at {fixed} steps; --time-steps {cfg.time_steps} ignored")
+        return fixed
     return cfg.time_steps or DEFAULT_TIME_STEPS
 
 

@@ -258,3 +258,22 @@ def test_user_model_renders(user_report, tmp_path):
 def test_cli_rejects_zero_time_steps(tmp_path):
     result = CliRunner().invoke(app, ["bench", str(tmp_path), "--time-steps", "0"])
     assert result.exit_code == 2 and "Traceback" not in result.output
+
+
+def test_fixed_time_axis_keeps_its_length():
+    from edge_rnn.bench import _time_steps
+    from edge_rnn.models.keras_model import KerasAdapter
+
+    spec = {"name": "pixels", "dtype": "float32"}
+    manifest = {
+        "model": "rows", "io": {"inputs": [{**spec, "shape": ["batch", 28, 28]}], "outputs": []},
+        "step": {"inputs": [{**spec, "shape": ["batch", 1, 28]}], "outputs": [], "state": []},
+    }
+    # Export validates at 12 steps and bench asks for --time-steps: a graph fixed at 28 takes only 28.
+    assert KerasAdapter().sample_inputs(manifest, batch=2, time_steps=12, seed=0)["pixels"].shape == (2, 28, 28)
+    notes: list[str] = []
+    assert _time_steps(manifest, dataclasses.replace(FAST, time_steps=50), notes) == 28
+    assert notes == ["rows: its time axis is fixed at 28 steps; --time-steps 50 ignored"]
+    dynamic = {**manifest, "io": {"inputs": [{**spec, "shape": ["batch", "time", 28]}], "outputs": []}}
+    assert _time_steps(dynamic, dataclasses.replace(FAST, time_steps=50), notes) == 50
+    assert _time_steps(dynamic, FAST, notes) == 32

@@ -165,6 +165,13 @@ def temporal_inputs(manifest: dict[str, Any]) -> set[str]:
     return names
 
 
+def fixed_time_steps(manifest: dict[str, Any]) -> int | None:
+    """The length of the time axis where the whole-sequence model fixes it (e.g. Input((28, 28))), else None."""
+    temporal = temporal_inputs(manifest)
+    fixed = [s["shape"][1] for s in manifest["io"]["inputs"] if s["name"] in temporal and isinstance(s["shape"][1], int)]
+    return min(fixed) if fixed else None
+
+
 # ---------------------------------------------------------------------------------------------------
 # Export
 
@@ -291,6 +298,8 @@ class KerasAdapter(Adapter):
         return exported
 
     def sample_inputs(self, manifest: dict[str, Any], *, batch: int, time_steps: int, seed: int) -> Arrays:
+        # A fixed time axis keeps its length whatever `time_steps` asks for: the graph accepts no other.
+        time_steps = fixed_time_steps(manifest) or time_steps
         return make_inputs(manifest["io"]["inputs"], manifest.get("sample_inputs", {}), batch=batch, time_steps=time_steps,
                            seed=seed, temporal=temporal_inputs(manifest), padded=True)
 
