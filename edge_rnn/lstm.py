@@ -22,6 +22,11 @@ KERAS_FILE = "model.keras"
 INPUT_NAME = "input"
 OUTPUT_NAME = "probs"
 PIXEL_SCALE = 1.0 / 255.0
+# step-anneal: the notebook's 1e-3 for the first 70% of the steps, then 0.3× until 85%, then 0.1×. A relu
+# LSTM at 1e-3 spikes now and then (held-out accuracy 0.95 → 0.88 → 0.95 between epochs); an anneal
+# at the end keeps the last epochs, which the EMA averages, out of a spike.
+STEP_ANNEAL_AT = (0.7, 0.85)
+STEP_ANNEAL_FACTORS = (1.0, 0.3, 0.1)
 
 # Called after each epoch with (epoch index from 1, total epochs, that epoch's logs).
 EpochCallback = Callable[[int, int, dict[str, float]], None]
@@ -50,7 +55,7 @@ def preprocessing_spec(cfg: LstmConfig) -> dict[str, Any]:
 def build_model(cfg: LstmConfig = LstmConfig(), *, train_samples: int = 60_000):
     """Input (batch, 28, 28) float32 → softmax probabilities (batch, 10), compiled as in the notebook.
 
-    `train_samples` sets the length of a cosine schedule (epochs × steps per epoch)."""
+    `train_samples` sets the length of the step-anneal schedule (epochs × steps per epoch)."""
     keras = require("keras", "train")
     keras.utils.set_random_seed(cfg.seed)
     layers = keras.layers
@@ -69,13 +74,14 @@ def build_model(cfg: LstmConfig = LstmConfig(), *, train_samples: int = 60_000):
         name="mnist_lstm",
     )
     # Keras 2's Adam(decay=1e-5) is lr / (1 + 1e-5 * step): Keras 3 spells it InverseTimeDecay.
-    if cfg.schedule == "cosine":
+    if cfg.schedule == "step-anneal":
         steps = cfg.epochs * -(-train_samples // cfg.batch_size)
-        schedule = keras.optimizers.schedules.CosineDecay(cfg.learning_rate, decay_steps=steps, alpha=0.0)
+        bounds = [int(f * steps) for f in STEP_ANNEAL_AT]
+        schedule = keras.optimizers.schedules.PiecewiseConstantDecay(bounds, [cfg.learning_rate * f for f in STEP_ANNEAL_FACTORS])
     elif cfg.schedule == "inverse-time":
         schedule = keras.optimizers.schedules.InverseTimeDecay(cfg.learning_rate, decay_steps=1, decay_rate=cfg.decay)
     else:
-        raise EdgeRnnError(f"unknown learning-rate schedule {cfg.schedule!r}; choose inverse-time or cosine")
+        raise EdgeRnnError(f"unknown learning-rate schedule {cfg.schedule!r}; choose step-anneal or inverse-time")
     ema = {"use_ema": True, "ema_momentum": cfg.ema_momentum} if cfg.ema_momentum else {}
     model.compile(
         optimizer=keras.optimizers.Adam(learning_rate=schedule, **ema),

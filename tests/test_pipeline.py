@@ -16,15 +16,17 @@ def test_pipeline_trains_exports_quantizes_and_checks_both_models(tmp_path):
         app, ["pipeline", "--data", "sample", "--epochs", str(TEST_LSTM.epochs), "--char-iters", "3000", "--out", str(out)]
     )
     assert result.exit_code == 0, result.output
-    for row in ("keras", "onnx fp32", "onnx int8", "numpy fp64", "onnx fp16"):
+    for row in ("keras", "onnx fp32", "onnx int8", "onnx step fp32", "onnx step int8", "numpy fp64", "onnx fp16"):
         assert row in result.output
     assert "same-seed text equal" in result.output
     mnist = load_manifest(out / "mnist-lstm")
-    assert set(mnist["files"]) == {"keras", "onnx", "onnx_int8"}
+    assert set(mnist["files"]) == {"keras", "onnx", "onnx_int8", "onnx_step", "onnx_step_int8"}
     metrics = mnist["metrics"]
-    assert metrics["keras_vs_onnx_max_abs_prob_diff"] <= 1e-5 and metrics["keras_vs_onnx_argmax_agreement"] == 1.0
-    assert metrics["onnx_int8_vs_onnx_confident_agreement"] >= QUANT_MIN_CONFIDENT_AGREEMENT
-    assert metrics["onnx_int8_vs_onnx_confident_count"] >= 700
+    for role in ("onnx", "onnx_step"):  # the streamed model answers like the whole-sequence one, on every digit
+        assert metrics[f"keras_vs_{role}_max_abs_prob_diff"] <= 1e-5 and metrics[f"keras_vs_{role}_argmax_agreement"] == 1.0
+    for role in ("onnx_int8", "onnx_step_int8"):
+        assert metrics[f"{role}_vs_onnx_confident_agreement"] >= QUANT_MIN_CONFIDENT_AGREEMENT
+        assert metrics[f"{role}_vs_onnx_confident_count"] >= 700
     assert metrics["keras_accuracy"] == metrics["onnx_accuracy"] > 0.8
     char = load_manifest(out / "char-rnn")
     assert set(char["files"]) == {"checkpoint", "onnx", "onnx_int8", "onnx_fp16"}
