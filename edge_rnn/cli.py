@@ -434,9 +434,12 @@ def bench(
 
 
 def _pipeline_table(rows) -> Table:
-    table = Table(title="edge-rnn pipeline: held-out accuracy (nats/char for the char RNN) and parity")
+    from rich import box
+
+    # No vertical rules: the table fits an 80-column terminal without wrapping or cutting a figure.
+    table = Table(title="edge-rnn pipeline: held-out accuracy (nats/char for the char RNN) and parity", box=box.SIMPLE_HEAD, padding=(0, 1), pad_edge=False)
     for name in ("model", "variant", "KiB", "held-out", "vs", "max|Δ|", "top-1"):
-        table.add_column(name, justify="left" if name in ("model", "variant", "vs") else "right")
+        table.add_column(name, justify="left" if name in ("model", "variant", "vs") else "right", no_wrap=True)
     for row in rows:
         metric = f"{row.metric:.2%}" if row.metric_name == "accuracy" else f"{row.metric:.4f}"
         diff = "" if row.max_abs_diff is None else f"{row.max_abs_diff:.1e}"
