@@ -139,7 +139,7 @@ def train_char_rnn(
 ) -> None:
     """Train the NumPy reference char RNN (min-char-rnn, Adagrad) → OUT/checkpoint.npz and OUT/manifest.json.
 
-    Example: edge-rnn train char-rnn --iters 180000 --out artifacts/char-rnn
+    Example: edge-rnn train char-rnn --iters 130000 --out artifacts/char-rnn
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
