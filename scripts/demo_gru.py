@@ -18,9 +18,10 @@ import numpy as np
 
 
 def main(path: str) -> None:
-    import keras
-
     from edge_rnn.data import load_sample
+    from edge_rnn.errors import require
+
+    keras = require("keras", "train")  # imported quietly: TensorFlow's C++ start-up lines go to /dev/null
 
     digits = load_sample()
     keras.utils.set_random_seed(0)

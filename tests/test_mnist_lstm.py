@@ -181,3 +181,19 @@ def test_pipeline_gate_fails_on_a_damaged_int8_file(mnist_copy, digits):
     rows, reports, gates = check_classifier(mnist_copy, digits.x_test, digits.y_test)
     failures = gate_classifier(reports, gates)
     assert failures and all(f.startswith("onnx int8") for f in failures), failures
+
+
+def test_steps_per_execution_changes_no_weight(digits):
+    """The recipe runs 32 training steps per call into the graph for speed: the weights must be bit-identical."""
+    import dataclasses
+
+    from edge_rnn.config import LstmConfig
+    from edge_rnn.data import Digits
+    from edge_rnn.lstm import train
+
+    small = Digits("s", "s", digits.x_train[:320], digits.y_train[:320], digits.x_test[:32], digits.y_test[:32])
+    weights = [train(small, cfg=dataclasses.replace(LstmConfig(), epochs=2, steps_per_execution=spe)).model.get_weights()
+               for spe in (1, 32)]
+    assert len(weights[0]) == len(weights[1]) > 0
+    for a, b in zip(*weights):
+        np.testing.assert_array_equal(a, b)
