@@ -73,7 +73,11 @@ def test_classifier_rows_and_baselines(report):
         if key == ("step", "onnxruntime"):
             continue  # scored against the sequence model (test_built_in_models_get_a_step_row)
         assert 0.8 < r["accuracy"] <= 1.0, key  # a real classifier on every runtime
-        assert r["agreement_with_fp32"] >= 0.97, key
+        # Float rows make fp32's decisions; int8 rows flip near-ties by the host's int8 kernels (97.7% for
+        # static int8 on an AVX2 host, 99.8% here), while a broken int8 model agrees on ≤ 70% (README):
+        # the bench's quantized rows are held to a bound that holds on every host, the full promise is
+        # tested in test_mnist_lstm.py / test_quantize.py.
+        assert r["agreement_with_fp32"] >= (0.9 if "int8" in key[0] else 0.99), key
     # Keras and the fp32 export make the same decisions.
     assert rows[("fp32", "keras-predict")]["agreement_with_fp32"] == 1.0
     assert rows[("int8", "onnxruntime")]["size_bytes"] < 0.3 * rows[("fp32", "onnxruntime")]["size_bytes"]
