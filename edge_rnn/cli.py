@@ -433,6 +433,62 @@ def bench(
             out.print(f"→ {path}")
 
 
+CHECK_STATUS = {"ok": "[green]ok[/]", "wrong": "[bold red]WRONG[/]", "cannot load": "[yellow]cannot load[/]", "not installed": "[dim]not installed[/]"}
+
+
+def _check_table(report) -> Table:
+    """One row per runtime: version, status, max |Δ| per input set, top-1 agreement, batch-1 latency (reasons below it)."""
+    sets = ", ".join(f"{n} {name}" for name, n in report.sets.items())
+    table = Table(title=f"edge-rnn check: {report.file} vs the {report.expected_from} on {sets} inputs")
+    for name in ("runtime", "version", "answers", *(f"max|Δ| {s[:3] if s == 'reference' else s}" for s in report.sets), "top-1", "ms b1"):
+        table.add_column(name, justify="right" if name.startswith(("max", "top", "p50")) else "left", no_wrap=True)
+    for r in report.results:
+        diffs = [f"{max(r.max_abs_diff[s].values()):.1e}" if r.max_abs_diff.get(s) else "—" for s in report.sets]
+        agree = "—" if r.agreement is None else f"{r.agreement:.2%}"
+        latency = "—" if r.latency_ms is None else f"{r.latency_ms:.3f}"
+        table.add_row(r.runtime, r.version or "—", CHECK_STATUS[r.status], *diffs, agree, latency)
+    return table
+
+
+@app.command()
+@clean_errors
+def check(
+    target: Path = typer.Argument(..., help="A model folder (made by export or pipeline)."),
+    runtimes: List[str] = typer.Option([], "--runtime", help="onnxruntime | openvino | tract | onnx.reference; repeat it (default: all of them)."),
+    role: str = typer.Option("onnx", help="Which file of the folder to run (its manifest role)."),
+    batch: int = typer.Option(256, min=1, help="Size of the random batch every runtime also answers, beside the reference vectors."),
+    threads: int = typer.Option(1, min=1, max=256, help="Threads for every runtime."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+    allow_wrong: bool = typer.Option(False, "--allow-wrong", help="Exit 0 even when a runtime answers wrong (still reported)."),
+) -> None:
+    """Which runtime answers right: run one model file on several runtimes against the source model's answers.
+
+    Exit code 1 when a named, installed runtime answers wrong (outside the file's fp32 tolerance); a runtime
+    that is not installed or cannot load the file is reported, not failed.
+
+    Example: edge-rnn check artifacts/mnist-lstm --runtime onnxruntime --runtime openvino --runtime tract
+    """
+    from .check import check as run_check
+
+    report = run_check(target, runtimes=runtimes or None, role=role, batch=batch, threads=threads)
+    if as_json:
+        print(json.dumps(report.to_json(), indent=2))
+    else:
+        _warn(report.notes)
+        out.print(_check_table(report))
+        out.print("tolerance: " + ", ".join(f"{k} {v}" for k, v in report.tolerances.items()) + f"; host: {report.machine['description']}",
+                  highlight=False, soft_wrap=True)
+        for r in report.results:
+            if r.reason:
+                out.print(f"{CHECK_STATUS[r.status]} {escape(r.runtime)}: {escape(r.reason)}", highlight=False, soft_wrap=True)
+    if report.wrong:
+        names = ", ".join(r.runtime for r in report.wrong)
+        err.print(f"[bold red]wrong answers from:[/] {escape(names)}"
+                  + (" (--allow-wrong: exit 0)" if allow_wrong else ""), highlight=False)
+        if not allow_wrong:
+            raise typer.Exit(1)
+
+
 def _pipeline_table(rows) -> Table:
     from rich import box
 

@@ -1,0 +1,307 @@
+"""Which runtime answers right: one model file on several runtimes, each against the source model's answers.
+
+For a model folder, two sets of inputs are run, both from the folder's adapter (`sample_inputs`):
+- `reference`: REFERENCE_COUNT realistic inputs (real digits for mnist-lstm, ids within the vocabulary and
+  post-padded where a Keras model masks, floats at the scale the model expects);
+- `random`: a larger batch (`batch`, default RANDOM_BATCH) drawn the same way with another seed — random
+  in the model's own input range, so a runtime is not judged on eight inputs alone.
+The expected answers are the source model's (Keras, or the char RNN's NumPy reference), which needs the
+`[train]` extra; without it the expected answers are onnxruntime's on the same file, and the report says so.
+
+Every runtime runs in its own `spawn` subprocess with `threads` threads: a runtime that crashes (tract panics
+abort the process) is reported as unable to load the file instead of taking `check` down, and its memory and
+threads are its own. Each reports its outputs, and its batch-1 latency as the median of a short run.
+
+A runtime answers wrong when any output on either set is further from the expected answer than the
+tolerance the file was validated at (the adapter's fp32 tolerance, `edge_rnn.tolerances`). A runtime that
+is not installed is reported as missing, one that cannot load the file as such; neither is a wrong answer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+from .device.hostinfo import cpu_features, describe
+from .device.manifest import load_manifest, verified_file
+from .errors import EdgeRnnError, MissingDependencyError
+from .runtimes import RUNTIMES, Arrays, open_runtime, runtime
+
+# Real inputs with the source model's answers (the reference vectors).
+REFERENCE_COUNT = 8
+# The larger batch every runtime also answers.
+RANDOM_BATCH = 256
+# Time steps for a model whose time axis is dynamic (as bench uses).
+DEFAULT_TIME_STEPS = 32
+# Batch-1 latency: the median of at least MIN runs, and of as many as fit in SECONDS (at most MAX runs).
+LATENCY_MIN_RUNS = 5
+LATENCY_MAX_RUNS = 200
+LATENCY_SECONDS = 0.5
+LATENCY_WARMUP = 3
+# One runtime's whole measurement (onnx.reference, pure NumPy, is the slowest: seconds, not minutes).
+RUNTIME_TIMEOUT_S = 300.0
+THREAD_ENV = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+# The roles a model folder can be checked in: the ones whose tolerance against the source model is fp32's.
+FOLDER_ROLES = ("onnx",)
+
+OK, WRONG, CANNOT_LOAD, NOT_INSTALLED = "ok", "wrong", "cannot load", "not installed"
+
+
+@dataclass
+class RuntimeResult:
+    """One runtime's answer: `status` is ok, wrong, cannot load or not installed; diffs are per set, per output."""
+
+    runtime: str
+    version: str | None
+    status: str
+    reason: str = ""  # why it cannot load, is missing, or which output is off by how much
+    max_abs_diff: dict[str, dict[str, float]] = field(default_factory=dict)  # set → output → max |Δ| vs expected
+    agreement: float | None = None  # top-1 agreement with the expected answers over both sets (classifiers)
+    latency_ms: float | None = None  # batch 1, median of a short run
+    latency_runs: int = 0
+    load_ms: float | None = None
+
+    @property
+    def worst(self) -> float | None:
+        values = [d for by_output in self.max_abs_diff.values() for d in by_output.values()]
+        return max(values) if values else None
+
+
+@dataclass
+class CheckReport:
+    """Every runtime's result on one model file, against one set of expected answers."""
+
+    model: str
+    file: str
+    role: str
+    expected_from: str  # who gave the expected answers: the source model, or onnxruntime
+    sets: dict[str, int]  # set name → number of inputs
+    tolerances: dict[str, str]  # output → tolerance as text
+    results: list[RuntimeResult]
+    machine: dict[str, Any]
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def wrong(self) -> list[RuntimeResult]:
+        return [r for r in self.results if r.status == WRONG]
+
+    def to_json(self) -> dict[str, Any]:
+        """The `--json` document: the file, the expected answers' source, the tolerances, every runtime, the machine."""
+        doc = asdict(self)
+        for r, d in zip(self.results, doc["results"]):
+            d["max_abs_diff_overall"] = r.worst
+        doc["wrong"] = [r.runtime for r in self.wrong]
+        return doc
+
+
+@dataclass
+class _Vectors:
+    """Inputs per set, the expected outputs per set (None: onnxruntime's), and per output (atol, text)."""
+
+    inputs: dict[str, Arrays]
+    expected: dict[str, Arrays] | None
+    expected_from: str
+    tolerance: Any  # (output, reference array) → (atol, text)
+    model_name: str
+    path: Path
+    io: dict[str, Any]
+    notes: list[str] = field(default_factory=list)
+
+
+def _folder_vectors(model_dir: Path, *, role: str, batch: int, seed: int) -> _Vectors:
+    from .models import adapter_for
+    from .models.keras_model import fixed_time_steps
+
+    manifest = load_manifest(model_dir)
+    if role not in FOLDER_ROLES:
+        raise EdgeRnnError(
+            f"--role {role}: a model folder is checked in role {', '.join(FOLDER_ROLES)} (fp32, whose tolerance against the "
+            "source model is known); bundle the folder to check a quantized variant at the tolerance it was validated at"
+        )
+    path = verified_file(manifest, model_dir, role)
+    adapter = adapter_for(manifest)
+    time_steps = fixed_time_steps(manifest) or DEFAULT_TIME_STEPS
+    inputs = {
+        "reference": adapter.sample_inputs(manifest, batch=REFERENCE_COUNT, time_steps=time_steps, seed=seed),
+        "random": adapter.sample_inputs(manifest, batch=batch, time_steps=time_steps, seed=seed + 1),
+    }
+    notes = []
+    try:
+        source = adapter.load(model_dir, manifest)
+    except MissingDependencyError as exc:
+        expected, expected_from = None, "onnxruntime (same file)"
+        notes.append(f"no source-model answers: {exc} — every runtime is compared with onnxruntime on the same file instead")
+    else:
+        expected = {name: adapter.reference(source, x, io=manifest["io"]) for name, x in inputs.items()}
+        expected_from = f"source model ({adapter.name} adapter)"
+    tolerance = lambda output, ref: adapter.tolerance(output, ref, stepped=False)  # noqa: E731
+    return _Vectors(inputs, expected, expected_from, tolerance, manifest["model"], path, manifest["io"], notes)
+
+
+# ---------------------------------------------------------------------------------------------
+# One runtime, in its own process
+
+
+def _latency(call, *, seconds: float) -> tuple[float, int]:
+    for _ in range(LATENCY_WARMUP):
+        call()
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < LATENCY_MIN_RUNS or (len(times) < LATENCY_MAX_RUNS and time.perf_counter() - start < seconds):
+        t0 = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times) * 1e3), len(times)
+
+
+def measure(name: str, path: str, inputs: dict[str, Arrays], *, threads: int, seconds: float = LATENCY_SECONDS) -> dict[str, Any]:
+    """Run every set on runtime `name` and time batch 1: {"outputs": set → output → array, "latency_ms", "runs", "load_ms"}
+    or {"error": one line} when the runtime cannot load or run the file."""
+    try:
+        t0 = time.perf_counter()
+        run = open_runtime(name, path, threads=threads)
+        load_ms = (time.perf_counter() - t0) * 1e3
+        outputs = {set_name: run(x) for set_name, x in inputs.items()}
+        one = {k: v[:1] for k, v in inputs["reference"].items()}
+        latency_ms, runs = _latency(lambda: run(one), seconds=seconds)
+    except EdgeRnnError as exc:
+        return {"error": str(exc)}
+    return {"outputs": outputs, "latency_ms": latency_ms, "runs": runs, "load_ms": load_ms}
+
+
+def _child(name: str, path: str, inputs: dict[str, Arrays], threads: int, queue) -> None:
+    queue.put(measure(name, path, inputs, threads=threads))
+
+
+@contextlib.contextmanager
+def _thread_env(threads: int) -> Iterator[None]:
+    """BLAS/OpenMP thread counts for the children started inside the block (they copy the environment)."""
+    saved = {k: os.environ.get(k) for k in THREAD_ENV}
+    os.environ.update({k: str(threads) for k in THREAD_ENV})
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _in_subprocess(name: str, path: Path, inputs: dict[str, Arrays], *, threads: int) -> dict[str, Any]:
+    import multiprocessing
+    import queue as queue_mod
+
+    ctx = multiprocessing.get_context("spawn")
+    q = ctx.Queue()
+    with _thread_env(threads):
+        proc = ctx.Process(target=_child, args=(name, str(path), inputs, threads, q), daemon=True)
+        proc.start()
+    deadline = time.monotonic() + RUNTIME_TIMEOUT_S
+    try:
+        while time.monotonic() < deadline:
+            try:
+                return q.get(timeout=0.5)
+            except queue_mod.Empty:
+                if not proc.is_alive():
+                    return {"error": f"the {name} process died (exit code {proc.exitcode}: the runtime crashed on this file)"}
+        return {"error": f"no answer within {RUNTIME_TIMEOUT_S:.0f} s"}
+    finally:
+        proc.join(timeout=10)
+        if proc.is_alive():
+            proc.kill()
+
+
+# ---------------------------------------------------------------------------------------------
+# Judging
+
+
+def _agreement(outputs: dict[str, Arrays], expected: dict[str, Arrays], first: str) -> float | None:
+    """Top-1 agreement over every set where the first output is a classifier's (N, classes)."""
+    pairs = [(outputs[s].get(first), expected[s][first]) for s in expected]
+    if not all(mine is not None and mine.shape == ref.shape and ref.ndim == 2 and ref.shape[1] > 1 for mine, ref in pairs):
+        return None
+    agree = np.concatenate([mine.argmax(-1) == ref.argmax(-1) for mine, ref in pairs])
+    return float(agree.mean())
+
+
+def _judge(result: RuntimeResult, outputs: dict[str, Arrays], vectors: _Vectors, expected: dict[str, Arrays],
+           tolerances: dict[str, float]) -> None:
+    off = []
+    for set_name, want in expected.items():
+        diffs = result.max_abs_diff.setdefault(set_name, {})
+        for output, ref in want.items():
+            mine = outputs[set_name].get(output)
+            if mine is None or mine.shape != ref.shape:
+                off.append(f"{output} on the {set_name} set has shape {None if mine is None else mine.shape}, expected {ref.shape}")
+                continue
+            diff = float(np.max(np.abs(mine.astype(np.float64) - ref.astype(np.float64)), initial=0.0))
+            diffs[output] = diff
+            if not diff <= tolerances[output]:  # NaN is off too
+                off.append(f"{output} off by {diff:.2g} on the {set_name} set (tolerance {tolerances[output]:g})")
+    result.agreement = _agreement(outputs, expected, vectors.io["outputs"][0]["name"])
+    if off:
+        result.status, result.reason = WRONG, "; ".join(off)
+
+
+def check(
+    target: str | os.PathLike[str],
+    *,
+    runtimes: Sequence[str] | None = None,
+    role: str = "onnx",
+    batch: int = RANDOM_BATCH,
+    threads: int = 1,
+    seed: int = 0,
+) -> CheckReport:
+    """Run a model folder's `role` file on every named runtime (all known ones by default) and judge each answer."""
+    names = list(dict.fromkeys(runtimes or RUNTIMES))
+    for name in names:
+        runtime(name)  # unknown names fail before any work
+    if batch < 1 or threads < 1:
+        raise EdgeRnnError("--batch and --threads must be at least 1")
+    target = Path(target)
+    if not target.is_dir():
+        raise EdgeRnnError(f"{target} is not a model folder — give a folder made by edge-rnn export (or pipeline)")
+    vectors = _folder_vectors(target, role=role, batch=batch, seed=seed)
+    measured: dict[str, dict[str, Any]] = {}
+    results: list[RuntimeResult] = []
+    # Without the source model, onnxruntime's answers are the expected ones: measure it even when not named.
+    order = names if vectors.expected is not None or "onnxruntime" in names else ["onnxruntime", *names]
+    for name in order:
+        version = RUNTIMES[name].version()
+        if version is None:
+            results.append(RuntimeResult(name, None, NOT_INSTALLED, f"{RUNTIMES[name].install_hint()} to check it"))
+            continue
+        measured[name] = _in_subprocess(name, vectors.path, vectors.inputs, threads=threads)
+        m = measured[name]
+        if "error" in m:
+            results.append(RuntimeResult(name, version, CANNOT_LOAD, m["error"]))
+        else:
+            results.append(RuntimeResult(name, version, OK, latency_ms=m["latency_ms"], latency_runs=m["runs"], load_ms=m["load_ms"]))
+    expected = vectors.expected
+    if expected is None:
+        ort = measured.get("onnxruntime", {})
+        if "outputs" not in ort:
+            raise EdgeRnnError(f"no expected answers: the source model needs [train] and onnxruntime cannot run {vectors.path} ({ort.get('error')})")
+        expected = ort["outputs"]
+    tolerances, tolerance_text = {}, {}
+    for output in expected["reference"]:
+        ref = np.concatenate([expected[s][output] for s in expected])
+        tolerances[output], tolerance_text[output] = vectors.tolerance(output, ref)
+    for result in results:
+        if result.status == OK:
+            _judge(result, measured[result.runtime]["outputs"], vectors, expected, tolerances)
+    results = [r for r in results if r.runtime in names]
+    machine = cpu_features()
+    machine["description"] = describe(machine)
+    return CheckReport(
+        model=vectors.model_name, file=str(vectors.path), role=role, expected_from=vectors.expected_from,
+        sets={name: len(next(iter(x.values()))) for name, x in vectors.inputs.items()}, tolerances=tolerance_text,
+        results=results, machine=machine, notes=vectors.notes,
+    )
