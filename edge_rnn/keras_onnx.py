@@ -112,6 +112,19 @@ class _Value:
     time_major: str | None = None  # the same tensor as (T, B, …) when a recurrent op produced it
 
 
+def output_names(keras_tensors) -> list[str]:
+    """Graph output names: the producing layer's name, with ".{index}" for a layer's further outputs
+    (return_state, merge_mode=None), made unique."""
+    names: list[str] = []
+    for kt in keras_tensors:
+        operation, _, tensor_index = kt._keras_history
+        name = _sanitise(operation.name if tensor_index == 0 else f"{operation.name}.{tensor_index}")
+        while name in names:
+            name += "_"
+        names.append(name)
+    return names
+
+
 def _sanitise(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.\-]", "_", name)
 
@@ -852,14 +865,7 @@ def convert(keras_model, *, opset: int = 17, step: bool = False) -> Conversion:
     b = cv.b
     b.owner = "graph"
     graph_outputs: list[tuple[str, _Value, list]] = []
-    seen: set[str] = set()
-    for kt in graph_model.outputs:
-        # The layer's name; a layer's further outputs (return_state, merge_mode=None) get ".{index}".
-        operation, _, tensor_index = kt._keras_history
-        name = _sanitise(operation.name if tensor_index == 0 else f"{operation.name}.{tensor_index}")
-        while name in seen:
-            name += "_"
-        seen.add(name)
+    for kt, name in zip(graph_model.outputs, output_names(graph_model.outputs)):
         v = values[id(kt)]
         b.nodes.append(helper.make_node("Identity", [v.name], [name], name=f"output/{name}"))
         b.owner_of[f"output/{name}"] = "graph"

@@ -177,21 +177,15 @@ def fixed_time_steps(manifest: dict[str, Any]) -> int | None:
 
 def _keras_io(keras_model) -> dict[str, Any]:
     """io block for the tf2onnx path, named and shaped as keras_onnx names them."""
-    from ..keras_onnx import _sanitise
+    from ..keras_onnx import _sanitise, output_names
 
     def dims(kt) -> list:
         return ["batch" if a == 0 else ("time" if a == 1 else f"dim{a}") if d is None else int(d) for a, d in enumerate(kt.shape)]
 
     inputs = [{"name": _sanitise(kt._keras_history.operation.name), "dtype": str(kt.dtype), "shape": dims(kt)}
               for kt in keras_model.inputs]
-    outputs, seen = [], set()
-    for kt in keras_model.outputs:
-        operation, _, index = kt._keras_history
-        name = _sanitise(operation.name if index == 0 else f"{operation.name}.{index}")
-        while name in seen:
-            name += "_"
-        seen.add(name)
-        outputs.append({"name": name, "dtype": str(kt.dtype), "shape": dims(kt)})
+    outputs = [{"name": name, "dtype": str(kt.dtype), "shape": dims(kt)}
+               for kt, name in zip(keras_model.outputs, output_names(keras_model.outputs))]
     return {"inputs": inputs, "outputs": outputs}
 
 
@@ -254,6 +248,7 @@ class KerasAdapter(Adapter):
 
     name = "keras"
     source_roles = ("keras",)
+    source_kind = "keras"
 
     def load(self, model_dir: Path, manifest: dict[str, Any]):
         from ..device.manifest import verified_file
