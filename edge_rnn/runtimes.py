@@ -52,11 +52,11 @@ class Runtime:
 
     def version(self) -> str | None:
         """The installed version, or None when the runtime is not installed."""
-        if importlib.util.find_spec(self.module.split(".")[0]) is None:
-            return None
         try:
+            if importlib.util.find_spec(self.module.split(".")[0]) is None:
+                return None
             return importlib.metadata.version(self.distribution)
-        except importlib.metadata.PackageNotFoundError:
+        except (ImportError, importlib.metadata.PackageNotFoundError):
             return None
 
     def install_hint(self) -> str:

@@ -1,0 +1,180 @@
+"""`edge-rnn check`: one model file on several runtimes, each judged against the source model's answers.
+
+onnxruntime is tested for real everywhere. The wrong-answer path is proven without tract by a real runtime
+that really answers wrong: `onnx.reference` (the `[train]` extra's onnx) ignores the LSTM `activations`
+attribute — shown first on a one-op LSTM — so on the MNIST LSTM (relu cells) it is off by ~1.
+
+openvino and tract come from the optional `[runtimes]` extra, which CI does not install: where they are
+missing, the tests assert that `check` reports them as not installed; where they are installed (the
+development host), the same tests assert what they answer — tract wrong on the MNIST LSTM, openvino right.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from edge_rnn.cli import app
+from edge_rnn.runtimes import RUNTIMES
+from edge_rnn.tolerances import KERAS_ONNX_ATOL
+
+# Small batches keep onnx.reference (pure NumPy) and the spawned processes quick.
+BATCH = "16"
+
+
+def _check(*args: str):
+    return CliRunner().invoke(app, ["check", *map(str, args), "--batch", BATCH])
+
+
+def _doc(*args: str) -> tuple[int, dict]:
+    result = _check(*args, "--json")
+    return result.exit_code, json.loads(result.stdout)
+
+
+def _by_runtime(doc: dict) -> dict[str, dict]:
+    return {r["runtime"]: r for r in doc["results"]}
+
+
+@pytest.fixture(scope="module")
+def gru_dir(tmp_path_factory):
+    """A small Keras GRU model exported through the CLI (dynamic time axis, softmax output)."""
+    keras = pytest.importorskip("keras")
+    work = tmp_path_factory.mktemp("gru")
+    keras.utils.set_random_seed(0)
+    keras.Sequential([
+        keras.Input((None, 6), name="sensor"),
+        keras.layers.GRU(12),
+        keras.layers.Dense(3, activation="softmax", name="activity"),
+    ]).save(work / "gru.keras")
+    result = CliRunner().invoke(app, ["export", str(work / "gru.keras"), "--out", str(work / "gru")])
+    assert result.exit_code == 0, result.output
+    return work / "gru"
+
+
+def test_mnist_on_onnxruntime_answers_right(mnist_dir):
+    result = _check(mnist_dir, "--runtime", "onnxruntime")
+    assert result.exit_code == 0, result.output
+    assert "onnxruntime" in result.stdout and "ok" in result.stdout and "WRONG" not in result.stdout
+    assert "source model" in result.stdout and "tolerance: probs atol 1e-05" in result.stdout
+    code, doc = _doc(mnist_dir, "--runtime", "onnxruntime")
+    assert code == 0 and doc["wrong"] == [] and doc["sets"] == {"reference": 8, "random": int(BATCH)}
+    (ort,) = doc["results"]
+    assert ort["status"] == "ok" and ort["version"]
+    assert 0 <= ort["max_abs_diff_overall"] <= KERAS_ONNX_ATOL
+    assert set(ort["max_abs_diff"]) == {"reference", "random"}
+    assert ort["agreement"] == 1.0 and ort["latency_ms"] > 0 and ort["latency_runs"] >= 5
+    assert doc["machine"]["arch"] and "int8 path" in doc["machine"]["description"]
+
+
+def test_keras_gru_folder_on_onnxruntime(gru_dir):
+    code, doc = _doc(gru_dir, "--runtime", "onnxruntime")
+    assert code == 0, doc
+    (ort,) = doc["results"]
+    assert ort["status"] == "ok" and set(ort["max_abs_diff"]["random"]) == {"activity"}
+    assert ort["max_abs_diff_overall"] <= KERAS_ONNX_ATOL and ort["agreement"] == 1.0
+
+
+def _one_lstm(onnx, *, activations: list[str] | None):
+    """A one-op ONNX LSTM (input 3, hidden 4) with fixed random weights, and `activations` if given."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    weights = {"W": (1, 16, 3), "R": (1, 16, 4), "B": (1, 32)}
+    inits = [numpy_helper.from_array(rng.normal(0, 0.7, shape).astype(np.float32), name) for name, shape in weights.items()]
+    attrs = {"hidden_size": 4, **({"activations": activations} if activations else {})}
+    node = helper.make_node("LSTM", ["x", "W", "R", "B"], ["y"], **attrs)
+    graph = helper.make_graph([node], "lstm", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [5, 2, 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [5, 1, 2, 4])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_onnx_reference_ignores_the_lstm_activations_attribute():
+    """The premise of the wrong-answer tests: onnx.reference agrees with onnxruntime on a default LSTM and
+    not on one with Sigmoid/Relu/Relu, where it answers as if the attribute were absent."""
+    onnx = pytest.importorskip("onnx")
+    import onnxruntime as ort
+    from onnx.reference import ReferenceEvaluator
+
+    x = np.random.default_rng(1).normal(0, 2, (5, 2, 3)).astype(np.float32)
+
+    def both(model):
+        session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        return session.run(None, {"x": x})[0], ReferenceEvaluator(model).run(None, {"x": x})[0]
+
+    ort_default, ref_default = both(_one_lstm(onnx, activations=None))
+    ort_relu, ref_relu = both(_one_lstm(onnx, activations=["Sigmoid", "Relu", "Relu"]))
+    np.testing.assert_allclose(ref_default, ort_default, atol=1e-6)
+    assert np.max(np.abs(ref_relu - ort_relu)) > 0.1
+    np.testing.assert_allclose(ref_relu, ort_default, atol=1e-6)
+
+
+def test_a_runtime_that_answers_wrong_is_flagged(mnist_dir):
+    pytest.importorskip("onnx")
+    result = _check(mnist_dir, "--runtime", "onnxruntime", "--runtime", "onnx.reference")
+    assert result.exit_code == 1, result.output
+    assert "WRONG" in result.stdout and "onnx.reference: probs off by" in result.stdout
+    assert "wrong answers from: onnx.reference" in result.stderr
+    code, doc = _doc(mnist_dir, "--runtime", "onnxruntime", "--runtime", "onnx.reference")
+    assert code == 1 and doc["wrong"] == ["onnx.reference"]
+    rows = _by_runtime(doc)
+    assert rows["onnxruntime"]["status"] == "ok"
+    assert rows["onnx.reference"]["status"] == "wrong" and rows["onnx.reference"]["max_abs_diff_overall"] > 0.1
+    # --allow-wrong still reports it, and exits 0.
+    allowed = _check(mnist_dir, "--runtime", "onnx.reference", "--allow-wrong")
+    assert allowed.exit_code == 0 and "WRONG" in allowed.stdout and "--allow-wrong" in allowed.stderr
+
+
+@pytest.mark.parametrize("name", ["openvino", "tract"])
+def test_optional_runtimes_on_mnist(mnist_dir, name):
+    """Where the `[runtimes]` extra is missing (CI): reported as not installed, exit 0. Where it is installed
+    (the development host): tract is flagged wrong on the relu LSTM (it ignores `activations`), openvino agrees."""
+    code, doc = _doc(mnist_dir, "--runtime", "onnxruntime", "--runtime", name)
+    row = _by_runtime(doc)[name]
+    if RUNTIMES[name].version() is None:
+        assert code == 0 and row["status"] == "not installed" and "edge-rnn[runtimes]" in row["reason"]
+        assert row["max_abs_diff"] == {} and row["latency_ms"] is None
+    elif name == "tract":
+        assert code == 1 and row["status"] == "wrong" and doc["wrong"] == ["tract"] and row["max_abs_diff_overall"] > 0.1
+    else:
+        assert code == 0 and row["status"] == "ok" and row["max_abs_diff_overall"] <= KERAS_ONNX_ATOL and row["agreement"] == 1.0
+
+
+BLOCKER = """
+import sys
+class _Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in {"tensorflow", "tf2onnx", "keras", "onnx", "openvino", "tract"}:
+            raise ImportError(f"{name} is not installed on this device")
+sys.meta_path.insert(0, _Block())
+sys.argv = ["edge-rnn"] + sys.argv[1:]
+from edge_rnn.cli import main
+main()
+"""
+
+
+def test_without_the_extras_missing_runtimes_are_reported_and_onnxruntime_is_the_reference(gru_dir):
+    """A device-like install: no Keras (so no source-model answers), no onnx, openvino or tract."""
+    proc = subprocess.run([sys.executable, "-c", BLOCKER, "check", str(gru_dir), "--batch", BATCH, "--json"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    assert doc["expected_from"] == "onnxruntime (same file)" and any("[train]" in n for n in doc["notes"])
+    rows = _by_runtime(doc)
+    assert list(rows) == list(RUNTIMES)
+    assert rows["onnxruntime"]["status"] == "ok" and rows["onnxruntime"]["max_abs_diff_overall"] == 0.0
+    for name in ("openvino", "tract", "onnx.reference"):
+        assert rows[name]["status"] == "not installed", name
+
+
+def test_bad_usage_is_a_clean_error(mnist_dir, tmp_path):
+    unknown = _check(mnist_dir, "--runtime", "tensorrt")
+    assert unknown.exit_code == 1 and "unknown runtime 'tensorrt'" in unknown.stderr
+    role = _check(mnist_dir, "--role", "onnx_int8")
+    assert role.exit_code == 1 and "bundle the folder" in role.stderr
+    missing = _check(tmp_path)
+    assert missing.exit_code == 1 and "manifest.json" in missing.stderr and "Traceback" not in missing.output
