@@ -20,6 +20,10 @@ Rows per model folder (when the model and the installed extras have them):
   that the converter needs at a static shape, and XNNPACK cannot resize it, so each batch size is its own
   conversion of the same weights; the batch-1 file is the one whose size is reported.
 - char RNN: the NumPy (float64) reference.
+- openvino and tract (`[runtimes]` extra, `edge_rnn.runtimes`) running the same fp32 `model.onnx` as
+  onnxruntime, for the kinds whose rows feed whole inputs (classify, outputs): their accuracy, top-1
+  agreement and max |Δ| against onnxruntime fp32 show a runtime that answers differently (`edge-rnn check`
+  judges that against the source model).
 
 How a row is scored follows from the folder's adapter (`adapter.bench_kind`, a key of `KINDS`):
 - classify (mnist-lstm): held-out accuracy and top-1 agreement with onnxruntime fp32;
@@ -71,7 +75,9 @@ DEFAULT_TIME_STEPS = 32
 # Ops counted in every onnxruntime row's graph (top level): what decides fused vs loop and int8 coverage.
 RECURRENT_OPS = ("LSTM", "GRU", "RNN", "DynamicQuantizeLSTM", "Loop", "Scan")
 THREAD_ENV = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
-LIBRARIES = ("numpy", "onnxruntime", "onnx", "tensorflow", "keras", "tf2onnx", "ai-edge-litert", "matplotlib")
+LIBRARIES = ("numpy", "onnxruntime", "onnx", "tensorflow", "keras", "tf2onnx", "ai-edge-litert", "matplotlib", "openvino", "tract")
+# Runtimes besides onnxruntime that run the fp32 ONNX file (edge_rnn.runtimes), where installed.
+ONNX_RUNTIMES = ("openvino", "tract")
 
 # Called before each row with (model, variant, runtime).
 RowCallback = Callable[[str, str, str], None]
@@ -235,6 +241,18 @@ def _classifier_predict(row: _Row, cfg: BenchConfig) -> tuple[Callable[[np.ndarr
             return session.run(None, {name: x})[0]
 
         return predict, load_ms, lambda batch: predict
+    if row.runtime in ONNX_RUNTIMES:
+        from .runtimes import open_runtime
+
+        t0 = time.perf_counter()
+        run = open_runtime(row.runtime, row.path, threads=cfg.threads)
+        load_ms = (time.perf_counter() - t0) * 1e3
+        name = row.extra["io"]["inputs"][0]["name"]
+
+        def predict(x: np.ndarray) -> np.ndarray:
+            return next(iter(run({name: x}).values()))
+
+        return predict, load_ms, lambda batch: predict
     if row.runtime in ("keras-predict", "tf.function"):
         tf = require("tensorflow", "train")
         keras = require("keras", "train")
@@ -389,6 +407,13 @@ def _feeds_predict(row: _Row, cfg: BenchConfig) -> tuple[Callable[[dict[str, np.
             return session.run(outputs, feeds)
 
         return predict, load_ms
+    if row.runtime in ONNX_RUNTIMES:
+        from .runtimes import open_runtime
+
+        t0 = time.perf_counter()
+        run = open_runtime(row.runtime, row.path, threads=cfg.threads)
+        load_ms = (time.perf_counter() - t0) * 1e3
+        return lambda feeds: [run(feeds)[name] for name in outputs], load_ms
     if row.runtime == "tf.function":
         tf = require("tensorflow", "train")
         keras = require("keras", "train")
@@ -663,7 +688,7 @@ def _classify_data(manifest: dict[str, Any], adapter, *, time_steps: int, cfg: B
     from .models.mnist_lstm import classifier_inputs
 
     x, y = classifier_inputs(manifest, split="heldout")
-    return {"x": x, "y": y}, {}
+    return {"x": x, "y": y}, {"io": manifest["io"]}
 
 
 def _generate_data(manifest: dict[str, Any], adapter, *, time_steps: int, cfg: BenchConfig) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
@@ -687,12 +712,13 @@ class Kind:
     measure: Callable[[_Row, BenchConfig], dict[str, Any]]  # in the child: one row's measurements
     keras_runtimes: tuple[str, ...]  # Keras-side rows beside the ONNX ones, for folders holding model.keras
     litert: bool  # LiteRT rows: the built-in classifier only (one float input, a static shape per batch size)
+    onnx_runtimes: bool  # ONNX_RUNTIMES rows on the fp32 file: kinds whose rows feed whole inputs
 
 
 KINDS: dict[str, Kind] = {
-    "classify": Kind(_classify_data, _measure_classifier, ("keras-predict", "tf.function"), litert=True),
-    "generate": Kind(_generate_data, _measure_generator, (), litert=False),
-    "outputs": Kind(_outputs_data, _measure_outputs, ("tf.function",), litert=False),
+    "classify": Kind(_classify_data, _measure_classifier, ("keras-predict", "tf.function"), litert=True, onnx_runtimes=True),
+    "generate": Kind(_generate_data, _measure_generator, (), litert=False, onnx_runtimes=False),
+    "outputs": Kind(_outputs_data, _measure_outputs, ("tf.function",), litert=False, onnx_runtimes=True),
 }
 # The step row is measured the same way for every kind.
 STEP_KIND = "step"
@@ -716,6 +742,19 @@ def _step_row(model_dir: Path, manifest: dict[str, Any], adapter, work: Path, *,
                 return _Row(name, "step", "onnxruntime", str(path), STEP_KIND, str(data), extra)
     notes.append(f"{name}: no step row — {manifest.get('step_refused') or 'the folder holds no step model'}")
     return None
+
+
+def _onnx_runtime_rows(name: str, fp32_path: Path, row: Callable[..., _Row], notes: list[str]) -> list[_Row]:
+    """An fp32 row per installed ONNX_RUNTIMES runtime (the same model.onnx as onnxruntime's); a note per missing one."""
+    from .runtimes import RUNTIMES
+
+    rows = []
+    for runtime in ONNX_RUNTIMES:
+        if RUNTIMES[runtime].version() is None:
+            notes.append(f"{name}: no {runtime} row: it is not installed — {RUNTIMES[runtime].install_hint()}")
+        else:
+            rows.append(row("fp32", runtime, fp32_path))
+    return rows
 
 
 def _plan_model(
@@ -756,6 +795,8 @@ def _plan_model(
             # Recomputed at this opt level (which decides the kernels that run), with the settings the file was made with.
             coverage[variant] = coverage_of(fp32_model, model, variant=variant, runtime_ops=runtime_op_counts(path, opt_level=cfg.opt_level))
             coverage[variant]["settings"] = manifest.get("quantization", {}).get(role, {}).get("settings", {})
+    if kind.onnx_runtimes:
+        rows += _onnx_runtime_rows(name, verified_file(manifest, model_dir, "onnx"), row, notes)
     step = _step_row(model_dir, manifest, adapter, work, time_steps=time_steps, notes=notes)
     if step is not None:
         rows.append(step)
@@ -987,7 +1028,7 @@ def write_json(report: BenchReport, *, path: str | os.PathLike[str]) -> None:
     atomic_write_json(path, report.to_json())
 
 
-RUNTIME_MARKERS = {"onnxruntime": "o", "litert": "s", "keras-predict": "^", "tf.function": "v", "numpy": "D"}
+RUNTIME_MARKERS = {"onnxruntime": "o", "litert": "s", "keras-predict": "^", "tf.function": "v", "numpy": "D", "openvino": "P", "tract": "X"}
 
 
 PLOT_FORMATS = ("png", "svg", "pdf")

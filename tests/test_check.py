@@ -178,3 +178,34 @@ def test_bad_usage_is_a_clean_error(mnist_dir, tmp_path):
     assert role.exit_code == 1 and "bundle the folder" in role.stderr
     missing = _check(tmp_path)
     assert missing.exit_code == 1 and "manifest.json" in missing.stderr and "Traceback" not in missing.output
+
+
+# bench's openvino/tract rows: the same measurements as every row, on the fp32 file (one row, measured in-process here).
+
+@pytest.mark.parametrize("name", ["openvino", "tract"])
+def test_bench_measures_optional_runtimes_where_installed(mnist_dir, gru_dir, name, tmp_path):
+    """Runs only where the `[runtimes]` extra is installed; elsewhere bench's plan notes the row as missing."""
+    from edge_rnn.bench import BenchConfig, _measure_classifier, _measure_outputs, _onnx_runtime_rows, _Row
+    from edge_rnn.device.manifest import load_manifest
+    from edge_rnn.models import adapter_for
+
+    notes: list[str] = []
+    planned = _onnx_runtime_rows("m", mnist_dir / "model.onnx", lambda v, rt, p: (v, rt, str(p)), notes)
+    if RUNTIMES[name].version() is None:
+        assert (("fp32", name, str(mnist_dir / "model.onnx")) not in planned
+                and any(f"no {name} row" in n and "edge-rnn[runtimes]" in n for n in notes))
+        return
+    assert ("fp32", name, str(mnist_dir / "model.onnx")) in planned
+    cfg = BenchConfig(runs=5, warmup=1, min_seconds=0.0, batch_sizes=(4,), throughput_seconds=0.0, rounds=1)
+    manifest = load_manifest(mnist_dir)
+    x = adapter_for(manifest).sample_inputs(manifest, batch=8, time_steps=28, seed=0)["input"]
+    np.savez(tmp_path / "eval.npz", x=x, y=np.zeros(8, np.int64))
+    out = _measure_classifier(_Row("m", "fp32", name, str(mnist_dir / "model.onnx"), "classify", str(tmp_path / "eval.npz"),
+                                   {"io": manifest["io"]}), cfg)
+    assert out["latency_ms"]["p50"] > 0 and out["top1"].shape == (8,) and set(out["throughput_per_s"]) == {"4"}
+    gru = load_manifest(gru_dir)
+    feeds = adapter_for(gru).sample_inputs(gru, batch=8, time_steps=5, seed=0)
+    np.savez(tmp_path / "gru.npz", **feeds)
+    out = _measure_outputs(_Row("g", "fp32", name, str(gru_dir / "model.onnx"), "outputs", str(tmp_path / "gru.npz"),
+                                {"io": gru["io"]}), cfg)
+    assert out["outputs"][0].shape == (8, 3) and out["latency_ms"]["p50"] > 0
