@@ -243,6 +243,24 @@ def quantize(
         out.print(f"  coverage: {json.dumps(report.coverage)}", highlight=False)
 
 
+@app.command("ort")
+@clean_errors
+def ort_format(
+    model_dir: Path = typer.Argument(..., help="Exported model folder (manifest.json beside its .onnx files)."),
+    variants: List[str] = typer.Option([], "--variant", help="fp32, int8, fp16, int8-static… (each with its step form); repeat it. Default: every ONNX file."),
+) -> None:
+    """Add the ORT-format form (.ort, optimised at the portable `basic` level) of the folder's ONNX files and the
+    required_operators.config a reduced onnxruntime build takes; infer, stream and generate run the .ort files.
+
+    Example: edge-rnn ort artifacts/mnist-lstm --variant int8
+    """
+    from .ort_format import ORT_OPTIMIZATION, add_ort
+
+    for role, name in add_ort(model_dir, variants=variants).items():
+        print(f"{role:20s} {model_dir / name}")
+    print(f"optimisation level: {ORT_OPTIMIZATION} (portable across CPUs); recorded in {model_dir / 'manifest.json'}")
+
+
 @app.command()
 @clean_errors
 def infer(

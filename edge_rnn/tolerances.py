@@ -42,3 +42,7 @@ KERAS_ONNX_RTOL = 1e-5
 STEP_SEQUENCE_ATOL = 1e-5
 # The literal outputs in Keras' own recurrent layer tests are asserted there with atol = rtol = 1e-5.
 KERAS_TEST_ORACLE_TOL = 1e-5
+# A `.ort` file vs the `.onnx` it was converted from, both on onnxruntime: the same graph after `basic`
+# optimisation (ort_format.py); measured max |Δ| 0 on mnist-lstm (fp32, int8, step) and the char RNN. The
+# margin allows the device's full build to fuse the `.onnx` further at load than the saved `.ort` is.
+ORT_FORMAT_ATOL = 1e-6
