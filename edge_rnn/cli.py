@@ -264,7 +264,7 @@ def ort_format(
 @app.command()
 @clean_errors
 def infer(
-    model: Path = typer.Argument(..., help="MODEL.onnx with its manifest.json beside it."),
+    model: Path = typer.Argument(..., help="MODEL.onnx with its manifest.json beside it, or a bundle (.tar.gz, see `edge-rnn bundle`)."),
     inputs: Optional[List[Path]] = typer.Argument(
         None, help="Images (PNG, grey or RGB) or .npy arrays for image models; one .npy for a one-input model."
     ),
@@ -272,6 +272,7 @@ def infer(
     top_k: int = typer.Option(1, "--top-k", min=1, help="How many labels to show per input (models with labels)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
     threads: int = typer.Option(0, min=0, max=256, help="onnxruntime intra-op threads (0 = onnxruntime's default)."),
+    role: Optional[str] = typer.Option(None, "--role", help="Which file of a bundle to run (a manifest role such as onnx_int8; default: the first variant)."),
 ) -> None:
     """Run an exported model on onnxruntime (no TensorFlow needed): every output, labels where the model has them.
 
@@ -279,7 +280,7 @@ def infer(
     """
     from .device.runtime import infer as run_infer
 
-    result = run_infer(model, inputs or [], named=named, top_k=top_k, threads=threads or None)
+    result = run_infer(model, inputs or [], named=named, top_k=top_k, threads=threads or None, role=role)
     if as_json:
         rows = [
             {"input": p.input, "label": p.label, "probability": p.probability, "top": [{"label": l, "probability": q} for l, q in p.top]}
@@ -312,12 +313,13 @@ def infer(
 @app.command()
 @clean_errors
 def generate(
-    model: Path = typer.Argument(..., help="char-rnn MODEL.onnx with its manifest.json beside it."),
+    model: Path = typer.Argument(..., help="char-rnn MODEL.onnx with its manifest.json beside it, or a bundle (.tar.gz) of one."),
     prime: str = typer.Option("\n", help="Text to start from; every character must be in the model's vocabulary."),
     length: int = typer.Option(300, min=0, help="Characters to generate after the prime."),
     temperature: float = typer.Option(1.0, help="Softmax temperature (> 0): lower is safer, higher is wilder."),
     seed: int = typer.Option(0, help="Sampling seed: the same seed prints the same text as the NumPy sampler."),
     threads: int = typer.Option(1, min=0, max=256, help="onnxruntime intra-op threads (0 = onnxruntime's default)."),
+    role: Optional[str] = typer.Option(None, "--role", help="Which file of a bundle to run (a manifest role such as onnx_int8; default: the first variant)."),
 ) -> None:
     """Generate text with an exported char RNN on onnxruntime, carrying the hidden state between steps.
 
@@ -325,20 +327,21 @@ def generate(
     """
     from .device.runtime import generate as run_generate
 
-    text = run_generate(model, prime=prime, length=length, temperature=temperature, seed=seed, threads=threads or None)
+    text = run_generate(model, prime=prime, length=length, temperature=temperature, seed=seed, threads=threads or None, role=role)
     print(prime + text)
 
 
 @app.command()
 @clean_errors
 def stream(
-    model: Path = typer.Argument(..., help="A step model (MODEL.step.onnx, or the char RNN's model.onnx) with its manifest.json beside it."),
+    model: Path = typer.Argument(..., help="A step model (MODEL.step.onnx, or the char RNN's model.onnx) with its manifest.json beside it, or a bundle (.tar.gz) holding one."),
     inputs: List[str] = typer.Option(
         [], "--input",
         help="FILE.npy holding one sequence, (T, …) or (1, T, …), or NAME=FILE.npy per input. Without it: JSON rows from stdin, one step per line.",
     ),
     max_steps: Optional[int] = typer.Option(None, "--max-steps", min=1, help="Stop after this many steps."),
     threads: int = typer.Option(1, min=0, max=256, help="onnxruntime intra-op threads (0 = onnxruntime's default)."),
+    role: Optional[str] = typer.Option(None, "--role", help="Which file of a bundle to run (a manifest role such as onnx_int8; default: the first step form)."),
 ) -> None:
     """Feed a sequence one time step at a time, carrying the recurrent state; print each step's outputs as a JSON line.
 
@@ -346,10 +349,59 @@ def stream(
     """
     from .device.runtime import stream as run_stream
 
-    steps = run_stream(model, inputs=inputs, lines=None if inputs else sys.stdin, max_steps=max_steps, threads=threads or None)
+    steps = run_stream(model, inputs=inputs, lines=None if inputs else sys.stdin, max_steps=max_steps, threads=threads or None, role=role)
     for t, outputs in enumerate(steps):
         # Batch 1: each output without its batch axis. Flushed line by line: this is the device loop.
         print(json.dumps({"step": t, "outputs": {name: y[0].tolist() for name, y in outputs.items()}}), flush=True)
+
+
+@app.command("bundle")
+@clean_errors
+def bundle_cmd(
+    model_dir: Path = typer.Argument(..., help="An exported model folder (manifest.json, model files, and its Keras file or checkpoint)."),
+    variants: List[str] = typer.Option(["int8"], "--variant", help="fp32 | int8 | int8-static | fp16 | step | step-int8; repeat it."),
+    ort: bool = typer.Option(False, "--ort", help="Add each model's .ort form and its required_operators.config."),
+    out_file: Optional[Path] = typer.Option(None, "-o", "--out", help="The bundle to write (NAME.tar.gz; default: DIR.tar.gz beside DIR)."),
+) -> None:
+    """Pack what a device needs into one .tar.gz: the chosen model files, a device manifest and the source model's reference vectors.
+
+    Example: edge-rnn bundle artifacts/mnist-lstm --variant int8 --variant step -o mnist.tar.gz
+    """
+    from .bundle import make_bundle
+
+    path = make_bundle(model_dir, variants=tuple(variants), ort=ort, out=out_file)
+    out.print(f"bundle → {path} ({path.stat().st_size:,} bytes)", highlight=False)
+
+
+@app.command("verify")
+@clean_errors
+def verify_cmd(
+    bundle: Path = typer.Argument(..., help="A bundle made by `edge-rnn bundle` (.tar.gz)."),
+    run: bool = typer.Option(False, "--run", help="Also self-test: run the reference inputs on this machine's onnxruntime."),
+) -> None:
+    """Check a bundle's members against its manifest; with --run, prove this machine's onnxruntime answers like the source model.
+
+    Example: edge-rnn verify mnist.tar.gz --run
+    """
+    from .device.bundle import open_bundle, self_test, verify
+
+    opened = open_bundle(bundle)
+    for line in verify(opened):
+        out.print(f"  {line}", highlight=False)
+    out.print(f"{bundle}: every member matches its manifest", highlight=False)
+    if not run:
+        return
+    report = self_test(opened)
+    table = Table(title=f"self-test: {report.count} reference inputs, source {report.source}")
+    for column in ("role", "output", "max |Δ|", "tolerance", "top-1 (sure)", "result"):
+        table.add_column(column, justify="left" if column in ("role", "output", "result") else "right")
+    for r in report.results:
+        top1 = "" if r.agreement is None else f"{r.agreement:.0%} of {r.sure}"
+        table.add_row(r.role, r.output, f"{r.max_abs_diff:.2e}", f"{r.atol:.2e}", top1, "ok" if r.ok else f"FAIL {r.error}".strip())
+    out.print(table)
+    if not report.ok:
+        failed = sorted({r.role for r in report.results if not r.ok})
+        raise EdgeRnnError(f"self-test failed for {', '.join(failed)}: this machine's answers differ from the source model's beyond the stored tolerance")
 
 
 @app.command("sample")

@@ -58,6 +58,15 @@ class ExportConfig:
 
 
 @dataclass(frozen=True)
+class BundleConfig:
+    """A bundle's reference vectors: how many real inputs, how long a sequence where the time axis is free, which."""
+
+    count: int = 8
+    time_steps: int = 16
+    seed: int = 0
+
+
+@dataclass(frozen=True)
 class SampleSplit:
     """How the bundled 5,000-digit sample is split (deterministic, stratified)."""
 

@@ -84,13 +84,14 @@ def infer(
     named: Sequence[str] = (),
     top_k: int = 1,
     threads: int | None = None,
+    role: str | None = None,
 ) -> Inference:
-    """Run MODEL.onnx on files: images for image classifiers, else one .npy per input (`NAME=FILE.npy` in `named`).
+    """Run MODEL.onnx (or a bundle's `role`) on files: images for image classifiers, else one .npy per input (`NAME=FILE.npy` in `named`).
 
     State inputs of a step model start at zeros. Every output is returned, (N, …) each; labels and top-k
     where the manifest has labels and the first output is (N, classes).
     """
-    model = load_model(model_path, threads=threads)
+    model = load_model(model_path, threads=threads, role=role)
     require_command(model, "infer")
     labels = model.manifest.get("labels")
     if labels is not None and not 1 <= top_k <= len(labels):
@@ -192,6 +193,7 @@ def stream(
     lines: Iterable[str] | None = None,
     max_steps: int | None = None,
     threads: int | None = None,
+    role: str | None = None,
 ) -> Iterator[dict[str, np.ndarray]]:
     """Feed a step model one time step at a time, carrying its state; yield {output: array (1, …)} per step.
 
@@ -202,7 +204,8 @@ def stream(
     """
     if max_steps is not None and max_steps < 1:
         raise InputError(f"--max-steps must be at least 1, got {max_steps}")
-    stepper = Stepper(model_path, threads=threads)
+    model = model_path if isinstance(model_path, LoadedModel) else load_model(model_path, threads=threads, role=role, step=True)
+    stepper = Stepper(model, threads=threads)
     require_command(stepper.model, "stream")
     if lines is not None:
         steps: Iterator[dict[str, np.ndarray]] = (stepper.step(feeds) for feeds in _json_steps(stepper, lines))
@@ -251,11 +254,12 @@ def generate(
     temperature: float = 1.0,
     seed: int = 0,
     threads: int | None = None,
+    role: str | None = None,
 ) -> str:
     """Sample `length` characters after `prime` with the ONNX char RNN; same seed → same text as NumPy."""
     from .sampling import generation_h0, sample_with
 
-    model = load_model(model_path, threads=threads)
+    model = load_model(model_path, threads=threads, role=role)
     require_command(model, "generate")
     hidden = int(model.manifest["config"]["hidden"])
     h0 = generation_h0(model.manifest, hidden=hidden)

@@ -48,15 +48,18 @@ def session_options(*, threads: int | None = None, opt_level: str = "all") -> or
     return options
 
 
-def create_session(path: str | os.PathLike[str], *, threads: int | None = None, opt_level: str = "all") -> ort.InferenceSession:
-    """An onnxruntime CPU session; a broken file becomes ModelFileError."""
+def create_session(
+    path: str | os.PathLike[str] | bytes, *, threads: int | None = None, opt_level: str = "all", where: str | os.PathLike[str] = ""
+) -> ort.InferenceSession:
+    """An onnxruntime CPU session from a file or a model's bytes (named `where`); a broken model becomes ModelFileError."""
     try:
         return ort.InferenceSession(
-            str(path), sess_options=session_options(threads=threads, opt_level=opt_level), providers=["CPUExecutionProvider"]
+            path if isinstance(path, bytes) else str(path),
+            sess_options=session_options(threads=threads, opt_level=opt_level), providers=["CPUExecutionProvider"],
         )
     except ORT_ERRORS as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise ModelFileError(f"onnxruntime cannot load {path}: {first} — re-export it") from exc
+        raise ModelFileError(f"onnxruntime cannot load {where or path}: {first} — re-export it") from exc
 
 
 @dataclass
@@ -141,21 +144,47 @@ def _check_names(path: Path, io: dict, session: ort.InferenceSession, *, what: s
         raise ModelFileError(f"{path} has inputs/outputs {actual}, the manifest's {what} says {expected} — re-export it")
 
 
-def load_model(model_path: str | os.PathLike[str], *, threads: int | None = None, opt_level: str = "all") -> LoadedModel:
-    """Load MODEL.onnx after verifying it against the manifest beside it (sha256, size, I/O names, task fields)."""
+def load_model(
+    model_path: str | os.PathLike[str], *, threads: int | None = None, opt_level: str = "all", role: str | None = None, step: bool = False
+) -> LoadedModel:
+    """Load MODEL.onnx after verifying it against the manifest beside it (sha256, size, I/O names, task fields).
+
+    A bundle (`.tar.gz`, see bundle.py) is verified member by member first; `role` picks its file (default: its
+    first variant, or with `step` its first step form). A plain file is its own role.
+    """
+    from .bundle import is_bundle, load_bundle_model
+
     path = Path(model_path)
+    if is_bundle(path):
+        return load_bundle_model(path, role=role, step=step, threads=threads, opt_level=opt_level)
+    if role is not None:
+        raise InputError(f"--role picks a file inside a bundle; {path} is a model file — drop --role")
     if not path.is_file():
         raise ModelFileError(f"no model file {path} — run `edge-rnn export` (and `edge-rnn quantize`) first")
     model_dir = path.parent
     manifest = load_manifest(model_dir)
     role = role_of(manifest, model_dir, path)
     verified_file(manifest, model_dir, role)
+    return _build(path, path, model_dir=model_dir, role=role, manifest=manifest, threads=threads, opt_level=opt_level)
+
+
+def model_from_bytes(
+    data: bytes, *, where: Path, model_dir: Path, role: str, manifest: dict[str, Any], threads: int | None = None, opt_level: str = "all"
+) -> LoadedModel:
+    """A LoadedModel from a model's bytes already verified against `manifest` (a bundle member, shown as `where`)."""
+    return _build(data, where, model_dir=model_dir, role=role, manifest=manifest, threads=threads, opt_level=opt_level)
+
+
+def _build(
+    source: Path | bytes, path: Path, *, model_dir: Path, role: str, manifest: dict[str, Any], threads: int | None, opt_level: str
+) -> LoadedModel:
+    """Session + the I/O of the file's role, checked against the manifest and its task's fields."""
     task = TASKS.get(manifest.get("task"))
     if task is None:
         raise _bad(model_dir, f"unknown task {manifest.get('task')!r}")
     if not _io_ok(manifest.get("io")):
         raise ModelFileError(f"manifest in {model_dir}: 'io' must list inputs and outputs with names — re-export the folder")
-    session = create_session(path, threads=threads, opt_level=opt_level)
+    session = create_session(source, threads=threads, opt_level=opt_level, where=path)
     io, state = _role_io(manifest, model_dir, [i.name for i in session.get_inputs()])
     _check_names(path, io, session, what="step" if state else "io")
     # Graph order, which positional readers (and the I/O names shown to users) follow.

@@ -53,6 +53,8 @@ class Adapter:
     bench_kind = "outputs"
     # Whether static int8 needs the user's calibration data (no data of its own to calibrate on).
     needs_calibration_data = True
+    # What the source model runs on, as a bundle's reference block names it: "keras" or "numpy".
+    source_kind = ""
 
     def load(self, model_dir: Path, manifest: dict[str, Any]) -> Any:
         """The source model of a folder (a Keras model, a checkpoint), verified against the manifest."""
@@ -81,6 +83,10 @@ class Adapter:
     ) -> list[Arrays]:
         """Feed dicts of real inputs for static int8 calibration (`data`: input name → .npy path, given by the user)."""
         raise NotImplementedError
+
+    def reference_inputs(self, manifest: dict[str, Any], *, count: int, time_steps: int, seed: int) -> Arrays:
+        """`count` inputs for a bundle's reference vectors: real data where the kind has its own, sample inputs otherwise."""
+        return self.sample_inputs(manifest, batch=count, time_steps=time_steps, seed=seed)
 
     def stream_inputs(self, manifest: dict[str, Any], *, steps: int, seed: int) -> Arrays:
         """One long realistic stream (batch 1, `steps` time steps) for measuring int8 drift in the step model."""

@@ -45,6 +45,7 @@ class CharRnnAdapter(Adapter):
 
     name = "char-rnn"
     source_roles = ("checkpoint",)
+    source_kind = "numpy"
     bench_kind = "generate"
     needs_calibration_data = False  # its own training text calibrates it
 
@@ -78,6 +79,14 @@ class CharRnnAdapter(Adapter):
             ids["name"]: rng.integers(0, len(manifest["vocab"]), size=(batch, time_steps)).astype(np.int64),
             h0["name"]: (rng.standard_normal((batch, hidden)) * H0_SCALE).astype(np.float32),
         }
+
+    def reference_inputs(self, manifest: dict[str, Any], *, count: int, time_steps: int, seed: int) -> Arrays:
+        # Real held-out text from a zero state, as a device scores it: `count` chunks at seeded offsets.
+        text = text_ids(manifest, split="heldout")
+        starts = np.random.default_rng(seed).choice(len(text) - time_steps, size=count, replace=False)
+        (ids, h0) = manifest["io"]["inputs"]
+        return {ids["name"]: np.stack([text[s : s + time_steps] for s in starts]),
+                h0["name"]: np.zeros((count, h0["shape"][-1]), np.float32)}
 
     def stream_inputs(self, manifest: dict[str, Any], *, steps: int, seed: int) -> Arrays:
         # The training text itself: the characters the model meets when it generates.

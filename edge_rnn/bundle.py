@@ -1,0 +1,181 @@
+"""Make a bundle: one `.tar.gz` with the device files of a model folder and the source model's reference vectors.
+
+Workstation side (the adapters run Keras or NumPy for the reference outputs). The format, and how a device
+opens, verifies and self-tests a bundle, are in `edge_rnn/device/bundle.py`.
+"""
+
+from __future__ import annotations
+
+import copy
+import gzip
+import hashlib
+import importlib.util
+import io
+import json
+import os
+import tarfile
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import __version__
+from .config import BundleConfig
+from .device.bundle import (
+    BUNDLE_FORMAT, BUNDLE_SUFFIX, FP32_ROLES, ORT_SUFFIX, REFERENCE_NAME, REFERENCE_ROLE, VARIANT_ROLES, steppable_role,
+)
+from .device.manifest import MANIFEST_NAME, atomic_path, load_manifest, verified_file
+from .errors import EdgeRnnError
+from .tolerances import BUNDLE_QUANT_OUTPUT_RTOL, BUNDLE_QUANT_PROB_ATOL, QUANT_MIN_CONFIDENT_AGREEMENT
+
+# Manifest roles that stay on the workstation: the source models.
+WORKSTATION_ROLES = ("keras", "checkpoint")
+# Every member's tar header: no owner, no time, one mode — the same folder makes the same bytes.
+_MTIME = 0
+_ZIP_TIME = (1980, 1, 1, 0, 0, 0)
+
+
+def variant_role(manifest: dict[str, Any], variant: str, *, model_dir: Path) -> str:
+    """The manifest role a --variant bundles; a step variant of a model whose sequence file steps itself (the char
+    RNN's model.onnx) is that file."""
+    if variant not in VARIANT_ROLES:
+        raise EdgeRnnError(f"unknown variant {variant!r} — choose from {', '.join(VARIANT_ROLES)}")
+    role = VARIANT_ROLES[variant]
+    files = manifest.get("files", {})
+    twin = role.replace("onnx_step", "onnx", 1)
+    if role not in files and "_step" in role and twin in files and steppable_role(manifest, twin):
+        role = twin
+    if role not in files:
+        hint = "edge-rnn quantize" if role not in FP32_ROLES else "edge-rnn export"
+        raise EdgeRnnError(f"{model_dir} has no {variant} model (role {role!r}) — make it with `{hint} {model_dir}` first")
+    return role
+
+
+def _npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
+    """An .npz (np.load reads it) with fixed zip timestamps, so the same arrays give the same bytes."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        for key, value in arrays.items():
+            info = zipfile.ZipInfo(f"{key}.npy", date_time=_ZIP_TIME)
+            info.compress_type = zipfile.ZIP_DEFLATED
+            with zf.open(info, "w") as f:
+                np.lib.format.write_array(f, np.ascontiguousarray(value), allow_pickle=False)
+    return buf.getvalue()
+
+
+def _classifier_output(manifest: dict[str, Any], name: str, ref: np.ndarray) -> bool:
+    """Top-1 is a promise for a model with labels whose first output scores them, (N, classes)."""
+    outputs = manifest["io"]["outputs"]
+    return bool(manifest.get("labels")) and outputs[0]["name"] == name and ref.ndim == 2
+
+
+def tolerances_for(role: str, reference: dict[str, np.ndarray], *, manifest: dict[str, Any], adapter: Any) -> dict[str, dict]:
+    """{output: {"atol", "why", "argmax_min"}} for one bundled role against the source model's outputs."""
+    base = role[: -len(ORT_SUFFIX)] if role.endswith(ORT_SUFFIX) else role
+    stepped = "_step" in base
+    result = {}
+    for name, ref in reference.items():
+        classifier = _classifier_output(manifest, name, ref)
+        if base in FP32_ROLES:
+            atol, text = adapter.tolerance(name, ref, stepped=stepped)
+            why = f"float32 export vs the source model, as validated at export ({text})"
+        elif classifier:
+            atol = BUNDLE_QUANT_PROB_ATOL
+            why = f"quantized probabilities vs the source model: max |Δ| ≤ {atol:g} (tolerances.BUNDLE_QUANT_PROB_ATOL)"
+        else:
+            scale = float(np.max(np.abs(ref))) if ref.size else 0.0
+            atol = BUNDLE_QUANT_OUTPUT_RTOL * max(scale, 1.0)
+            why = (f"quantized output vs the source model: max |Δ| ≤ {BUNDLE_QUANT_OUTPUT_RTOL:g} × max(|source|, 1) = {atol:.3g} "
+                   "(tolerances.BUNDLE_QUANT_OUTPUT_RTOL)")
+        argmax_min = QUANT_MIN_CONFIDENT_AGREEMENT if classifier else None
+        if classifier:
+            why += f"; top-1 kept on ≥ {argmax_min:.1%} of the inputs the source is sure of"
+        result[name] = {"atol": float(atol), "why": why, "argmax_min": argmax_min}
+    return result
+
+
+def _to_ort(model_path: Path, out_dir: Path) -> tuple[Path, Path]:
+    """The .ort form of a model and its required_operators.config, by edge_rnn.ort_format where this edge-rnn has it."""
+    if importlib.util.find_spec("edge_rnn.ort_format") is None:
+        raise EdgeRnnError("--ort needs edge_rnn.ort_format, which this edge-rnn does not have yet — bundle without --ort")
+    from .ort_format import to_ort
+
+    return to_ort(model_path, out_dir)
+
+
+def make_bundle(
+    model_dir: str | os.PathLike[str],
+    *,
+    variants: tuple[str, ...] | list[str] = ("int8",),
+    ort: bool = False,
+    out: str | os.PathLike[str] | None = None,
+    config: BundleConfig = BundleConfig(),
+) -> Path:
+    """Write `out` (default: DIR.tar.gz beside DIR) atomically: the variants' model files, a device manifest and the
+    source model's reference vectors (see edge_rnn/device/bundle.py). Returns the bundle's path."""
+    from .models import adapter_for
+
+    model_dir = Path(model_dir)
+    manifest = load_manifest(model_dir)
+    out_path = Path(out) if out is not None else model_dir.parent / f"{model_dir.name}{BUNDLE_SUFFIX}"
+    if not out_path.name.endswith(BUNDLE_SUFFIX):
+        raise EdgeRnnError(f"{out_path}: a bundle's name ends in {BUNDLE_SUFFIX} (devices tell bundles from model files by it)")
+    if not variants:
+        raise EdgeRnnError("no --variant given — name at least one (e.g. --variant int8)")
+    roles = list(dict.fromkeys(variant_role(manifest, v, model_dir=model_dir) for v in variants))
+    files: dict[str, bytes] = {}  # member name → bytes
+    entries: dict[str, dict[str, Any]] = {}  # role → files entry
+    for role in roles:
+        path = verified_file(manifest, model_dir, role)
+        files[path.name] = path.read_bytes()
+        entries[role] = dict(manifest["files"][role], path=path.name)
+
+    adapter = adapter_for(manifest)
+    inputs = adapter.reference_inputs(manifest, count=config.count, time_steps=config.time_steps, seed=config.seed)
+    outputs = adapter.reference(adapter.load(model_dir, manifest), inputs, io=manifest["io"])
+    outputs = {name: np.asarray(y) for name, y in outputs.items()}
+
+    if ort:
+        with tempfile.TemporaryDirectory(prefix="edge-rnn-ort-") as tmp:
+            for role in roles:
+                ort_path, ops_path = _to_ort(verified_file(manifest, model_dir, role), Path(tmp) / role)
+                for suffix, produced in ((ORT_SUFFIX, ort_path), (f"{ORT_SUFFIX}_config", ops_path)):
+                    name = produced.name if produced.suffix == ".ort" else f"{Path(entries[role]['path']).stem}.{produced.name}"
+                    files[name] = produced.read_bytes()
+                    entries[f"{role}{suffix}"] = {"path": name, "sha256": hashlib.sha256(files[name]).hexdigest(), "bytes": len(files[name])}
+
+    reference = _npz_bytes({**{f"input/{k}": v for k, v in inputs.items()}, **{f"output/{k}": v for k, v in outputs.items()}})
+    files[REFERENCE_NAME] = reference
+    entries[REFERENCE_ROLE] = {"path": REFERENCE_NAME, "sha256": hashlib.sha256(reference).hexdigest(), "bytes": len(reference)}
+
+    device = copy.deepcopy(manifest)
+    device["files"] = entries
+    device["bundle"] = {"format": BUNDLE_FORMAT, "made_by": __version__, "variants": list(variants), "roles": roles}
+    model_roles = [r for r in entries if r != REFERENCE_ROLE and not r.endswith("_config")]
+    device["reference"] = {
+        "file": REFERENCE_NAME,
+        "source": adapter.source_kind,
+        "count": config.count,
+        "inputs": list(inputs),
+        "outputs": list(outputs),
+        "tolerances": {r: tolerances_for(r, outputs, manifest=manifest, adapter=adapter) for r in model_roles},
+    }
+    members = [(MANIFEST_NAME, (json.dumps(device, indent=2) + "\n").encode("utf-8"))]
+    members += [(entries[r]["path"], files[entries[r]["path"]]) for r in entries]
+    with atomic_path(out_path) as tmp:
+        _write_tar_gz(tmp, members)
+    return out_path
+
+
+def _write_tar_gz(path: Path, members: list[tuple[str, bytes]]) -> None:
+    """A ustar archive in gzip with fixed times, owners and modes, members in the given order."""
+    with open(path, "wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=_MTIME) as gz:
+        with tarfile.open(fileobj=gz, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+            for name, data in members:
+                info = tarfile.TarInfo(name)
+                info.size, info.mtime, info.mode = len(data), _MTIME, 0o644
+                info.uid = info.gid = 0
+                info.uname = info.gname = ""
+                tar.addfile(info, io.BytesIO(data))
