@@ -264,3 +264,13 @@ def test_self_test_fails_on_a_swapped_model(mnist_bundle, mnist_dir, tmp_path):
     result = _cli("verify", bad, "--run")
     assert result.exit_code == 1
     assert "self-test failed for onnx_int8" in result.output and "onnx_step" not in result.output.splitlines()[-1]
+
+
+def test_ort_forms_are_bundled_and_self_tested(char_dir, tmp_path):
+    out = tmp_path / "char-ort.tar.gz"
+    result = _cli("bundle", char_dir, "--variant", "int8", "--ort", "-o", out)
+    assert result.exit_code == 0, result.output
+    manifest = json.loads(_members(out)[0][1])
+    assert {"onnx_int8", "onnx_int8_ort", "onnx_int8_ort_config", "reference"} == set(manifest["files"])
+    result = _cli("verify", out, "--run")
+    assert result.exit_code == 0 and "onnx_int8_ort" in result.output, result.output
