@@ -10,9 +10,6 @@ from pathlib import Path
 from typing import Callable, List, Optional
 
 import typer
-from rich.console import Console
-from rich.markup import escape
-from rich.table import Table
 
 from .config import CHAR_RNN_DIRNAME, DEFAULT_OUT, MNIST_DIRNAME, CharRnnConfig, ExportConfig, LstmConfig
 from .errors import EdgeRnnError
@@ -44,8 +41,41 @@ def _main(
 train_app = typer.Typer(help="Train a model.", no_args_is_help=True)
 app.add_typer(train_app, name="train")
 
-out = Console()
-err = Console(stderr=True)
+class _LazyConsole:
+    """A rich Console made on first use: importing rich costs ~25 ms of a device command's start,
+    and `infer --json`, `stream` and `generate` print without it."""
+
+    def __init__(self, *, stderr: bool) -> None:
+        self._stderr = stderr
+        self._console = None
+
+    def get(self):
+        """The rich Console itself (for rich objects that take one, such as Progress)."""
+        if self._console is None:
+            from rich.console import Console
+
+            self._console = Console(stderr=self._stderr)
+        return self._console
+
+    def __getattr__(self, name: str):
+        return getattr(self.get(), name)
+
+
+def escape(text: str) -> str:
+    """rich markup escaping, imported when an error or warning is printed."""
+    from rich.markup import escape as rich_escape
+
+    return rich_escape(text)
+
+
+def Table(*args, **kwargs):  # noqa: N802 - stands in for rich.table.Table, imported where a table is drawn
+    from rich.table import Table as RichTable
+
+    return RichTable(*args, **kwargs)
+
+
+out = _LazyConsole(stderr=False)
+err = _LazyConsole(stderr=True)
 
 
 def clean_errors(fn: Callable) -> Callable:
@@ -73,7 +103,7 @@ def _epoch_progress(total: int):
 
     progress = Progress(
         TextColumn("[bold]epoch"), MofNCompleteColumn(), BarColumn(), TextColumn("{task.fields[logs]}"), TimeElapsedColumn(),
-        console=err,
+        console=err.get(),
     )
     task = progress.add_task("train", total=total, logs="")
 
@@ -154,7 +184,7 @@ def train_char_rnn(
     check_writable_dir(out_dir)
     progress = Progress(
         TextColumn("[bold]step"), MofNCompleteColumn(), BarColumn(), TextColumn("smoothed loss {task.fields[loss]:.3f} nats/char"),
-        TimeElapsedColumn(), console=err,
+        TimeElapsedColumn(), console=err.get(),
     )
     with progress:
         task = progress.add_task("train", total=cfg.iters, completed=start.step if start else 0, loss=float("nan"))
@@ -291,23 +321,26 @@ def infer(
             payload["outputs"] = {name: y.tolist() for name, y in result.outputs.items()}
         print(json.dumps(payload, indent=2))
         return
+    # Plain text, not a rich table: the device's answer should not wait for rich's ~25 ms import.
     if result.predictions:
-        table = Table()
-        table.add_column("input")
-        table.add_column("label", justify="right")
-        table.add_column("probability", justify="right")
-        if top_k > 1:
-            table.add_column(f"top {top_k}")
-        for p in result.predictions:
-            row = [p.input, p.label, f"{p.probability:.4f}"]
-            if top_k > 1:
-                row.append("  ".join(f"{l}:{q:.3f}" for l, q in p.top))
-            table.add_row(*row)
-        out.print(table)
+        headers = ["input", "label", "probability"] + ([f"top {top_k}"] if top_k > 1 else [])
+        rows = [[p.input, p.label, f"{p.probability:.4f}"] + (["  ".join(f"{l}:{q:.3f}" for l, q in p.top)] if top_k > 1 else [])
+                for p in result.predictions]
+        print(_plain_table(headers, rows))
     for name, y in result.outputs.items():
-        out.print(f"{name} {tuple(y.shape)}:", highlight=False)
+        print(f"{name} {tuple(y.shape)}:")
         for row, values in zip(result.rows, y):
-            out.print(f"  {row}: {json.dumps(values.astype(float).round(4).tolist())}", highlight=False, soft_wrap=True)
+            print(f"  {row}: {json.dumps(values.astype(float).round(4).tolist())}")
+
+
+def _plain_table(headers: list[str], rows: list[list[str]]) -> str:
+    """Columns padded to their widest cell: the first left-aligned, the others right-aligned."""
+    widths = [max(len(str(r[i])) for r in [headers, *rows]) for i in range(len(headers))]
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+
+    return "\n".join([line(headers), line(["-" * w for w in widths]), *(line(r) for r in rows)])
 
 
 @app.command()
@@ -523,9 +556,9 @@ def _check_table(report) -> Table:
 @app.command()
 @clean_errors
 def check(
-    target: Path = typer.Argument(..., help="A model folder (made by export or pipeline)."),
+    target: Path = typer.Argument(..., help="A model folder (made by export or pipeline), or a bundle (.tar.gz made by edge-rnn bundle)."),
     runtimes: List[str] = typer.Option([], "--runtime", help="onnxruntime | openvino | tract | onnx.reference; repeat it (default: all of them)."),
-    role: str = typer.Option("onnx", help="Which file of the folder to run (its manifest role)."),
+    role: Optional[str] = typer.Option(None, help="Which model to run, by manifest role (default: a folder's onnx, a bundle's default role)."),
     batch: int = typer.Option(256, min=1, help="Size of the random batch every runtime also answers, beside the reference vectors."),
     threads: int = typer.Option(1, min=1, max=256, help="Threads for every runtime."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
@@ -533,10 +566,10 @@ def check(
 ) -> None:
     """Which runtime answers right: run one model file on several runtimes against the source model's answers.
 
-    Exit code 1 when a named, installed runtime answers wrong (outside the file's fp32 tolerance); a runtime
-    that is not installed or cannot load the file is reported, not failed.
+    Exit code 1 when a named, installed runtime answers wrong (outside the file's fp32 tolerance, or a bundle's
+    stored tolerance for the role); a runtime that is not installed or cannot load the file is reported, not failed.
 
-    Example: edge-rnn check artifacts/mnist-lstm --runtime onnxruntime --runtime openvino --runtime tract
+    Example: edge-rnn check artifacts/mnist-lstm.tar.gz --role onnx_int8 --runtime onnxruntime --runtime openvino
     """
     from .check import check as run_check
 

@@ -25,6 +25,8 @@ from .. import __version__
 from ..errors import EdgeRnnError, ModelFileError
 
 MANIFEST_NAME = "manifest.json"
+# A device bundle (device/bundle.py): one .tar.gz holding a device manifest and its members.
+BUNDLE_SUFFIX = ".tar.gz"
 SCHEMA_VERSION = 1
 # Manifests are small; anything larger is not ours and is refused before parsing.
 MAX_MANIFEST_BYTES = 4 * 1024 * 1024
