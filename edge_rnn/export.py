@@ -227,8 +227,12 @@ def export(
             model_dir.rmdir()
         raise
 
-    # Variants derived from older files no longer describe these ones.
-    new["files"] = {r: e for r, e in new.get("files", {}).items() if not r.startswith("onnx")}
+    # Variants derived from older files (quantized, .ort, their operator config) no longer describe these ones.
+    from .ort_format import CONFIG_ROLE
+
+    new["files"] = {r: e for r, e in new.get("files", {}).items() if not r.startswith("onnx") and r != CONFIG_ROLE}
+    for block in ("quantization", "ort"):
+        new.pop(block, None)
     files = {}
     for graph in exported.graphs:
         record_file(new, model_dir, graph.role, graph.file)

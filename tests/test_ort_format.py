@@ -141,3 +141,21 @@ def test_ort_command_picks_variants_and_refuses_missing_ones(mnist_dir, tmp_path
     assert "model.step.int8.ort" in (folder / CONFIG_NAME).read_text()
     result = run("ort", folder, "--variant", "fp16")
     assert result.exit_code == 1 and "no 'fp16' model" in result.output and "quantize --variant fp16" in result.output
+
+
+def test_a_re_export_drops_the_ort_and_quantized_records(tmp_path, mnist_dir):
+    """Files made from an older model.onnx (int8, .ort, the operator config) must not stay listed after a re-export."""
+    import shutil
+
+    from edge_rnn.device.manifest import load_manifest
+    from edge_rnn.export import export
+    from edge_rnn.ort_format import CONFIG_ROLE, add_ort
+
+    folder = shutil.copytree(mnist_dir, tmp_path / "m")
+    add_ort(folder, variants=("fp32",))
+    before = load_manifest(folder)
+    assert "onnx_ort" in before["files"] and CONFIG_ROLE in before["files"] and "ort" in before
+    export(folder)
+    after = load_manifest(folder)
+    assert not [r for r in after["files"] if r.endswith("_ort") or r == CONFIG_ROLE or "int8" in r]
+    assert "ort" not in after and "quantization" not in after
