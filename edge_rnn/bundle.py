@@ -28,7 +28,9 @@ from .device.bundle import (
 )
 from .device.manifest import MANIFEST_NAME, atomic_path, load_manifest, verified_file
 from .errors import EdgeRnnError
-from .tolerances import BUNDLE_QUANT_OUTPUT_RTOL, BUNDLE_QUANT_PROB_ATOL, QUANT_MIN_CONFIDENT_AGREEMENT
+from .tolerances import (
+    BUNDLE_QUANT_MEAN_PROB_DIFF, BUNDLE_QUANT_OUTPUT_RTOL, BUNDLE_QUANT_PROB_ATOL, QUANT_MIN_CONFIDENT_AGREEMENT,
+)
 
 # Manifest roles that stay on the workstation: the source models.
 WORKSTATION_ROLES = ("keras", "checkpoint")
@@ -72,7 +74,7 @@ def _classifier_output(manifest: dict[str, Any], name: str, ref: np.ndarray) -> 
 
 
 def tolerances_for(role: str, reference: dict[str, np.ndarray], *, manifest: dict[str, Any], adapter: Any) -> dict[str, dict]:
-    """{output: {"atol", "why", "argmax_min"}} for one bundled role against the source model's outputs."""
+    """{output: {"atol", "why", "argmax_min", "mean_atol"}} for one bundled role against the source model's outputs."""
     base = role[: -len(ORT_SUFFIX)] if role.endswith(ORT_SUFFIX) else role
     stepped = "_step" in base
     result = {}
@@ -83,16 +85,18 @@ def tolerances_for(role: str, reference: dict[str, np.ndarray], *, manifest: dic
             why = f"float32 export vs the source model, as validated at export ({text})"
         elif classifier:
             atol = BUNDLE_QUANT_PROB_ATOL
-            why = f"quantized probabilities vs the source model: max |Δ| ≤ {atol:g} (tolerances.BUNDLE_QUANT_PROB_ATOL)"
+            why = (f"quantized probabilities vs the source model: max |Δ| ≤ {atol:g} (tolerances.BUNDLE_QUANT_PROB_ATOL), "
+                   f"and its mean over the inputs of each one's max |Δ| ≤ {BUNDLE_QUANT_MEAN_PROB_DIFF:g} (BUNDLE_QUANT_MEAN_PROB_DIFF)")
         else:
             scale = float(np.max(np.abs(ref))) if ref.size else 0.0
             atol = BUNDLE_QUANT_OUTPUT_RTOL * max(scale, 1.0)
             why = (f"quantized output vs the source model: max |Δ| ≤ {BUNDLE_QUANT_OUTPUT_RTOL:g} × max(|source|, 1) = {atol:.3g} "
                    "(tolerances.BUNDLE_QUANT_OUTPUT_RTOL)")
         argmax_min = QUANT_MIN_CONFIDENT_AGREEMENT if classifier else None
+        mean_atol = BUNDLE_QUANT_MEAN_PROB_DIFF if classifier and base not in FP32_ROLES else None
         if classifier:
             why += f"; top-1 kept on ≥ {argmax_min:.1%} of the inputs the source is sure of"
-        result[name] = {"atol": float(atol), "why": why, "argmax_min": argmax_min}
+        result[name] = {"atol": float(atol), "why": why, "argmax_min": argmax_min, "mean_atol": mean_atol}
     return result
 
 

@@ -59,6 +59,29 @@ def write_png(path, pixels: np.ndarray, mode: str = "L") -> None:
     img.convert(mode).save(path)
 
 
+# Where a weight scale sits: DynamicQuantizeLSTM's inputs 8 (W_scale) and 10 (R_scale); a dynamically
+# quantized MatMul's weight scale is an initializer of the Mul after MatMulInteger.
+LSTM_SCALE_INPUT = {"lstm W": 8, "lstm R": 10}
+
+
+def damage_scale(src, dst, *, factor: float, which: str) -> str:
+    """Copy an int8 model with one weight scale multiplied by `factor` (a broken quantizer); return its name."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(src))
+    initializers = {t.name: t for t in model.graph.initializer}
+    if which in LSTM_SCALE_INPUT:
+        names = [n.input[LSTM_SCALE_INPUT[which]] for n in model.graph.node if n.op_type == "DynamicQuantizeLSTM"]
+    else:  # the last dense layer's weight scale
+        names = [i for n in model.graph.node if n.op_type == "Mul" for i in n.input if i in initializers and "scale" in i][-1:]
+    assert names, [n.op_type for n in model.graph.node]
+    target = initializers[names[0]]
+    target.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(target) * np.float32(factor), target.name))
+    onnx.save(model, str(dst))
+    return target.name
+
+
 @pytest.fixture(scope="session")
 def char_dir(tmp_path_factory):
     """A briefly trained, exported and int8-quantized char-rnn folder on the real Shakespeare text."""

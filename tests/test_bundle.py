@@ -16,7 +16,10 @@ import pytest
 from typer.testing import CliRunner
 
 from edge_rnn.cli import app
-from edge_rnn.device.bundle import MAX_TOTAL_BYTES
+from edge_rnn.device.bundle import MAX_TOTAL_BYTES, open_bundle, self_test
+from edge_rnn.tolerances import BUNDLE_QUANT_MEAN_PROB_DIFF, BUNDLE_QUANT_PROB_ATOL
+
+from conftest import damage_scale
 
 runner = CliRunner()
 GIB = 1 << 30
@@ -264,6 +267,77 @@ def test_self_test_fails_on_a_swapped_model(mnist_bundle, mnist_dir, tmp_path):
     result = _cli("verify", bad, "--run")
     assert result.exit_code == 1
     assert "self-test failed for onnx_int8" in result.output and "onnx_step" not in result.output.splitlines()[-1]
+
+
+def _resealed(bundle: Path, role: str, data: bytes, out: Path) -> Path:
+    """The bundle with `role`'s member replaced by `data` and the manifest's sha256 and size updated to match."""
+    members = _members(bundle)
+    name = json.loads(members[0][1])["files"][role]["path"]
+
+    def reseal(manifest):
+        manifest["files"][role].update(sha256=hashlib.sha256(data).hexdigest(), bytes=len(data))
+
+    head = _with_manifest(members, reseal)
+    return _write(out, [head[0], *((info, data if info.name == name else body) for info, body in members[1:])])
+
+
+@pytest.mark.parametrize("which", ["lstm W", "dense"])
+def test_self_test_fails_on_a_damaged_int8_model(which, mnist_bundle, mnist_dir, tmp_path):
+    """A broken quantizer (one weight scale ×4) must fail `verify --run` though every sha256 matches. The Dense
+    scale ×4 keeps every argmax and stays under the max bound on many reference sets: only the mean bound sees it."""
+    damaged = tmp_path / "damaged.onnx"
+    damage_scale(mnist_dir / "model.int8.onnx", damaged, factor=4.0, which=which)
+    bad = _resealed(mnist_bundle, "onnx_int8", damaged.read_bytes(), tmp_path / "damaged.tar.gz")
+    assert _cli("verify", bad).exit_code == 0  # integrity holds
+    result = _cli("verify", bad, "--run")
+    assert result.exit_code == 1, result.output
+    last = result.output.strip().splitlines()[-1]
+    assert "self-test failed for onnx_int8" in last and "onnx_step" not in last
+    (sound,) = [r for r in self_test(open_bundle(mnist_bundle)).results if r.role == "onnx_int8"]
+    (broken,) = [r for r in self_test(open_bundle(bad)).results if r.role == "onnx_int8"]
+    # The bounds stored are the named tolerances; sound int8 keeps the mean bound with room for other hosts' rounding.
+    assert (sound.atol, sound.mean_atol) == (broken.atol, broken.mean_atol) == (BUNDLE_QUANT_PROB_ATOL, BUNDLE_QUANT_MEAN_PROB_DIFF)
+    assert sound.ok and sound.mean_abs_diff < BUNDLE_QUANT_MEAN_PROB_DIFF / 3, sound
+    assert not broken.ok and "mean max |Δ|" in broken.failure, broken
+    assert broken.mean_abs_diff > 2 * BUNDLE_QUANT_MEAN_PROB_DIFF, broken
+
+
+@pytest.fixture(scope="module")
+def keras_dir(tmp_path_factory) -> Path:
+    """A tiny Keras LSTM classifier exported and int8-quantized through the CLI (fp32, step and int8 files)."""
+    keras = pytest.importorskip("keras")
+    work = tmp_path_factory.mktemp("keras-lstm")
+    keras.utils.set_random_seed(0)
+    keras.Sequential([
+        keras.Input((None, 6), name="sensor"),
+        keras.layers.LSTM(12),
+        keras.layers.Dense(3, activation="softmax", name="activity"),
+    ]).save(work / "lstm.keras")
+    labels = work / "labels.txt"
+    labels.write_text("walk\nrun\nsit\n")
+    result = _cli("export", work / "lstm.keras", "--out", work / "lstm", "--labels", labels)
+    assert result.exit_code == 0, result.output
+    result = _cli("quantize", work / "lstm", "--variant", "int8")
+    assert result.exit_code == 0, result.output
+    return work / "lstm"
+
+
+def test_keras_folder_bundle_self_tests_and_streams_like_the_folder(keras_dir, tmp_path):
+    out = tmp_path / "lstm.tar.gz"
+    result = _cli("bundle", keras_dir, "--variant", "fp32", "--variant", "step", "--variant", "int8", "-o", out)
+    assert result.exit_code == 0, result.output
+    manifest = json.loads(_members(out)[0][1])
+    assert set(manifest["files"]) == {"onnx", "onnx_step", "onnx_int8", "reference"}
+    assert manifest["reference"]["source"] == "keras"
+    result = _cli("verify", out, "--run")
+    assert result.exit_code == 0, result.output
+    assert all(role in result.output for role in ("onnx_int8", "onnx_step")) and "FAIL" not in result.output
+    sequence = tmp_path / "window.npy"
+    np.save(sequence, np.random.default_rng(0).normal(size=(10, 6)).astype(np.float32))
+    from_bundle = _cli("stream", out, "--input", sequence)
+    from_folder = _cli("stream", keras_dir / "model.step.onnx", "--input", sequence)
+    assert from_bundle.exit_code == 0, from_bundle.output
+    assert len(from_bundle.output.strip().splitlines()) == 10 and from_bundle.output == from_folder.output
 
 
 def test_ort_forms_are_bundled_and_self_tested(char_dir, tmp_path):

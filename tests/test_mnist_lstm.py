@@ -15,6 +15,8 @@ from edge_rnn.device.runtime import load_model, predict_probs
 from edge_rnn.device.parity import quant_gate
 from edge_rnn.tolerances import FP32_PROB_ATOL
 
+from conftest import damage_scale
+
 
 @pytest.fixture(scope="module")
 def probs(mnist_dir, digits):
@@ -48,28 +50,6 @@ def test_int8_keeps_the_quantization_promise(probs, digits):
     assert np.max(np.abs(probs["int8"] - probs["onnx"])) > 1e-6
 
 
-# Where a weight scale sits: DynamicQuantizeLSTM's inputs 8 (W_scale) and 10 (R_scale); a dynamically
-# quantized MatMul's weight scale is an initializer of the Mul after MatMulInteger.
-LSTM_SCALE_INPUT = {"lstm W": 8, "lstm R": 10}
-
-
-def _damage_scale(src, dst, *, factor: float, which: str) -> str:
-    """Copy an int8 model with one weight scale multiplied by `factor` (a broken quantizer); return its name."""
-    from onnx import numpy_helper
-
-    model = onnx.load(str(src))
-    initializers = {t.name: t for t in model.graph.initializer}
-    if which in LSTM_SCALE_INPUT:
-        names = [n.input[LSTM_SCALE_INPUT[which]] for n in model.graph.node if n.op_type == "DynamicQuantizeLSTM"]
-    else:  # the last dense layer's weight scale
-        names = [i for n in model.graph.node if n.op_type == "Mul" for i in n.input if i in initializers and "scale" in i][-1:]
-    assert names, [n.op_type for n in model.graph.node]
-    target = initializers[names[0]]
-    target.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(target) * np.float32(factor), target.name))
-    onnx.save(model, str(dst))
-    return target.name
-
-
 @pytest.mark.parametrize(
     "which, broken",
     [("lstm W", ("sure of", "pp accuracy", "on average")), ("lstm R", ("sure of", "pp accuracy", "on average")),
@@ -81,7 +61,7 @@ def test_the_int8_gate_fails_on_a_damaged_model(probs, digits, mnist_dir, tmp_pa
     from edge_rnn.device.runtime import create_session
 
     damaged = tmp_path / "damaged.onnx"
-    name = _damage_scale(mnist_dir / "model.int8.onnx", damaged, factor=4.0, which=which)
+    name = damage_scale(mnist_dir / "model.int8.onnx", damaged, factor=4.0, which=which)
     session = create_session(damaged)
     x = preprocess(digits.x_test)
     feed = session.get_inputs()[0].name
@@ -174,7 +154,7 @@ def test_pipeline_gate_fails_on_a_damaged_int8_file(mnist_copy, digits):
 
     rows, reports, gates = check_classifier(mnist_copy, digits.x_test, digits.y_test)
     assert gate_classifier(reports, gates) == []
-    _damage_scale(mnist_copy / "model.int8.onnx", mnist_copy / "model.int8.onnx", factor=4.0, which="lstm W")
+    damage_scale(mnist_copy / "model.int8.onnx", mnist_copy / "model.int8.onnx", factor=4.0, which="lstm W")
     manifest = load_manifest(mnist_copy)
     record_file(manifest, mnist_copy, "onnx_int8", "model.int8.onnx")
     save_manifest(mnist_copy, manifest)

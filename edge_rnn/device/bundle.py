@@ -12,7 +12,12 @@ Format 1 (`NAME.tar.gz`, stdlib tarfile, ustar, gzip; members in this order, mti
       "bundle": {"format": 1, "made_by": "0.x", "variants": ["int8", "step"], "roles": ["onnx_int8", "onnx_step"]},
       "reference": {"file": "reference.npz", "source": "keras" | "numpy", "count": 8,
                     "inputs": ["input"], "outputs": ["probs"],
-                    "tolerances": {ROLE: {OUTPUT: {"atol": 1e-05, "why": "…", "argmax_min": 0.995 | null}}}}
+                    "tolerances": {ROLE: {OUTPUT: {"atol": 1e-05, "why": "…", "argmax_min": 0.995 | null,
+                                                   "mean_atol": 0.05 | null}}}}
+
+  `atol` bounds max |Δ| over every input and element; `mean_atol` (a quantized classifier's probabilities) bounds
+  the mean over the inputs of each input's max |Δ|; `argmax_min` the top-1 agreement on the inputs the source is
+  sure of. A bound that is null or absent (bundles made before it existed) is not checked.
 
 - the model files, flat names as in the folder (`model.int8.onnx`, `model.step.onnx`, …);
 - `reference.npz`: `input/<name>` (N, …) real inputs and `output/<name>` the source model's (Keras or NumPy)
@@ -321,13 +326,27 @@ class OutputResult:
     agreement: float | None = None  # top-1 agreement on the inputs the source is sure of (classifier outputs)
     sure: int = 0  # how many inputs that is
     argmax_min: float | None = None
+    mean_abs_diff: float | None = None  # mean over the inputs of each one's max |Δ| (where a mean_atol is stored)
+    mean_atol: float | None = None
     error: str = ""
 
     @property
     def ok(self) -> bool:
-        if self.error or not self.max_abs_diff <= self.atol:
-            return False
-        return self.argmax_min is None or self.agreement is None or self.agreement >= self.argmax_min
+        return not self.failure
+
+    @property
+    def failure(self) -> str:
+        """Which bound this output broke ('' when it kept them all)."""
+        if self.error:
+            return self.error
+        broken = []
+        if not self.max_abs_diff <= self.atol:
+            broken.append(f"max |Δ| {self.max_abs_diff:.3g} > {self.atol:.3g}")
+        if self.mean_atol is not None and not (self.mean_abs_diff is not None and self.mean_abs_diff <= self.mean_atol):
+            broken.append(f"mean max |Δ| {self.mean_abs_diff:.3g} > {self.mean_atol:.3g}")
+        if self.argmax_min is not None and self.agreement is not None and self.agreement < self.argmax_min:
+            broken.append(f"top-1 {self.agreement:.1%} of {self.sure} sure < {self.argmax_min:.1%}")
+        return "; ".join(broken)
 
 
 @dataclass
@@ -398,7 +417,11 @@ def self_test(bundle: Bundle, *, roles: list[str] | None = None, threads: int | 
             if answer.shape != ref.shape:
                 report.results.append(OutputResult(role, name, float("inf"), tol["atol"], error=f"shape {answer.shape}, source {ref.shape}"))
                 continue
-            diff = float(np.max(np.abs(answer.astype(np.float64) - ref.astype(np.float64)))) if ref.size else 0.0
+            delta = np.abs(answer.astype(np.float64) - ref.astype(np.float64))  # (N, …)
+            diff = float(np.max(delta)) if ref.size else 0.0
             agreement, sure = _top1(ref, answer) if tol.get("argmax_min") is not None else (None, 0)
-            report.results.append(OutputResult(role, name, diff, float(tol["atol"]), agreement, sure, tol.get("argmax_min")))
+            mean_atol = tol.get("mean_atol")
+            mean = float(delta.reshape(len(delta), -1).max(axis=1).mean()) if mean_atol is not None and ref.size else None
+            report.results.append(OutputResult(role, name, diff, float(tol["atol"]), agreement, sure, tol.get("argmax_min"),
+                                               mean, None if mean_atol is None else float(mean_atol)))
     return report
