@@ -430,7 +430,7 @@ def verify_cmd(
         table.add_column(column, justify="left" if column in ("role", "output", "result") else "right")
     for r in report.results:
         top1 = "" if r.agreement is None else f"{r.agreement:.0%} of {r.sure}"
-        table.add_row(r.role, r.output, f"{r.max_abs_diff:.2e}", f"{r.atol:.2e}", top1, "ok" if r.ok else f"FAIL {r.error}".strip())
+        table.add_row(r.role, r.output, f"{r.max_abs_diff:.2e}", f"{r.atol:.2e}", top1, "ok" if r.ok else f"FAIL {r.failure}".strip())
     out.print(table)
     if not report.ok:
         failed = sorted({r.role for r in report.results if not r.ok})

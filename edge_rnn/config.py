@@ -61,7 +61,9 @@ class ExportConfig:
 class BundleConfig:
     """A bundle's reference vectors: how many real inputs, how long a sequence where the time axis is free, which."""
 
-    count: int = 8
+    # 16 real inputs: a softmax layer's weight scale ×4 (argmax kept, probabilities off ~0.1) breaks the mean
+    # bound on 99.8% of random 16-input sets of held-out digits against 91% of 8-input sets; ~50 KB a bundle.
+    count: int = 16
     time_steps: int = 16
     seed: int = 0
 

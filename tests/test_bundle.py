@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from edge_rnn.config import BundleConfig
 from edge_rnn.cli import app
 from edge_rnn.device.bundle import MAX_TOTAL_BYTES, open_bundle, self_test
 from edge_rnn.tolerances import BUNDLE_QUANT_MEAN_PROB_DIFF, BUNDLE_QUANT_PROB_ATOL
@@ -78,7 +79,7 @@ def test_mnist_bundle_verifies_and_self_tests(mnist_bundle, mnist_dir):
     assert set(manifest["files"]) == {"onnx_int8", "onnx_step", "reference"}
     assert manifest["bundle"]["format"] == 1 and manifest["bundle"]["variants"] == ["int8", "step"]
     ref = manifest["reference"]
-    assert ref["source"] == "keras" and ref["count"] == 8 and ref["tolerances"]["onnx_int8"]["probs"]["argmax_min"] is not None
+    assert ref["source"] == "keras" and ref["count"] == BundleConfig.count and ref["tolerances"]["onnx_int8"]["probs"]["argmax_min"] is not None
     result = _cli("verify", mnist_bundle, "--run")
     assert result.exit_code == 0, result.output
     assert "onnx_int8" in result.output and "onnx_step" in result.output and "FAIL" not in result.output
@@ -299,7 +300,7 @@ def test_self_test_fails_on_a_damaged_int8_model(which, mnist_bundle, mnist_dir,
     assert (sound.atol, sound.mean_atol) == (broken.atol, broken.mean_atol) == (BUNDLE_QUANT_PROB_ATOL, BUNDLE_QUANT_MEAN_PROB_DIFF)
     assert sound.ok and sound.mean_abs_diff < BUNDLE_QUANT_MEAN_PROB_DIFF / 3, sound
     assert not broken.ok and "mean max |Δ|" in broken.failure, broken
-    assert broken.mean_abs_diff > 2 * BUNDLE_QUANT_MEAN_PROB_DIFF, broken
+    assert broken.mean_abs_diff > 1.5 * BUNDLE_QUANT_MEAN_PROB_DIFF, broken  # damage, not rounding: far past the bound
 
 
 @pytest.fixture(scope="module")

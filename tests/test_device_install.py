@@ -84,3 +84,32 @@ def test_device_venv_runs_infer_stream_generate(device_venv, mnist_dir, char_dir
     (mnist / "model.int8.onnx").write_bytes((mnist / "model.onnx").read_bytes())
     result = device(device_venv, "infer", mnist / "model.int8.onnx", digits)
     assert result.returncode == 1 and "sha256" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_device_venv_self_tests_and_runs_a_bundle(device_venv, mnist_dir, char_dir, heldout_batch, tmp_path):
+    """The board's side of shipping: a bundle made on the workstation is verified, self-tested against the
+    source model's reference outputs, and run — all without TensorFlow or onnx."""
+    from edge_rnn.bundle import make_bundle
+
+    mnist = make_bundle(mnist_dir, variants=("int8", "step"), ort=True, out=tmp_path / "mnist.tar.gz")
+    char = make_bundle(char_dir, variants=("int8",), out=tmp_path / "char.tar.gz")
+    for bundle in (mnist, char):
+        result = device(device_venv, "verify", bundle, "--run")
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert "self-test" in result.stdout
+    digits = tmp_path / "digits.npy"
+    np.save(digits, heldout_batch[0][:8])
+    expected = [p.label for p in infer(mnist_dir / "model.int8.onnx", [digits]).predictions]
+    result = device(device_venv, "infer", mnist, digits, "--json")
+    assert result.returncode == 0, result.stderr
+    assert [row["label"] for row in json.loads(result.stdout)["predictions"]] == expected
+    result = device(device_venv, "generate", char, "--prime", "ROMEO:", "--length", "40", "--seed", "3")
+    assert result.returncode == 0 and result.stdout.startswith("ROMEO:"), result.stderr
+    before = sorted(p.name for p in tmp_path.iterdir())
+    tampered = tmp_path / "tampered.tar.gz"
+    data = bytearray(mnist.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # inside the compressed stream: a member's bytes or the gzip CRC change
+    tampered.write_bytes(bytes(data))
+    result = device(device_venv, "verify", tampered)
+    assert result.returncode == 1 and "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(before + ["tampered.tar.gz"])  # nothing unpacked beside it

@@ -50,9 +50,8 @@ import numpy as np
 import numpy.typing as npt
 
 from ..errors import EdgeRnnError, InputError, ModelFileError
-from .manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, SCHEMA_VERSION
+from .manifest import BUNDLE_SUFFIX, MANIFEST_NAME, MAX_MANIFEST_BYTES, SCHEMA_VERSION
 
-BUNDLE_SUFFIX = ".tar.gz"
 BUNDLE_FORMAT = 1
 REFERENCE_NAME = "reference.npz"
 REFERENCE_ROLE = "reference"
