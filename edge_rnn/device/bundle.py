@@ -38,7 +38,6 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
-import json
 import os
 import tarfile
 import zlib
@@ -50,7 +49,7 @@ import numpy as np
 import numpy.typing as npt
 
 from ..errors import EdgeRnnError, InputError, ModelFileError
-from .manifest import BUNDLE_SUFFIX, MANIFEST_NAME, MAX_MANIFEST_BYTES, SCHEMA_VERSION
+from .manifest import BUNDLE_SUFFIX, MANIFEST_NAME, MAX_MANIFEST_BYTES, SCHEMA_VERSION, parse_json
 
 BUNDLE_FORMAT = 1
 REFERENCE_NAME = "reference.npz"
@@ -172,10 +171,7 @@ def _read_member(tar: tarfile.TarFile, info: tarfile.TarInfo, *, path: Path) -> 
 
 
 def _parse_manifest(path: Path, data: bytes) -> dict[str, Any]:
-    try:
-        manifest = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise _refuse(path, MANIFEST_NAME, f"is not valid JSON ({exc})") from exc
+    manifest = parse_json(data, where=f"{path}: member {MANIFEST_NAME}", error=ModelFileError, hint="rebuild the bundle with edge-rnn bundle")
     files = manifest.get("files") if isinstance(manifest, dict) else None
     block = manifest.get("bundle") if isinstance(manifest, dict) else None
     if not isinstance(block, dict) or not isinstance(files, dict):

@@ -11,9 +11,9 @@ comes before every padding step (see edge_rnn/keras_onnx.py).
 
 from __future__ import annotations
 
-import json
 import math
 import os
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
@@ -22,11 +22,15 @@ import numpy as np
 import numpy.typing as npt
 
 from ..errors import InputError
+from .manifest import parse_json
 
 # .npy inputs bigger than this are refused before loading (a batch of 28×28 float32 digits is ~3 KB each).
 MAX_NPY_BYTES = 512 * 1024 * 1024
 # One JSON row on stdin is one time step of a stream: a few thousand numbers at most.
 MAX_JSON_LINE_BYTES = 1024 * 1024
+# An image's width × height is read from its header and refused past this before decoding (4096 × 4096;
+# the models take 28 × 28). Pillow's own cap (~89 M pixels, 179 M as an error) is far higher.
+MAX_IMAGE_PIXELS = 4096 * 4096
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".pgm", ".tif", ".tiff", ".webp")
 # float32 holds every integer up to 2**24 exactly; beyond, an integer array fed as floats would change.
 FLOAT32_EXACT_INT = 2**24
@@ -67,6 +71,10 @@ def read_npy(path: str | os.PathLike[str], *, max_bytes: int = MAX_NPY_BYTES) ->
             _check_numeric(dtype, where=str(path))
             if math.prod(shape) * dtype.itemsize > max_bytes:
                 raise InputError(f"{path} declares shape {shape} of {dtype}, over {max_bytes // 2**20} MiB — split it into smaller batches")
+            declared = math.prod(shape) * dtype.itemsize
+            if f.tell() + declared != path.stat().st_size:
+                raise InputError(f"{path} declares shape {shape} of {dtype} ({declared:,} bytes) but holds "
+                                 f"{path.stat().st_size - f.tell():,} bytes of data — truncated or padded; save it again with numpy.save")
             f.seek(0)
             array = np.load(f, allow_pickle=False)
     except (ValueError, OSError, EOFError) as exc:
@@ -87,16 +95,26 @@ def _image_pixels(path: Path, *, height: int, width: int) -> npt.NDArray[np.uint
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(path) as img:
-            img.load()
+        # Image.open reads the header only: the size is refused before a pixel is decoded. Pillow's own bomb
+        # check (a warning past Image.MAX_IMAGE_PIXELS, DecompressionBombError — not an OSError — past twice that) is
+        # made an error at any size.
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(path)
+        with img:
             size = img.size
+            if size[0] * size[1] > MAX_IMAGE_PIXELS:
+                raise InputError(f"{path} is {size[0]}×{size[1]} pixels, over the {MAX_IMAGE_PIXELS:,}-pixel cap — not decoded; give a {width}×{height} image")
             if size != (width, height):
                 raise InputError(f"{path} is {size[0]}×{size[1]} pixels; the model takes {width}×{height} images — resize it first")
+            img.load()
             if img.mode not in ("L", "RGB", "RGBA", "P", "LA", "1", "I;16", "I"):
                 raise InputError(f"{path} has pixel mode {img.mode}; give an 8-bit grey or RGB image")
             if img.mode in ("I;16", "I"):
                 raise InputError(f"{path} is a 16/32-bit image; give an 8-bit grey or RGB image")
             return np.asarray(img.convert("L"), dtype=np.uint8)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise InputError(f"cannot read {path}: {exc} — give a {width}×{height} image") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise InputError(f"cannot read {path} as an image ({exc}) — give a 28×28 PNG or a .npy array") from exc
 
@@ -304,10 +322,7 @@ def json_rows(lines: Iterable[str], *, names: Sequence[str], max_bytes: int = MA
             raise InputError(f"stdin line {number} is longer than {max_bytes // 1024} KiB — one line is one time step")
         if not line.strip():
             continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise InputError(f"stdin line {number} is not JSON ({exc.msg}) — give one JSON array per line") from exc
+        row = parse_json(line, where=f"stdin line {number}", error=InputError, hint="give one JSON array per line")
         if not isinstance(row, dict):
             if len(names) != 1:
                 raise InputError(f"stdin line {number}: the model has inputs {', '.join(names)}; give {{\"NAME\": array, …}} per line")

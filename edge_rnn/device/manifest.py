@@ -79,6 +79,21 @@ def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode("utf-8"))
 
 
+def parse_json(data: bytes | str, *, where: object, error: type[EdgeRnnError], hint: str) -> Any:
+    """json.loads that turns every way hostile text fails into `error` naming `where`.
+
+    Besides JSONDecodeError: invalid UTF-8, a number over Python's 4,300-digit int limit (a plain ValueError),
+    and nesting deep enough (`[[[[…`) to exhaust the recursion limit (RecursionError is not a ValueError).
+    """
+    try:
+        return json.loads(data)
+    except RecursionError:
+        raise error(f"{where} nests JSON arrays or objects too deeply — {hint}") from None
+    except (UnicodeDecodeError, ValueError) as exc:
+        first = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        raise error(f"{where} is not valid JSON ({first}) — {hint}") from None
+
+
 def manifest_path(model_dir: str | os.PathLike[str]) -> Path:
     return Path(model_dir) / MANIFEST_NAME
 
@@ -90,10 +105,7 @@ def load_manifest(model_dir: str | os.PathLike[str]) -> dict[str, Any]:
         raise ModelFileError(f"no {MANIFEST_NAME} in {model_dir} — train a model there first (edge-rnn train …)")
     if path.stat().st_size > MAX_MANIFEST_BYTES:
         raise ModelFileError(f"{path} is larger than {MAX_MANIFEST_BYTES} bytes — not an edge-rnn manifest")
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ModelFileError(f"{path} is not valid JSON ({exc}) — re-run the step that wrote it") from exc
+    manifest = parse_json(path.read_bytes(), where=path, error=ModelFileError, hint="re-run the step that wrote it")
     if not isinstance(manifest, dict) or not isinstance(manifest.get("model"), str):
         raise ModelFileError(f"{path} has no 'model' name — not an edge-rnn manifest")
     if not isinstance(manifest.get("schema", SCHEMA_VERSION), int):
@@ -148,6 +160,11 @@ def verified_file(manifest: dict[str, Any], model_dir: str | os.PathLike[str], r
         raise ModelFileError(
             f"{full} does not match the sha256 in {manifest_path(model_dir)} — the file was changed or corrupted; re-export it"
         )
+    if full.suffix == ".onnx":
+        # Before onnxruntime or onnx.load follow an external-data path out of the folder (see onnxfile.py).
+        from .onnxfile import check_onnx_file
+
+        check_onnx_file(full)
     return full
 
 
