@@ -11,7 +11,10 @@ from typing import Callable, List, Optional
 
 import typer
 
-from .config import CHAR_RNN_DIRNAME, DEFAULT_OUT, MNIST_DIRNAME, CharRnnConfig, ExportConfig, LstmConfig
+from .config import (
+    CHAR_RNN_DIRNAME, DEFAULT_OUT, MAX_BATCH_SIZE, MAX_BENCH_ROUNDS, MAX_BENCH_RUNS, MAX_CHAR_ITERS, MAX_CHECK_BATCH, MAX_EPOCHS,
+    MAX_GENERATE_LENGTH, MAX_HIDDEN, MAX_SEQ_LENGTH, MAX_TIME_STEPS, MNIST_DIRNAME, CharRnnConfig, ExportConfig, LstmConfig,
+)
 from .errors import EdgeRnnError
 from .device.manifest import check_writable_dir
 
@@ -130,8 +133,8 @@ def _history_table(history: dict[str, list[float]]) -> Table:
 @clean_errors
 def train_mnist_lstm(
     data: str = typer.Option("mnist", help="mnist | fashion-mnist | sample | PATH.npz | IDX folder"),
-    epochs: int = typer.Option(LstmConfig.epochs, min=1, help="Training epochs."),
-    batch_size: int = typer.Option(LstmConfig.batch_size, min=1, help="Mini-batch size."),
+    epochs: int = typer.Option(LstmConfig.epochs, min=1, max=MAX_EPOCHS, help="Training epochs."),
+    batch_size: int = typer.Option(LstmConfig.batch_size, min=1, max=MAX_BATCH_SIZE, help="Mini-batch size."),
     seed: int = typer.Option(LstmConfig.seed, help="Seed for weights, dropout and shuffling."),
     out_dir: Path = typer.Option(Path(DEFAULT_OUT) / MNIST_DIRNAME, "--out", help="Model folder to write."),
 ) -> None:
@@ -159,10 +162,10 @@ def train_mnist_lstm(
 @clean_errors
 def train_char_rnn(
     text: Optional[Path] = typer.Option(None, help="UTF-8 training text (default: the bundled tiny Shakespeare)."),
-    hidden: int = typer.Option(CharRnnConfig.hidden, min=1, help="Hidden units."),
-    seq_length: int = typer.Option(CharRnnConfig.seq_length, min=1, help="Truncated-BPTT chunk length."),
+    hidden: int = typer.Option(CharRnnConfig.hidden, min=1, max=MAX_HIDDEN, help="Hidden units."),
+    seq_length: int = typer.Option(CharRnnConfig.seq_length, min=1, max=MAX_SEQ_LENGTH, help="Truncated-BPTT chunk length."),
     learning_rate: float = typer.Option(CharRnnConfig.learning_rate, min=0.0, help="Adagrad learning rate."),
-    iters: int = typer.Option(CharRnnConfig.iters, min=1, help="Total Adagrad steps (a resumed run continues up to this)."),
+    iters: int = typer.Option(CharRnnConfig.iters, min=1, max=MAX_CHAR_ITERS, help="Total Adagrad steps (a resumed run continues up to this)."),
     seed: int = typer.Option(CharRnnConfig.seed, help="Seed for the initial weights."),
     out_dir: Path = typer.Option(Path(DEFAULT_OUT) / CHAR_RNN_DIRNAME, "--out", help="Model folder to write."),
     resume: bool = typer.Option(False, "--resume", help="Continue from OUT/checkpoint.npz."),
@@ -343,12 +346,27 @@ def _plain_table(headers: list[str], rows: list[list[str]]) -> str:
     return "\n".join([line(headers), line(["-" * w for w in widths]), *(line(r) for r in rows)])
 
 
+def _print_as_made(prime: str, pieces) -> None:
+    """Print the prime, then each piece of generated text as it comes (flushed); Ctrl-C ends it with exit 130."""
+    try:
+        sys.stdout.write(prime)
+        for piece in pieces:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+    except KeyboardInterrupt:
+        # The text so far is already out; end its line, and exit as a shell expects of SIGINT (128 + 2).
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        raise typer.Exit(130) from None
+
+
 @app.command()
 @clean_errors
 def generate(
     model: Path = typer.Argument(..., help="char-rnn MODEL.onnx with its manifest.json beside it, or a bundle (.tar.gz) of one."),
     prime: str = typer.Option("\n", help="Text to start from; every character must be in the model's vocabulary."),
-    length: int = typer.Option(300, min=0, help="Characters to generate after the prime."),
+    length: int = typer.Option(300, min=0, max=MAX_GENERATE_LENGTH, help="Characters to generate after the prime (printed as they are made)."),
     temperature: float = typer.Option(1.0, help="Softmax temperature (> 0): lower is safer, higher is wilder."),
     seed: int = typer.Option(0, help="Sampling seed: the same seed prints the same text as the NumPy sampler."),
     threads: int = typer.Option(1, min=0, max=256, help="onnxruntime intra-op threads (0 = onnxruntime's default)."),
@@ -358,10 +376,10 @@ def generate(
 
     Example: edge-rnn generate artifacts/char-rnn/model.onnx --prime "ROMEO:" --length 300 --seed 1
     """
-    from .device.runtime import generate as run_generate
+    from .device.runtime import iter_generate
 
-    text = run_generate(model, prime=prime, length=length, temperature=temperature, seed=seed, threads=threads or None, role=role)
-    print(prime + text)
+    pieces = iter_generate(model, prime=prime, length=length, temperature=temperature, seed=seed, threads=threads or None, role=role)
+    _print_as_made(prime, pieces)
 
 
 @app.command()
@@ -442,7 +460,7 @@ def verify_cmd(
 def sample_numpy(
     model_dir: Path = typer.Argument(..., help="char-rnn folder holding checkpoint.npz."),
     prime: str = typer.Option("\n", help="Text to start from."),
-    length: int = typer.Option(300, min=0, help="Characters to generate after the prime."),
+    length: int = typer.Option(300, min=0, max=MAX_GENERATE_LENGTH, help="Characters to generate after the prime (printed as they are made)."),
     temperature: float = typer.Option(1.0, help="Softmax temperature (> 0)."),
     seed: int = typer.Option(0, help="Sampling seed."),
 ) -> None:
@@ -450,12 +468,16 @@ def sample_numpy(
 
     Example: edge-rnn sample artifacts/char-rnn --prime "ROMEO:" --length 300 --seed 1
     """
-    from .char_rnn import load_trained, sample
-    from .device.sampling import generation_h0
+    from .char_rnn import load_trained, numpy_step
+    from .device.sampling import generation_h0, iter_sample
 
     checkpoint, manifest = load_trained(model_dir)
     h0 = generation_h0(manifest, hidden=checkpoint.hidden)
-    print(prime + sample(checkpoint, prime=prime, length=length, temperature=temperature, seed=seed, h0=h0))
+    chars = iter_sample(
+        numpy_step(checkpoint.params), vocab=checkpoint.vocab, hidden=checkpoint.hidden, prime=prime, length=length,
+        temperature=temperature, seed=seed, h0=h0,
+    )
+    _print_as_made(prime, chars)
 
 
 def _bench_tables(report) -> list[Table]:
@@ -501,12 +523,12 @@ def bench(
     model_dirs: Optional[List[Path]] = typer.Argument(None, help="Model folders, built-in or from `edge-rnn export` (default: artifacts/mnist-lstm and artifacts/char-rnn that exist)."),
     threads: int = typer.Option(1, min=1, max=256, help="Threads for every runtime (onnxruntime intra-op, TensorFlow, LiteRT)."),
     opt_level: str = typer.Option("all", "--opt-level", help="onnxruntime graph optimisation: disable | basic | extended | all."),
-    runs: int = typer.Option(1000, min=1, help="Minimum timed batch-1 runs per row, over at least 1 s (slow runtimes stop after 15 s, never below 200)."),
+    runs: int = typer.Option(1000, min=1, max=MAX_BENCH_RUNS, help="Minimum timed batch-1 runs per row, over at least 1 s (slow runtimes stop after 15 s, never below 200)."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write the results as JSON to this file."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Draw latency vs size to this PNG (needs matplotlib)."),
     calibration: str = typer.Option("minmax", help="Static int8 calibration: minmax | entropy | percentile."),
-    rounds: int = typer.Option(3, min=1, help="Measure every row this many times, interleaved; timings are medians over rounds."),
-    time_steps: Optional[int] = typer.Option(None, "--time-steps", min=1, help="Time steps for models with a dynamic time axis (default 32; a fixed axis keeps its length)."),
+    rounds: int = typer.Option(3, min=1, max=MAX_BENCH_ROUNDS, help="Measure every row this many times, interleaved; timings are medians over rounds."),
+    time_steps: Optional[int] = typer.Option(None, "--time-steps", min=1, max=MAX_TIME_STEPS, help="Time steps for models with a dynamic time axis (default 32; a fixed axis keeps its length)."),
 ) -> None:
     """Measure size, load time, latency, throughput, memory and accuracy (max |Δ| vs ONNX fp32 for exported Keras models) of every variant and baseline, side by side.
 
@@ -559,7 +581,7 @@ def check(
     target: Path = typer.Argument(..., help="A model folder (made by export or pipeline), or a bundle (.tar.gz made by edge-rnn bundle)."),
     runtimes: List[str] = typer.Option([], "--runtime", help="onnxruntime | openvino | tract | onnx.reference; repeat it (default: all of them)."),
     role: Optional[str] = typer.Option(None, help="Which model to run, by manifest role (default: a folder's onnx, a bundle's default role)."),
-    batch: int = typer.Option(256, min=1, help="Size of the random batch every runtime also answers, beside the reference vectors."),
+    batch: int = typer.Option(256, min=1, max=MAX_CHECK_BATCH, help="Size of the random batch every runtime also answers, beside the reference vectors."),
     threads: int = typer.Option(1, min=1, max=256, help="Threads for every runtime."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
     allow_wrong: bool = typer.Option(False, "--allow-wrong", help="Exit 0 even when a runtime answers wrong (still reported)."),
@@ -612,8 +634,8 @@ def _pipeline_table(rows) -> Table:
 def pipeline(
     data: str = typer.Option("mnist", help="MNIST source for the LSTM: mnist | fashion-mnist | sample | PATH.npz | IDX folder"),
     out_dir: Path = typer.Option(Path(DEFAULT_OUT), "--out", help="Output folder; each model gets a sub-folder."),
-    epochs: int = typer.Option(LstmConfig.epochs, min=1, help="LSTM training epochs."),
-    char_iters: int = typer.Option(CharRnnConfig.iters, min=1, help="Char-RNN Adagrad iterations."),
+    epochs: int = typer.Option(LstmConfig.epochs, min=1, max=MAX_EPOCHS, help="LSTM training epochs."),
+    char_iters: int = typer.Option(CharRnnConfig.iters, min=1, max=MAX_CHAR_ITERS, help="Char-RNN Adagrad iterations."),
     text: Optional[Path] = typer.Option(None, help="UTF-8 corpus for the char RNN (default: bundled Shakespeare)."),
     seed: int = typer.Option(0, help="Seed for both models."),
 ) -> None:

@@ -79,3 +79,34 @@ class SampleSplit:
 DEFAULT_OUT = "artifacts"
 MNIST_DIRNAME = "mnist-lstm"
 CHAR_RNN_DIRNAME = "char-rnn"
+
+
+# ---------------------------------------------------------------------------------------------
+# Caps on the counts a user gives (typer's `max=`: past one, a usage error naming the range, exit 2).
+# Each is far above any real use and low enough that a typo (an extra zero or three) cannot pin the
+# host for hours or ask for more memory than a workstation has. Generation and `stream` print as they go,
+# so their memory stays flat whatever the count; their caps bound time only.
+
+# Characters `generate` / `sample` make after the prime: one session call (or NumPy step) each, so a million
+# is minutes of work, not hours; both stream, so memory is flat either way. Longer texts: the library's
+# device.runtime.iter_generate, which has no cap (its caller decides when to stop).
+MAX_GENERATE_LENGTH = 1_000_000
+# LSTM epochs: the recipe uses 20 (under 5 minutes on the bundled sample); 1,000 is 50 times that.
+MAX_EPOCHS = 1_000
+# Mini-batch rows for Keras training: beyond 65,536 one batch is all of MNIST's 60,000 images.
+MAX_BATCH_SIZE = 65_536
+# Char-RNN Adagrad steps: the recipe uses 130,000 (~35 s at ~3,700 steps/s); 10M is ~45 min.
+MAX_CHAR_ITERS = 10_000_000
+# Char-RNN hidden units: Whh, its gradient and its Adagrad memory are H×H float64 each: 3 × 128 MB at 4,096.
+MAX_HIDDEN = 4_096
+# Truncated-BPTT chunk: the forward pass keeps H floats per step; 10,000 is 400× the recipe's 25.
+MAX_SEQ_LENGTH = 10_000
+# `bench --runs`: timed batch-1 runs per row (default 1,000; slow runtimes stop after 15 s anyway).
+MAX_BENCH_RUNS = 1_000_000
+# `bench --rounds`: every row is measured this many times; each round re-times every row.
+MAX_BENCH_ROUNDS = 50
+# `bench --time-steps` and a bundle's free time axis: 100,000 steps of (1, T, 28) float32 input is 11 MB,
+# and a step-by-step row runs T session calls per timed run.
+MAX_TIME_STEPS = 100_000
+# `check --batch`: the random batch every runtime answers, onnx.reference (pure Python) among them.
+MAX_CHECK_BATCH = 65_536

@@ -224,4 +224,7 @@ def load_text(path: str | os.PathLike[str] | None = None) -> str:
         raise DataError(f"cannot read {path}: {exc.strerror}") from exc
     if len(text) < 100:
         raise DataError(f"{path} has only {len(text)} characters — a char RNN needs a real corpus")
+    if len(set(text)) < 2:
+        # Nothing to predict: training would "converge" to loss 0 and generate one character forever.
+        raise DataError(f"{path} holds one distinct character ({text[0]!r}) — a char RNN needs a corpus with at least two")
     return text

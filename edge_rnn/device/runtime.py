@@ -24,7 +24,7 @@ from .session import ORT_ERRORS, LoadedModel, create_session, load_model, requir
 from .stepper import TIME_DIM, Stepper
 
 __all__ = [
-    "ORT_ERRORS", "LoadedModel", "Prediction", "Inference", "Stepper", "create_session", "generate", "infer",
+    "ORT_ERRORS", "LoadedModel", "Prediction", "Inference", "Stepper", "create_session", "generate", "infer", "iter_generate",
     "load_images", "load_model", "onnx_step", "predict_probs", "preprocess_pixels", "session_options", "stream",
 ]
 
@@ -246,6 +246,59 @@ def onnx_step(model: LoadedModel | Stepper) -> StepFn:
     return step
 
 
+# Characters per chunk `iter_generate` yields: small enough that text appears as it is made (~10 ms of
+# steps), large enough that printing costs nothing beside the steps.
+GENERATE_CHUNK = 64
+
+
+def iter_generate(
+    model_path: str | os.PathLike[str],
+    *,
+    prime: str,
+    length: int,
+    temperature: float = 1.0,
+    seed: int = 0,
+    threads: int | None = None,
+    role: str | None = None,
+    chunk: int = GENERATE_CHUNK,
+) -> Iterator[str]:
+    """Yield the `length` characters after `prime` from the ONNX char RNN in pieces of up to `chunk`, as they are drawn.
+
+    The model and the arguments are checked at the call; memory stays flat however long the text.
+    Same seed → same text as NumPy.
+    """
+    from .sampling import generation_h0, iter_sample
+
+    model = load_model(model_path, threads=threads, role=role)
+    require_command(model, "generate")
+    hidden = int(model.manifest["config"]["hidden"])
+    h0 = generation_h0(model.manifest, hidden=hidden)
+    (state,) = model.state
+    chars = iter_sample(
+        onnx_step(Stepper(model, initial_state={state["input"]: h0})),
+        vocab="".join(model.manifest["vocab"]),
+        hidden=hidden,
+        prime=prime,
+        length=length,
+        temperature=temperature,
+        seed=seed,
+        h0=h0,
+    )
+    return _chunks(chars, size=chunk)
+
+
+def _chunks(chars: Iterator[str], *, size: int) -> Iterator[str]:
+    """Characters → strings of up to `size` of them."""
+    piece: list[str] = []
+    for ch in chars:
+        piece.append(ch)
+        if len(piece) == size:
+            yield "".join(piece)
+            piece.clear()
+    if piece:
+        yield "".join(piece)
+
+
 def generate(
     model_path: str | os.PathLike[str],
     *,
@@ -257,20 +310,5 @@ def generate(
     role: str | None = None,
 ) -> str:
     """Sample `length` characters after `prime` with the ONNX char RNN; same seed → same text as NumPy."""
-    from .sampling import generation_h0, sample_with
-
-    model = load_model(model_path, threads=threads, role=role)
-    require_command(model, "generate")
-    hidden = int(model.manifest["config"]["hidden"])
-    h0 = generation_h0(model.manifest, hidden=hidden)
-    (state,) = model.state
-    return sample_with(
-        onnx_step(Stepper(model, initial_state={state["input"]: h0})),
-        vocab="".join(model.manifest["vocab"]),
-        hidden=hidden,
-        prime=prime,
-        length=length,
-        temperature=temperature,
-        seed=seed,
-        h0=h0,
-    )
+    pieces = iter_generate(model_path, prime=prime, length=length, temperature=temperature, seed=seed, threads=threads, role=role)
+    return "".join(pieces)

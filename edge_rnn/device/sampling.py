@@ -5,7 +5,7 @@ Device path: numpy only.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import numpy.typing as npt
@@ -42,7 +42,26 @@ def sample_with(
     seed: int = 0,
     h0: npt.NDArray[np.floating] | None = None,
 ) -> str:
-    """`length` characters continuing `prime`, drawn from softmax(logits / temperature) by any step function.
+    """`length` characters continuing `prime`, drawn from softmax(logits / temperature) by any step function (see iter_sample)."""
+    chars = iter_sample(step, vocab=vocab, hidden=hidden, prime=prime, length=length, temperature=temperature, seed=seed, h0=h0)
+    return "".join(chars)
+
+
+def iter_sample(
+    step: StepFn,
+    *,
+    vocab: str,
+    hidden: int,
+    prime: str,
+    length: int,
+    temperature: float = 1.0,
+    seed: int = 0,
+    h0: npt.NDArray[np.floating] | None = None,
+) -> Iterator[str]:
+    """Yield `length` characters continuing `prime` one at a time, drawn from softmax(logits / temperature).
+
+    The arguments are checked here, before the first character is asked for; the characters come one per
+    step, so a long generation holds one character at a time, never the whole text.
 
     The prime is read from `h0` (1, H) — the model folder's start state, see `start_state` — or zeros.
 
@@ -57,6 +76,13 @@ def sample_with(
         raise InputError(
             f"temperature must be between {MIN_TEMPERATURE} and {MAX_TEMPERATURE:g}, got {temperature} — try 1.0, or 0.5 for safer text"
         )
+    return _draw(step, vocab=vocab, hidden=hidden, prime=prime, length=length, temperature=temperature, seed=seed, h0=h0)
+
+
+def _draw(
+    step: StepFn, *, vocab: str, hidden: int, prime: str, length: int, temperature: float, seed: int, h0: npt.NDArray[np.floating] | None
+) -> Iterator[str]:
+    """iter_sample's loop, a generator apart from it so that the checks above run at the call."""
     rng = np.random.default_rng(seed)
     index = {ch: i for i, ch in enumerate(vocab)}
     ids = np.array([[index[ch] for ch in prime]], dtype=np.int64)  # (1, T)
@@ -64,7 +90,6 @@ def sample_with(
     one_char = [np.full((1, 1), i, dtype=np.int64) for i in range(len(vocab))]  # each step's (1, 1) input, made once
     for array in one_char:
         array.flags.writeable = False  # shared across steps, so a step function must not change it
-    out = []
     last = len(vocab) - 1
     for _ in range(length):
         logits, h = step(ids, h)
@@ -77,9 +102,8 @@ def sample_with(
         np.exp(z, out=z)
         np.cumsum(z, out=z)  # the unnormalised CDF: the draw scales by its last entry instead of dividing
         nxt = min(int(z.searchsorted(rng.random() * z[-1], side="right")), last)
-        out.append(vocab[nxt])
         ids = one_char[nxt]
-    return "".join(out)
+        yield vocab[nxt]
 
 
 def generation_h0(manifest: dict, *, hidden: int) -> npt.NDArray[np.float32]:
