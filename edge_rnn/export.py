@@ -25,7 +25,7 @@ import numpy as np
 
 from .config import ExportConfig
 from .errors import EdgeRnnError, ModelFileError, require
-from .device.manifest import SCHEMA_VERSION, atomic_path, load_manifest, record_file, save_manifest, sha256_file
+from .device.manifest import SCHEMA_VERSION, atomic_path, folder_lock, load_manifest, record_file, save_manifest, sha256_file
 from .validate import Validation, check, run_steps, session, stepped_outputs
 
 ONNX_FILE = "model.onnx"
@@ -170,6 +170,13 @@ def export(
 ) -> ExportReport:
     """Export a model folder in place, or a Keras file into a new folder (`out`, default: beside it, named after
     its stem); validate every file against the source before anything is renamed; record it all in the manifest."""
+    source = Path(source)
+    # A folder exported in place: no other writer between reading its manifest and saving the new one.
+    with folder_lock(source) if source.is_dir() else contextlib.nullcontext():
+        return _export(source, cfg=cfg, out=out, labels=labels, fail_on_loop=fail_on_loop, trust_h5=trust_h5)
+
+
+def _export(source: Path, *, cfg: ExportConfig, out, labels, fail_on_loop: bool, trust_h5: bool) -> ExportReport:
     from .models import adapter_for
     from .models.keras_model import KerasAdapter, load_keras_file
 
@@ -187,9 +194,12 @@ def export(
             raise ModelFileError(f"manifest in {model_dir} lists no {' or '.join(adapter.source_roles)} file — train first")
         model = adapter.load(model_dir, manifest)
     else:
+        model_dir = Path(out) if out is not None else source.parent / source.stem
+        if source.resolve() in (model_dir.resolve(), (model_dir / KERAS_FILE).resolve()):
+            raise EdgeRnnError(f"--out {model_dir} would overwrite the input {source} — choose another folder, "
+                               f"or export the folder in place (edge-rnn export {source.parent})")
         model = load_keras_file(source, trust_h5=trust_h5)
         keras_file, adapter = source, KerasAdapter()
-        model_dir = Path(out) if out is not None else source.parent / source.stem
         manifest = _new_keras_manifest(source)
     label_list = read_labels(labels) if labels is not None else None
     if label_list is not None and adapter.name != "keras":

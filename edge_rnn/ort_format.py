@@ -37,7 +37,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
-from .device.manifest import atomic_path, load_manifest, record_file, save_manifest, verified_file
+from .device.manifest import atomic_path, folder_lock, load_manifest, record_file, save_manifest, verified_file
 from .errors import EdgeRnnError, ModelFileError
 
 ORT_OPTIMIZATION = "basic"
@@ -119,14 +119,15 @@ def add_ort(model_dir: str | os.PathLike[str], *, variants: Sequence[str] = ()) 
     """Convert the folder's ONNX files of `variants` (all by default) to `.ort` beside them and list them in the
     manifest (`<role>_ort`, `ort_config`, `ort`); returns {new role: file name}."""
     model_dir = Path(model_dir)
-    manifest = load_manifest(model_dir)
-    written = {}
-    for role in variant_roles(manifest, variants):
-        ort_path, config = to_ort(verified_file(manifest, model_dir, role), model_dir)
-        record_file(manifest, model_dir, role + ORT_ROLE_SUFFIX, ort_path.name)
-        written[role + ORT_ROLE_SUFFIX] = ort_path.name
-    record_file(manifest, model_dir, CONFIG_ROLE, config.name)
-    written[CONFIG_ROLE] = config.name
-    manifest["ort"] = ort_info()
-    save_manifest(model_dir, manifest)
+    with folder_lock(model_dir):  # no other writer between reading the manifest and saving it
+        manifest = load_manifest(model_dir)
+        written = {}
+        for role in variant_roles(manifest, variants):
+            ort_path, config = to_ort(verified_file(manifest, model_dir, role), model_dir)
+            record_file(manifest, model_dir, role + ORT_ROLE_SUFFIX, ort_path.name)
+            written[role + ORT_ROLE_SUFFIX] = ort_path.name
+        record_file(manifest, model_dir, CONFIG_ROLE, config.name)
+        written[CONFIG_ROLE] = config.name
+        manifest["ort"] = ort_info()
+        save_manifest(model_dir, manifest)
     return written

@@ -36,7 +36,7 @@ import numpy as np
 from .errors import EdgeRnnError, require
 from .export import op_counts
 from .device.hostinfo import cpu_features
-from .device.manifest import atomic_path, load_manifest, record_file, save_manifest, verified_file
+from .device.manifest import atomic_path, folder_lock, load_manifest, record_file, save_manifest, verified_file
 
 # Variant name → (manifest role, file name).
 VARIANTS: dict[str, tuple[str, str]] = {
@@ -345,43 +345,47 @@ def quantize(
     data = parse_calibration_data(calibration_data)
     if data and "int8-static" not in variants:
         raise EdgeRnnError("--calibration-data is for --variant int8-static")
-    manifest = load_manifest(model_dir)
-    adapter = adapter_for(manifest)
-    step = manifest.get("step")
-    jobs = []  # (variant, fp32 role, variant role, variant file)
-    for variant in variants:
-        jobs.append((variant, "onnx", *VARIANTS[variant]))
-        if variant in STEP_VARIANTS and "onnx_step" in manifest["files"]:
-            jobs.append((variant, "onnx_step", *STEP_VARIANTS[variant]))
-    sources = {role: verified_file(manifest, model_dir, role) for role in {job[1] for job in jobs}}
-    stream: dict[str, np.ndarray] | None = None
-    reports = []
-    for variant, src_role, role, name in jobs:
-        src = sources[src_role]
-        fp32_model = onnx.load(str(src))
-        feeds = functools.partial(adapter.calibration_feeds, model_dir, manifest, src, samples=calibration_samples,
-                                  batch=CALIBRATION_BATCH, data=data or None)
-        described = f"files {data}" if data else "training split"
-        with atomic_path(model_dir / name) as tmp, _quiet_root_logging():
-            settings = _MAKERS[variant](src, tmp, feeds=feeds, calibration=calibration, calibration_data=described)
-            q_model = onnx.load(str(tmp))
-            runtime_ops = runtime_op_counts(tmp)
-            step_drift = None
-            if steppable(q_model, step):
-                stream = adapter.stream_inputs(manifest, steps=DRIFT_STEPS, seed=0) if stream is None else stream
-                step_drift = drift(src, tmp, step, stream)
-        record_file(manifest, model_dir, role, name)
-        cov = coverage(fp32_model, q_model, variant=variant, runtime_ops=runtime_ops)
-        cov["settings"] = settings
-        if step_drift is not None:
-            cov["step_drift"] = step_drift
-        # int8 kernels (and so the rounding of near-ties) depend on the CPU: record which one made these figures.
-        cov["host"] = cpu_features()
-        cov["file_ratio"] = (model_dir / name).stat().st_size / src.stat().st_size
-        q_counts = op_counts(q_model)
-        manifest.setdefault("graphs", {})[role] = q_counts
-        manifest.setdefault("quantization", {})[role] = cov
-        reports.append(QuantizeReport(variant, model_dir / name, (model_dir / name).stat().st_size, src.stat().st_size,
-                                      q_counts, cov, role=role))
-    save_manifest(model_dir, manifest)
+    with folder_lock(model_dir):  # no other writer between reading the manifest and saving it
+        manifest = load_manifest(model_dir)
+        adapter = adapter_for(manifest)
+        step = manifest.get("step")
+        jobs = []  # (variant, fp32 role, variant role, variant file)
+        for variant in variants:
+            jobs.append((variant, "onnx", *VARIANTS[variant]))
+            if variant in STEP_VARIANTS and "onnx_step" in manifest["files"]:
+                jobs.append((variant, "onnx_step", *STEP_VARIANTS[variant]))
+        sources = {role: verified_file(manifest, model_dir, role) for role in {job[1] for job in jobs}}
+        stream: dict[str, np.ndarray] | None = None
+        reports = []
+        for variant, src_role, role, name in jobs:
+            src = sources[src_role]
+            if (model_dir / name).resolve() == src.resolve():
+                raise EdgeRnnError(f"the {variant} output {model_dir / name} is the model it is made from — fix the "
+                                   f"'{src_role}' entry of {model_dir / 'manifest.json'}; nothing written")
+            fp32_model = onnx.load(str(src))
+            feeds = functools.partial(adapter.calibration_feeds, model_dir, manifest, src, samples=calibration_samples,
+                                      batch=CALIBRATION_BATCH, data=data or None)
+            described = f"files {data}" if data else "training split"
+            with atomic_path(model_dir / name) as tmp, _quiet_root_logging():
+                settings = _MAKERS[variant](src, tmp, feeds=feeds, calibration=calibration, calibration_data=described)
+                q_model = onnx.load(str(tmp))
+                runtime_ops = runtime_op_counts(tmp)
+                step_drift = None
+                if steppable(q_model, step):
+                    stream = adapter.stream_inputs(manifest, steps=DRIFT_STEPS, seed=0) if stream is None else stream
+                    step_drift = drift(src, tmp, step, stream)
+            record_file(manifest, model_dir, role, name)
+            cov = coverage(fp32_model, q_model, variant=variant, runtime_ops=runtime_ops)
+            cov["settings"] = settings
+            if step_drift is not None:
+                cov["step_drift"] = step_drift
+            # int8 kernels (and so the rounding of near-ties) depend on the CPU: record which one made these figures.
+            cov["host"] = cpu_features()
+            cov["file_ratio"] = (model_dir / name).stat().st_size / src.stat().st_size
+            q_counts = op_counts(q_model)
+            manifest.setdefault("graphs", {})[role] = q_counts
+            manifest.setdefault("quantization", {})[role] = cov
+            reports.append(QuantizeReport(variant, model_dir / name, (model_dir / name).stat().st_size, src.stat().st_size,
+                                          q_counts, cov, role=role))
+        save_manifest(model_dir, manifest)
     return reports

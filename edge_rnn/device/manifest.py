@@ -14,15 +14,23 @@ Layout of `DIR/manifest.json`::
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
+import re
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any, Iterator
 
 from .. import __version__
 from ..errors import EdgeRnnError, ModelFileError
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; folder_lock does nothing there (see the README's "Concurrency")
+    fcntl = None  # type: ignore[assignment]
 
 MANIFEST_NAME = "manifest.json"
 # A device bundle (device/bundle.py): one .tar.gz holding a device manifest and its members.
@@ -30,6 +38,13 @@ BUNDLE_SUFFIX = ".tar.gz"
 SCHEMA_VERSION = 1
 # Manifests are small; anything larger is not ours and is refused before parsing.
 MAX_MANIFEST_BYTES = 4 * 1024 * 1024
+# Held (flock) around every read-modify-write of a folder's manifest, so two processes never interleave them.
+LOCK_NAME = ".edge-rnn.lock"
+# atomic_path's temporary files: `.{stem}.{writer pid}.{random}.tmp{suffix}` beside the artifact. The pid lets the
+# next writer in the folder tell a killed writer's leftovers (pid gone) from a live writer's (pid running).
+_TMP_NAME = re.compile(r"^\..+\.(?P<pid>\d+)\.[A-Za-z0-9_]+\.tmp(\.[^.]*)?$")
+# Errors that mean "this output cannot be written", turned into a one-line EdgeRnnError.
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 
 
 def sha256_file(path: str | os.PathLike[str]) -> str:
@@ -41,31 +56,109 @@ def sha256_file(path: str | os.PathLike[str]) -> str:
     return digest.hexdigest()
 
 
+def _pid_running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def sweep_temp_files(folder: str | os.PathLike[str]) -> list[Path]:
+    """Delete atomic_path temp files in `folder` whose writer process is gone (killed mid-write); return them.
+
+    Only names of our pattern are touched; a live writer's temp file (its pid running) is left alone.
+    """
+    swept = []
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(folder):
+            match = _TMP_NAME.match(entry.name)
+            if match and entry.is_file(follow_symlinks=False) and not _pid_running(int(match["pid"])):
+                with contextlib.suppress(FileNotFoundError):  # another sweeper got there first
+                    os.unlink(entry.path)
+                    swept.append(Path(entry.path))
+    return swept
+
+
+def _write_error(path: Path, exc: OSError) -> EdgeRnnError:
+    hint = "free some space" if exc.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT) else "choose another output folder"
+    return EdgeRnnError(f"cannot write {path}: {exc.strerror or exc} — {hint}; the previous file is unchanged")
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success rename it over `path`, on failure delete it.
 
-    A process that dies mid-write leaves the old file (or none), never a half-written one.
+    A process that dies mid-write leaves the old file (or none), never a half-written one; its temporary file is
+    swept by the next atomic write in the folder. Disk full, file-size limits and read-only folders raise EdgeRnnError.
     """
     path = Path(path)
     try:
+        if path.parent.exists() and not path.parent.is_dir():
+            raise EdgeRnnError(f"cannot write {path}: {path.parent} is a file, not a folder — choose another output folder")
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent)
+        sweep_temp_files(path.parent)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.{os.getpid()}.", suffix=f".tmp{path.suffix}", dir=path.parent)
     except OSError as exc:
         raise EdgeRnnError(f"cannot write {path}: {exc.strerror or exc} — choose another output folder") from exc
     os.close(fd)
     tmp_path = Path(tmp)
     try:
-        yield tmp_path
-        with open(tmp_path, "rb+") as f:
-            os.fsync(f.fileno())
-        # mkstemp makes 0600 files; give the artifact the mode a plain open() would have.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp_path, 0o666 & ~umask)
-        os.replace(tmp_path, path)
+        try:
+            yield tmp_path
+            with open(tmp_path, "rb+") as f:
+                os.fsync(f.fileno())
+            # mkstemp makes 0600 files; give the artifact the mode a plain open() would have.
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp_path, 0o666 & ~umask)
+            os.replace(tmp_path, path)
+        except OSError as exc:
+            if exc.errno in _WRITE_ERRNOS:
+                raise _write_error(path, exc) from exc
+            raise
     finally:
         tmp_path.unlink(missing_ok=True)
+
+
+# Per-process state of folder_lock: flock conflicts between two descriptors of one process, so nested use (in one
+# thread) takes the flock once, and other threads of the process wait on the RLock.
+_folder_rlocks: dict[Path, threading.RLock] = {}
+_folder_depth: dict[Path, int] = {}
+_folder_guard = threading.Lock()
+
+
+@contextlib.contextmanager
+def folder_lock(model_dir: str | os.PathLike[str]) -> Iterator[None]:
+    """Hold an exclusive lock on `model_dir` (flock on DIR/.edge-rnn.lock) around a manifest read-modify-write.
+
+    Two processes writing the same folder run their updates one after the other, so the manifest always lists
+    the files on disk. Re-entrant within a thread.
+    """
+    key = Path(model_dir).resolve()
+    if not key.is_dir():  # nothing to lock yet: the caller's own read reports the missing folder
+        yield
+        return
+    with _folder_guard:
+        rlock = _folder_rlocks.setdefault(key, threading.RLock())
+    with rlock:
+        depth = _folder_depth.get(key, 0)
+        fd = None
+        if depth == 0 and fcntl is not None:
+            try:
+                fd = os.open(key / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o666)
+            except OSError as exc:
+                raise EdgeRnnError(f"cannot write in {model_dir}: {exc.strerror or exc} — choose a folder you can write to") from exc
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        _folder_depth[key] = depth + 1
+        try:
+            yield
+        finally:
+            _folder_depth[key] = depth
+            if fd is not None:
+                os.close(fd)  # releases the flock
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
@@ -179,14 +272,15 @@ def role_of(manifest: dict[str, Any], model_dir: str | os.PathLike[str], model_f
 
 
 def update_manifest(model_dir: str | os.PathLike[str], **fields: Any) -> dict[str, Any]:
-    """Load, shallow-merge dict fields (e.g. metrics) or replace others, and save atomically."""
-    manifest = load_manifest(model_dir)
-    for key, value in fields.items():
-        if isinstance(value, dict) and isinstance(manifest.get(key), dict):
-            manifest[key].update(value)
-        else:
-            manifest[key] = value
-    save_manifest(model_dir, manifest)
+    """Load, shallow-merge dict fields (e.g. metrics) or replace others, and save atomically (under folder_lock)."""
+    with folder_lock(model_dir):
+        manifest = load_manifest(model_dir)
+        for key, value in fields.items():
+            if isinstance(value, dict) and isinstance(manifest.get(key), dict):
+                manifest[key].update(value)
+            else:
+                manifest[key] = value
+        save_manifest(model_dir, manifest)
     return manifest
 
 
