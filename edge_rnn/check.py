@@ -1,12 +1,20 @@
 """Which runtime answers right: one model file on several runtimes, each against the source model's answers.
 
-For a model folder, two sets of inputs are run, both from the folder's adapter (`sample_inputs`):
+For a model folder (its `onnx` file), two sets of inputs are run, both from the folder's adapter (`sample_inputs`):
 - `reference`: REFERENCE_COUNT realistic inputs (real digits for mnist-lstm, ids within the vocabulary and
   post-padded where a Keras model masks, floats at the scale the model expects);
 - `random`: a larger batch (`batch`, default RANDOM_BATCH) drawn the same way with another seed — random
   in the model's own input range, so a runtime is not judged on eight inputs alone.
 The expected answers are the source model's (Keras, or the char RNN's NumPy reference), which needs the
 `[train]` extra; without it the expected answers are onnxruntime's on the same file, and the report says so.
+
+For a bundle (`edge-rnn bundle`), any model role it holds (default: the bundle's default, `default_role`):
+- `reference`: the bundle's reference vectors, judged against the source model's answers stored beside them at
+  the tolerance the bundle stores for that role (a quantized role at its quantized tolerance, with its top-1
+  promise on the inputs the source is sure of);
+- `random`: the larger batch from the adapter, as for a folder. A bundle carries no source model, so these are
+  judged against onnxruntime on the same member, at the same stored tolerance, and the report says so.
+Runtimes open files by path: the member is written to a private `tempfile.mkdtemp()` folder, removed afterwards.
 
 Every runtime runs in its own `spawn` subprocess with `threads` threads: a runtime that crashes (tract panics
 abort the process) is reported as unable to load the file instead of taking `check` down, and its memory and
@@ -21,6 +29,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,9 +38,10 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+from .device.bundle import _top1, is_bundle
 from .device.hostinfo import cpu_features, describe
 from .device.manifest import load_manifest, verified_file
-from .errors import EdgeRnnError, MissingDependencyError
+from .errors import EdgeRnnError, InputError, MissingDependencyError
 from .runtimes import RUNTIMES, Arrays, open_runtime, runtime
 
 # Real inputs with the source model's answers (the reference vectors).
@@ -102,16 +113,31 @@ class CheckReport:
 
 @dataclass
 class _Vectors:
-    """Inputs per set, the expected outputs per set (None: onnxruntime's), and per output (atol, text)."""
+    """Inputs per set, the expected outputs of the sets the source model answered (the others: onnxruntime's on the
+    same file), per output (atol, text) and the top-1 promise where one is stored."""
 
     inputs: dict[str, Arrays]
-    expected: dict[str, Arrays] | None
+    expected: dict[str, Arrays]
     expected_from: str
     tolerance: Any  # (output, reference array) → (atol, text)
     model_name: str
     path: Path
     io: dict[str, Any]
+    role: str
+    file: str  # what the report names: the folder's file, or BUNDLE:member
     notes: list[str] = field(default_factory=list)
+    # output → the stored quantized promises on the reference set beyond atol: "argmax_min" (least top-1 agreement on the
+    # inputs the source is sure of) and "mean_atol" (bound on the mean over the inputs of each one's max |Δ|); None: unchecked
+    promises: dict[str, dict[str, float | None]] = field(default_factory=dict)
+
+
+def _random_inputs(manifest: dict[str, Any], *, batch: int, seed: int) -> Arrays:
+    """The larger batch, drawn by the model kind's adapter in the model's own input range."""
+    from .models import adapter_for
+    from .models.keras_model import fixed_time_steps
+
+    time_steps = fixed_time_steps(manifest) or DEFAULT_TIME_STEPS
+    return adapter_for(manifest).sample_inputs(manifest, batch=batch, time_steps=time_steps, seed=seed)
 
 
 def _folder_vectors(model_dir: Path, *, role: str, batch: int, seed: int) -> _Vectors:
@@ -135,13 +161,56 @@ def _folder_vectors(model_dir: Path, *, role: str, batch: int, seed: int) -> _Ve
     try:
         source = adapter.load(model_dir, manifest)
     except MissingDependencyError as exc:
-        expected, expected_from = None, "onnxruntime (same file)"
+        expected, expected_from = {}, "onnxruntime (same file)"
         notes.append(f"no source-model answers: {exc} — every runtime is compared with onnxruntime on the same file instead")
     else:
         expected = {name: adapter.reference(source, x, io=manifest["io"]) for name, x in inputs.items()}
         expected_from = f"source model ({adapter.name} adapter)"
     tolerance = lambda output, ref: adapter.tolerance(output, ref, stepped=False)  # noqa: E731
-    return _Vectors(inputs, expected, expected_from, tolerance, manifest["model"], path, manifest["io"], notes)
+    return _Vectors(inputs, expected, expected_from, tolerance, manifest["model"], path, manifest["io"], role, str(path), notes)
+
+
+def _bundle_vectors(bundle_path: Path, *, role: str | None, batch: int, seed: int, workdir: Path) -> _Vectors:
+    """The bundle's reference vectors and stored tolerances for `role`, its member written into `workdir`."""
+    from .device.bundle import default_role, open_bundle, verify
+    from .device.session import create_session
+
+    bundle = open_bundle(bundle_path)
+    verify(bundle)
+    manifest = bundle.manifest
+    model_roles = [r for r in bundle.roles if not r.endswith("_config")]
+    role = role or default_role(bundle)
+    if role not in model_roles:
+        raise InputError(f"--role {role}: {bundle_path} holds no such model — choose from {', '.join(model_roles)}")
+    member = manifest["files"][role]["path"]
+    path = workdir / member
+    path.write_bytes(bundle.data(role))
+    ref_inputs, ref_outputs = bundle.reference()
+    graph_inputs = [i.name for i in create_session(path, threads=1, opt_level="disable").get_inputs()]
+    missing = [name for name in graph_inputs if name not in ref_inputs]
+    if missing:
+        raise InputError(
+            f"--role {role}: {member} takes {', '.join(missing)}, which the reference vectors do not hold (a step model); "
+            f"check runs whole sequences — its step-by-step answers are self-tested by `edge-rnn verify {bundle_path} --run`"
+        )
+    stored = manifest["reference"]["tolerances"][role]
+    outputs = [name for name in ref_outputs if name in stored]
+    inputs = {
+        "reference": {name: ref_inputs[name] for name in graph_inputs},
+        "random": _random_inputs(manifest, batch=batch, seed=seed + 1),
+    }
+    source = manifest["reference"].get("source", "source")
+    expected = {"reference": {name: ref_outputs[name] for name in outputs}}
+    notes = [f"a bundle holds no source model: the random set is compared with onnxruntime on the same member ({member}), "
+             f"the reference set with the {source} model's answers stored in the bundle"]
+
+    def tolerance(output: str, ref: Any) -> tuple[float, str]:
+        atol = float(stored[output]["atol"])
+        return atol, f"atol {atol:g} (stored in the bundle for {role})"
+
+    promises = {name: {k: stored[name].get(k) for k in ("argmax_min", "mean_atol")} for name in outputs}
+    return _Vectors(inputs, expected, f"{source} source model (reference set) and onnxruntime on the same member (random set)",
+                    tolerance, manifest["model"], path, manifest["io"], role, f"{bundle_path}:{member}", notes, promises)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -246,6 +315,19 @@ def _judge(result: RuntimeResult, outputs: dict[str, Arrays], vectors: _Vectors,
             if not diff <= tolerances[output]:  # NaN is off too
                 off.append(f"{output} off by {diff:.2g} on the {set_name} set (tolerance {tolerances[output]:g})")
     result.agreement = _agreement(outputs, expected, vectors.io["outputs"][0]["name"])
+    for output, promise in vectors.promises.items():
+        # A quantized role's promises, on the reference set (the one the source model answered).
+        ref, mine = expected["reference"][output], outputs["reference"].get(output)
+        if mine is None or mine.shape != ref.shape or not ref.size:
+            continue  # already off, by its shape
+        least, mean_atol = promise.get("argmax_min"), promise.get("mean_atol")
+        agreement, sure = _top1(ref, mine) if least is not None else (None, 0)
+        if agreement is not None and agreement < least:
+            off.append(f"{output} keeps top-1 on {agreement:.1%} of the {sure} sure reference inputs (promise ≥ {least:.1%})")
+        delta = np.abs(mine.astype(np.float64) - ref.astype(np.float64)).reshape(len(ref), -1)
+        mean = float(delta.max(axis=1).mean())
+        if mean_atol is not None and not mean <= mean_atol:
+            off.append(f"{output}: mean over the reference inputs of each one's max |Δ| is {mean:.2g} (stored bound {mean_atol:g})")
     if off:
         result.status, result.reason = WRONG, "; ".join(off)
 
@@ -254,25 +336,38 @@ def check(
     target: str | os.PathLike[str],
     *,
     runtimes: Sequence[str] | None = None,
-    role: str = "onnx",
+    role: str | None = None,
     batch: int = RANDOM_BATCH,
     threads: int = 1,
     seed: int = 0,
 ) -> CheckReport:
-    """Run a model folder's `role` file on every named runtime (all known ones by default) and judge each answer."""
+    """Run a model folder's `role` file (default `onnx`) or a bundle's (default: the bundle's default role) on every
+    named runtime (all known ones by default) and judge each answer."""
     names = list(dict.fromkeys(runtimes or RUNTIMES))
     for name in names:
         runtime(name)  # unknown names fail before any work
     if batch < 1 or threads < 1:
         raise EdgeRnnError("--batch and --threads must be at least 1")
     target = Path(target)
+    if is_bundle(target):
+        # Runtimes open files by path; the member goes to a private folder, never beside the user's files.
+        workdir = Path(tempfile.mkdtemp(prefix="edge-rnn-check-"))
+        try:
+            return _check(_bundle_vectors(target, role=role, batch=batch, seed=seed, workdir=workdir), names, threads=threads)
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
     if not target.is_dir():
-        raise EdgeRnnError(f"{target} is not a model folder — give a folder made by edge-rnn export (or pipeline)")
-    vectors = _folder_vectors(target, role=role, batch=batch, seed=seed)
+        raise EdgeRnnError(f"{target} is not a model folder or a bundle — give a folder made by edge-rnn export (or pipeline), "
+                           "or a .tar.gz made by edge-rnn bundle")
+    return _check(_folder_vectors(target, role=role or "onnx", batch=batch, seed=seed), names, threads=threads)
+
+
+def _check(vectors: _Vectors, names: list[str], *, threads: int) -> CheckReport:
     measured: dict[str, dict[str, Any]] = {}
     results: list[RuntimeResult] = []
-    # Without the source model, onnxruntime's answers are the expected ones: measure it even when not named.
-    order = names if vectors.expected is not None or "onnxruntime" in names else ["onnxruntime", *names]
+    # A set without the source model's answers takes onnxruntime's: measure it even when not named.
+    by_ort = [s for s in vectors.inputs if s not in vectors.expected]
+    order = names if not by_ort or "onnxruntime" in names else ["onnxruntime", *names]
     for name in order:
         version = RUNTIMES[name].version()
         if version is None:
@@ -284,12 +379,15 @@ def check(
             results.append(RuntimeResult(name, version, CANNOT_LOAD, m["error"]))
         else:
             results.append(RuntimeResult(name, version, OK, latency_ms=m["latency_ms"], latency_runs=m["runs"], load_ms=m["load_ms"]))
-    expected = vectors.expected
-    if expected is None:
+    expected = dict(vectors.expected)
+    if by_ort:
         ort = measured.get("onnxruntime", {})
         if "outputs" not in ort:
-            raise EdgeRnnError(f"no expected answers: the source model needs [train] and onnxruntime cannot run {vectors.path} ({ort.get('error')})")
-        expected = ort["outputs"]
+            raise EdgeRnnError(f"no expected answers for the {' and '.join(by_ort)} set: onnxruntime cannot run {vectors.file} "
+                               f"({ort.get('error') or 'onnxruntime is not installed'})")
+        judged = list(expected.get("reference", ort["outputs"]["reference"]))  # the outputs the source model answers for
+        expected.update({s: {k: ort["outputs"][s][k] for k in judged} for s in by_ort})
+    expected = {s: expected[s] for s in vectors.inputs}
     tolerances, tolerance_text = {}, {}
     for output in expected["reference"]:
         ref = np.concatenate([expected[s][output] for s in expected])
@@ -301,7 +399,7 @@ def check(
     machine = cpu_features()
     machine["description"] = describe(machine)
     return CheckReport(
-        model=vectors.model_name, file=str(vectors.path), role=role, expected_from=vectors.expected_from,
+        model=vectors.model_name, file=vectors.file, role=vectors.role, expected_from=vectors.expected_from,
         sets={name: len(next(iter(x.values()))) for name, x in vectors.inputs.items()}, tolerances=tolerance_text,
         results=results, machine=machine, notes=vectors.notes,
     )

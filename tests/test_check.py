@@ -180,6 +180,80 @@ def test_bad_usage_is_a_clean_error(mnist_dir, tmp_path):
     assert missing.exit_code == 1 and "manifest.json" in missing.stderr and "Traceback" not in missing.output
 
 
+# Bundles: the reference vectors and tolerances stored in the bundle, any role it holds.
+
+@pytest.fixture(scope="module")
+def mnist_bundle(mnist_dir, tmp_path_factory):
+    """The mnist-lstm folder bundled as int8 (the default role) + fp32."""
+    from edge_rnn.bundle import make_bundle
+
+    return make_bundle(mnist_dir, variants=("int8", "fp32"), out=tmp_path_factory.mktemp("bundle") / "mnist.tar.gz")
+
+
+@pytest.fixture
+def private_tmp(tmp_path, monkeypatch):
+    """Where tempfile makes folders during the test, to show check leaves nothing there."""
+    import tempfile
+
+    where = tmp_path / "tmp"
+    where.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(where))
+    return where
+
+
+def test_bundle_on_onnxruntime_answers_right_in_every_role(mnist_bundle, private_tmp):
+    before = sorted(p.name for p in mnist_bundle.parent.iterdir())
+    result = _check(mnist_bundle, "--runtime", "onnxruntime")
+    assert result.exit_code == 0, result.output
+    assert "WRONG" not in result.stdout and "stored in the bundle for onnx_int8" in result.stdout
+    assert "onnxruntime on the same member" in result.stdout and "holds no source model" in result.stderr
+    for role, member in (("onnx_int8", "model.int8.onnx"), ("onnx", "model.onnx")):
+        code, doc = _doc(mnist_bundle, "--runtime", "onnxruntime", *(["--role", role] if role == "onnx" else []))
+        assert code == 0 and doc["wrong"] == [] and doc["role"] == role and doc["file"] == f"{mnist_bundle}:{member}"
+        assert doc["sets"] == {"reference": 8, "random": int(BATCH)}
+        (ort,) = doc["results"]
+        assert ort["status"] == "ok" and ort["max_abs_diff"]["random"] == {"probs": 0.0}  # onnxruntime is the random set's answer
+        stored = json.loads(_members_manifest(mnist_bundle))["reference"]["tolerances"][role]["probs"]["atol"]
+        assert 0 < ort["max_abs_diff"]["reference"]["probs"] <= stored and f"atol {stored:g}" in doc["tolerances"]["probs"]
+    assert stored == KERAS_ONNX_ATOL  # the fp32 role at fp32's tolerance, the int8 one above at its own
+    assert list(private_tmp.iterdir()) == [] and sorted(p.name for p in mnist_bundle.parent.iterdir()) == before
+
+
+def _members_manifest(bundle) -> bytes:
+    import tarfile
+
+    with tarfile.open(bundle, "r:gz") as tar:
+        return tar.extractfile("manifest.json").read()
+
+
+def test_a_runtime_that_answers_wrong_on_a_bundle_is_flagged(mnist_bundle, private_tmp):
+    pytest.importorskip("onnx")
+    code, doc = _doc(mnist_bundle, "--role", "onnx", "--runtime", "onnxruntime", "--runtime", "onnx.reference")
+    assert code == 1 and doc["wrong"] == ["onnx.reference"]
+    rows = _by_runtime(doc)
+    assert rows["onnxruntime"]["status"] == "ok"
+    assert rows["onnx.reference"]["max_abs_diff"]["reference"]["probs"] > 0.1  # off from the source model's stored answers
+    assert list(private_tmp.iterdir()) == []
+
+
+def test_a_bundle_without_the_extras_reports_missing_runtimes(mnist_bundle):
+    proc = subprocess.run([sys.executable, "-c", BLOCKER, "check", str(mnist_bundle), "--batch", BATCH, "--json"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    rows = _by_runtime(json.loads(proc.stdout))
+    assert list(rows) == list(RUNTIMES) and rows["onnxruntime"]["status"] == "ok"
+    for name in ("openvino", "tract", "onnx.reference"):
+        assert rows[name]["status"] == "not installed" and "pip install" in rows[name]["reason"], name
+
+
+def test_a_role_the_bundle_does_not_hold_is_refused_in_one_line(mnist_bundle, private_tmp):
+    result = _check(mnist_bundle, "--role", "onnx_step")
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert "holds no such model" in result.stderr and "onnx_int8, onnx" in result.stderr
+    assert list(private_tmp.iterdir()) == []
+
+
 # bench's openvino/tract rows: the same measurements as every row, on the fp32 file (one row, measured in-process here).
 
 @pytest.mark.parametrize("name", ["openvino", "tract"])
