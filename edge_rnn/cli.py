@@ -137,22 +137,24 @@ def train_mnist_lstm(
     batch_size: int = typer.Option(LstmConfig.batch_size, min=1, max=MAX_BATCH_SIZE, help="Mini-batch size."),
     seed: int = typer.Option(LstmConfig.seed, help="Seed for weights, dropout and shuffling."),
     out_dir: Path = typer.Option(Path(DEFAULT_OUT) / MNIST_DIRNAME, "--out", help="Model folder to write."),
+    resume: bool = typer.Option(False, "--resume", help="Continue a killed run from its last finished epoch (backed up in OUT/.train-backup)."),
 ) -> None:
     """Train the notebook's LSTM MNIST classifier → OUT/model.keras and OUT/manifest.json.
 
     Example: edge-rnn train mnist-lstm --data sample --epochs 20 --out artifacts/mnist-lstm
     """
     from .data import load_digits
-    from .lstm import save_trained, train
+    from .lstm import backup_path, save_trained, train
 
     cfg = LstmConfig(epochs=epochs, batch_size=batch_size, seed=seed)
     digits = load_digits(data)
     _warn(digits.warnings)
     check_writable_dir(out_dir)
+    backup = backup_path(out_dir, resume=resume)
     err.print(f"data: {digits.source} — {len(digits.y_train)} train, {len(digits.y_test)} held out")
     progress, on_epoch = _epoch_progress(cfg.epochs)
     with progress:
-        result = train(digits, cfg=cfg, on_epoch=on_epoch)
+        result = train(digits, cfg=cfg, on_epoch=on_epoch, backup_dir=backup, resume=resume)
     path = save_trained(result, digits, out_dir, cfg=cfg)
     out.print(_history_table(result.history))
     out.print(f"held-out accuracy {result.heldout_accuracy:.2%} → {path}")
