@@ -72,6 +72,11 @@ def test_classifier_rows_and_baselines(report):
     for key, r in rows.items():
         if key == ("step", "onnxruntime"):
             continue  # scored against the sequence model (test_built_in_models_get_a_step_row)
+        if key[1] == "tract":
+            # tract (an optional extra) ignores the LSTM `activations` attribute: its row shows the wrong
+            # answers it gives (tests/test_check.py flags it); only the runtimes that answer right are held here.
+            assert r["agreement_with_fp32"] < 0.9, key
+            continue
         assert 0.8 < r["accuracy"] <= 1.0, key  # a real classifier on every runtime
         # Float rows make fp32's decisions; int8 rows flip near-ties by the host's int8 kernels (97.7% for
         # static int8 on an AVX2 host, 99.8% here), while a broken int8 model agrees on ≤ 70% (README):
