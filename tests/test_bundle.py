@@ -300,7 +300,6 @@ def test_self_test_fails_on_a_damaged_int8_model(which, mnist_bundle, mnist_dir,
     assert (sound.atol, sound.mean_atol) == (broken.atol, broken.mean_atol) == (BUNDLE_QUANT_PROB_ATOL, BUNDLE_QUANT_MEAN_PROB_DIFF)
     assert sound.ok and sound.mean_abs_diff < BUNDLE_QUANT_MEAN_PROB_DIFF / 3, sound
     assert not broken.ok and "mean max |Δ|" in broken.failure, broken
-    assert broken.mean_abs_diff > 1.5 * BUNDLE_QUANT_MEAN_PROB_DIFF, broken  # damage, not rounding: far past the bound
 
 
 @pytest.fixture(scope="module")

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from edge_rnn.config import BundleConfig
 from edge_rnn.cli import app
 from edge_rnn.runtimes import RUNTIMES
 from edge_rnn.tolerances import KERAS_ONNX_ATOL
@@ -210,7 +211,7 @@ def test_bundle_on_onnxruntime_answers_right_in_every_role(mnist_bundle, private
     for role, member in (("onnx_int8", "model.int8.onnx"), ("onnx", "model.onnx")):
         code, doc = _doc(mnist_bundle, "--runtime", "onnxruntime", *(["--role", role] if role == "onnx" else []))
         assert code == 0 and doc["wrong"] == [] and doc["role"] == role and doc["file"] == f"{mnist_bundle}:{member}"
-        assert doc["sets"] == {"reference": 8, "random": int(BATCH)}
+        assert doc["sets"] == {"reference": BundleConfig.count, "random": int(BATCH)}
         (ort,) = doc["results"]
         assert ort["status"] == "ok" and ort["max_abs_diff"]["random"] == {"probs": 0.0}  # onnxruntime is the random set's answer
         stored = json.loads(_members_manifest(mnist_bundle))["reference"]["tolerances"][role]["probs"]["atol"]

@@ -300,7 +300,7 @@ def test_bad_streams_are_refused_with_one_line(folders, tmp_path):
     result = run_cli("stream", step, input="3\n0\n5\n")
     assert result.exit_code == 1 and "post-padded" in result.output and result.output.count("\n") == 3, result.output
     one_line_error(run_cli("stream", step, input="[1.5]\n"), "stdin line 1", "fractional")
-    one_line_error(run_cli("stream", step, input="not json\n"), "stdin line 1", "not JSON")
+    one_line_error(run_cli("stream", step, input="not json\n"), "stdin line 1", "not valid JSON")
     one_line_error(run_cli("stream", folders["gru_rnn_stack"] / "model.step.onnx", input="[1, 2]\n"), "shape (2,)")
     one_line_error(run_cli("stream", folders["gru_rnn_stack"] / "model.step.onnx", input='[1, "a", 3]\n'), "numbers")
     np.save(tmp_path / "batch.npy", floats(2, T, F))

@@ -173,9 +173,10 @@ def model_from_bytes(
     data: bytes, *, where: Path, model_dir: Path, role: str, manifest: dict[str, Any], threads: int | None = None, opt_level: str = "all"
 ) -> LoadedModel:
     """A LoadedModel from a model's bytes already verified against `manifest` (a bundle member, shown as `where`)."""
-    from .onnxfile import check_onnx_bytes
+    if Path(where).suffix == ".onnx":  # .ort members are FlatBuffers, and hold no external-data paths
+        from .onnxfile import check_onnx_bytes
 
-    check_onnx_bytes(data, where=where)
+        check_onnx_bytes(data, where=where)
     return _build(data, where, model_dir=model_dir, role=role, manifest=manifest, threads=threads, opt_level=opt_level)
 
 
