@@ -667,8 +667,18 @@ def pipeline(
         raise typer.Exit(1)
 
 
+def _interrupted(signum, frame) -> None:
+    # Ctrl-C anywhere (loading, training, writing) exits as a shell expects of SIGINT, 128 + 2, without a
+    # traceback: SystemExit unwinds every `finally`, so an atomic write deletes its temporary file.
+    sys.stdout.flush()
+    raise SystemExit(130)
+
+
 def main() -> None:
     """Console-script entry point."""
+    import signal
+
+    signal.signal(signal.SIGINT, _interrupted)
     app(prog_name="edge-rnn")
 
 

@@ -233,3 +233,21 @@ def test_a_bad_corpus_is_one_line(content, fragment, tmp_path):
     out = tmp_path / "out"
     _one_line_error(run("train", "char-rnn", "--text", tmp_path / "corpus.txt", "--iters", 10, "--out", out), fragment)
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_ctrl_c_while_training_exits_130_and_leaves_no_partial_folder(tmp_path):
+    """SIGINT before any output (here: during TensorFlow's import and training) is 130 too, with no traceback."""
+    out = tmp_path / "m"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "edge_rnn", "train", "mnist-lstm", "--data", "sample", "--epochs", "50", "--out", str(out)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+    try:
+        time.sleep(6)
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, stderr.decode()
+    assert b"Traceback" not in stderr and b"KeyboardInterrupt" not in stderr, stderr.decode()
+    assert not (out / "model.keras").exists() and not list(out.glob(".*.tmp*")) if out.exists() else True

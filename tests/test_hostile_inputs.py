@@ -310,3 +310,14 @@ def test_external_data_in_a_subgraph_and_constant(tmp_path):
     with pytest.raises(ModelFileError, match="shadow"):
         check_onnx_bytes(data, where="m.onnx")
     onnx.checker.check_model(helper.make_model(helper.make_graph([], "ok", [], [])))
+
+
+def test_a_manifest_file_that_is_a_symlink_out_of_the_folder_is_refused(tmp_path, mnist_copy):
+    """The listed model.onnx replaced by a symlink to a file outside the folder (same bytes, so the sha256 would
+    match): refused as leaving the folder before anything reads it."""
+    outside = tmp_path / "elsewhere.onnx"
+    outside.write_bytes((mnist_copy / "model.onnx").read_bytes())
+    (mnist_copy / "model.onnx").unlink()
+    (mnist_copy / "model.onnx").symlink_to(outside)
+    np.save(tmp_path / "x.npy", np.zeros((28, 28), np.uint8))
+    _refused(["infer", mnist_copy / "model.onnx", tmp_path / "x.npy"], needle="outside")
