@@ -135,7 +135,8 @@ def train(
     elif resume:
         raise EdgeRnnError("resume needs the backup folder of the interrupted run")
     tf = require("tensorflow", "train")
-    # Same seed → same weights on any host: deterministic kernels (measured here, 1k digits × 2 epochs on CPU:
+    # Same seed → same weights, run after run on one host (hosts with other SIMD kernels round differently):
+    # deterministic kernels (measured here, 1k digits × 2 epochs on CPU:
     # 4.4–6.6 s with, 4.5–5.2 s without — within the noise of a shared host).
     tf.config.experimental.enable_op_determinism()
     x_train, x_test = preprocess(digits.x_train), preprocess(digits.x_test)
