@@ -54,12 +54,13 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from .config import CHAR_RNN_DIRNAME, DEFAULT_OUT, MNIST_DIRNAME
 from .errors import EdgeRnnError, ModelFileError, require
+from .runtimes import thread_env
 from .device.hostinfo import cpu_features, describe
 from .device.manifest import atomic_path, load_manifest, verified_file
 
@@ -74,7 +75,6 @@ ONNX_ROLES = {"onnx": "fp32", "onnx_int8": "int8", "onnx_int8_static": "int8-sta
 DEFAULT_TIME_STEPS = 32
 # Ops counted in every onnxruntime row's graph (top level): what decides fused vs loop and int8 coverage.
 RECURRENT_OPS = ("LSTM", "GRU", "RNN", "DynamicQuantizeLSTM", "Loop", "Scan")
-THREAD_ENV = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 LIBRARIES = ("numpy", "onnxruntime", "onnx", "tensorflow", "keras", "tf2onnx", "ai-edge-litert", "matplotlib", "openvino", "tract")
 # Runtimes besides onnxruntime that run the fp32 ONNX file (edge_rnn.runtimes), where installed.
 ONNX_RUNTIMES = ("openvino", "tract")
@@ -558,19 +558,6 @@ def _child(row: _Row, cfg: BenchConfig, queue) -> None:
         queue.put(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
 
 
-@contextlib.contextmanager
-def _thread_env(threads: int) -> Iterator[None]:
-    """BLAS/OpenMP thread counts for children started inside the block (they copy the environment at start)."""
-    saved = {k: os.environ.get(k) for k in THREAD_ENV}
-    os.environ.update({k: str(threads) for k in THREAD_ENV})
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def _run_row(row: _Row, cfg: BenchConfig) -> dict[str, Any] | str:
@@ -579,7 +566,7 @@ def _run_row(row: _Row, cfg: BenchConfig) -> dict[str, Any] | str:
 
     ctx = multiprocessing.get_context("spawn")
     q = ctx.Queue()
-    with _thread_env(cfg.threads):
+    with thread_env(cfg.threads):
         proc = ctx.Process(target=_child, args=(row, cfg, q), daemon=True)
         proc.start()
     deadline = time.monotonic() + cfg.row_timeout

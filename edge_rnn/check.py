@@ -27,14 +27,13 @@ is not installed is reported as missing, one that cannot load the file as such; 
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -42,7 +41,7 @@ from .device.bundle import _top1, is_bundle
 from .device.hostinfo import cpu_features, describe
 from .device.manifest import load_manifest, verified_file
 from .errors import EdgeRnnError, InputError, MissingDependencyError
-from .runtimes import RUNTIMES, Arrays, open_runtime, runtime
+from .runtimes import RUNTIMES, Arrays, open_runtime, runtime, thread_env
 
 # Real inputs with the source model's answers (the reference vectors).
 REFERENCE_COUNT = 8
@@ -57,7 +56,6 @@ LATENCY_SECONDS = 0.5
 LATENCY_WARMUP = 3
 # One runtime's whole measurement (onnx.reference, pure NumPy, is the slowest: seconds, not minutes).
 RUNTIME_TIMEOUT_S = 300.0
-THREAD_ENV = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 # The roles a model folder can be checked in: the ones whose tolerance against the source model is fp32's.
 FOLDER_ROLES = ("onnx",)
 
@@ -248,19 +246,6 @@ def _child(name: str, path: str, inputs: dict[str, Arrays], threads: int, queue)
     queue.put(measure(name, path, inputs, threads=threads))
 
 
-@contextlib.contextmanager
-def _thread_env(threads: int) -> Iterator[None]:
-    """BLAS/OpenMP thread counts for the children started inside the block (they copy the environment)."""
-    saved = {k: os.environ.get(k) for k in THREAD_ENV}
-    os.environ.update({k: str(threads) for k in THREAD_ENV})
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def _in_subprocess(name: str, path: Path, inputs: dict[str, Arrays], *, threads: int) -> dict[str, Any]:
@@ -269,7 +254,7 @@ def _in_subprocess(name: str, path: Path, inputs: dict[str, Arrays], *, threads:
 
     ctx = multiprocessing.get_context("spawn")
     q = ctx.Queue()
-    with _thread_env(threads):
+    with thread_env(threads):
         proc = ctx.Process(target=_child, args=(name, str(path), inputs, threads, q), daemon=True)
         proc.start()
     deadline = time.monotonic() + RUNTIME_TIMEOUT_S

@@ -20,11 +20,13 @@ What each adapter does to get fp32 answers, one thread, any batch:
 
 from __future__ import annotations
 
+import contextlib
+
 import importlib.metadata
 import importlib.util
 import os
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import numpy.typing as npt
@@ -188,3 +190,22 @@ def runtime(name: str) -> Runtime:
 def open_runtime(name: str, path: str | os.PathLike[str], *, threads: int = 1) -> Run:
     """run(feeds) → {output: array} of the model file at `path` on runtime `name`; RuntimeLoadError if it cannot load it."""
     return runtime(name).open(str(path), threads)
+
+
+# BLAS/OpenMP thread counts a measuring child process starts with (it copies the environment at start).
+THREAD_ENV = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+@contextlib.contextmanager
+def thread_env(threads: int) -> Iterator[None]:
+    """Set THREAD_ENV to `threads` for the child processes started inside the block, then restore it."""
+    saved = {k: os.environ.get(k) for k in THREAD_ENV}
+    os.environ.update({k: str(threads) for k in THREAD_ENV})
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
