@@ -102,3 +102,14 @@ def char_dir(tmp_path_factory):
     export(out)
     quantize(out, variants=("int8",))
     return out
+
+
+def one_line_error(result, *fragments: str) -> str:
+    """A CliRunner result that failed with exit 1 and one `error:` line holding every fragment; return the line."""
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output
+    lines = [line for line in result.output.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.output
+    for fragment in fragments:
+        assert fragment in lines[0], result.output
+    return lines[0]

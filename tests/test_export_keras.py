@@ -20,6 +20,7 @@ import onnx
 import pytest
 from typer.testing import CliRunner
 
+from conftest import one_line_error
 from edge_rnn.cli import app
 from edge_rnn.device.manifest import load_manifest, sha256_file
 
@@ -37,16 +38,6 @@ def run(*args):
 
 def ops(path) -> Counter:
     return Counter(node.op_type for node in onnx.load(str(path)).graph.node)
-
-
-def one_line_error(result, *fragments: str) -> str:
-    assert result.exit_code == 1, result.output
-    assert "Traceback" not in result.output
-    lines = [line for line in result.output.strip().splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:"), result.output
-    for fragment in fragments:
-        assert fragment in lines[0], result.output
-    return lines[0]
 
 
 # --- the models -------------------------------------------------------------------------------------

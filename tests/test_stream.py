@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from conftest import one_line_error
 from edge_rnn.cli import app
 from edge_rnn.device.manifest import load_manifest, record_file, save_manifest
 from edge_rnn.device.session import load_model
@@ -252,13 +253,6 @@ def test_infer_ids_with_labels_top_k(folders, tmp_path):
 
 # --- refusals ----------------------------------------------------------------------------------------
 
-def one_line_error(result, *fragments):
-    assert result.exit_code == 1, result.output
-    assert "Traceback" not in result.output
-    lines = [line for line in result.output.strip().splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:"), result.output
-    for fragment in fragments:
-        assert fragment in lines[0], result.output
 
 
 def test_bad_arrays_are_refused_with_one_line(folders, tmp_path):
