@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
+import os
 import sys
 from collections import Counter
 from pathlib import Path
@@ -12,7 +14,7 @@ from typing import Callable, List, Optional
 import typer
 
 from .config import (
-    CHAR_RNN_DIRNAME, DEFAULT_OUT, MAX_BATCH_SIZE, MAX_BENCH_ROUNDS, MAX_BENCH_RUNS, MAX_CHAR_ITERS, MAX_CHECK_BATCH, MAX_EPOCHS,
+    CHAR_RNN_DIRNAME, CONNECT_TIMEOUT_S, DEFAULT_OUT, MAX_BATCH_SIZE, MAX_BENCH_ROUNDS, MAX_BENCH_RUNS, MAX_CHAR_ITERS, MAX_CHECK_BATCH, MAX_EPOCHS,
     MAX_GENERATE_LENGTH, MAX_HIDDEN, MAX_SEQ_LENGTH, MAX_TIME_STEPS, MNIST_DIRNAME, CharRnnConfig, ExportConfig, LstmConfig,
 )
 from .errors import EdgeRnnError
@@ -81,6 +83,10 @@ out = _LazyConsole(stderr=False)
 err = _LazyConsole(stderr=True)
 
 
+def _print_error(exc: EdgeRnnError) -> None:
+    err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+
+
 def clean_errors(fn: Callable) -> Callable:
     """Turn the library's EdgeRnnError into a one-line message on stderr and exit code 1."""
 
@@ -89,7 +95,7 @@ def clean_errors(fn: Callable) -> Callable:
         try:
             return fn(*args, **kwargs)
         except EdgeRnnError as exc:
-            err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+            _print_error(exc)
             raise typer.Exit(1) from None
 
     return wrapper
@@ -138,25 +144,62 @@ def train_mnist_lstm(
     seed: int = typer.Option(LstmConfig.seed, help="Seed for weights, dropout and shuffling."),
     out_dir: Path = typer.Option(Path(DEFAULT_OUT) / MNIST_DIRNAME, "--out", help="Model folder to write."),
     resume: bool = typer.Option(False, "--resume", help="Continue a killed run from its last finished epoch (backed up in OUT/.train-backup)."),
+    strategy: str = typer.Option("default", help="default (Keras fit) | mirrored (this machine's devices) | multi-worker (TF_CONFIG or --workers/--index)."),
+    workers: Optional[str] = typer.Option(None, help="multi-worker cluster instead of TF_CONFIG: host:port,host:port,… (the same list on every worker)."),
+    index: Optional[int] = typer.Option(None, min=0, help="This worker's place in --workers; 0 is the chief, the only one that writes OUT."),
+    connect_timeout: float = typer.Option(CONNECT_TIMEOUT_S, min=0.1, max=3600, help="Seconds a worker waits for every peer before giving up."),
+    stream: bool = typer.Option(False, "--stream", help="Stream training images from an IDX folder with tf.data instead of loading them (mirrored/multi-worker)."),
 ) -> None:
     """Train the notebook's LSTM MNIST classifier → OUT/model.keras and OUT/manifest.json.
 
     Example: edge-rnn train mnist-lstm --data sample --epochs 20 --out artifacts/mnist-lstm
+
+    On two machines: edge-rnn train mnist-lstm --strategy multi-worker --workers 10.0.0.1:12345,10.0.0.2:12345 --index 0
+    (and --index 1 on the second). --batch-size is the global batch, split over all replicas.
     """
     from .data import load_digits
-    from .lstm import backup_path, save_trained, train
+    from .distribute import STRATEGIES, make_strategy, resolve_cluster
+    from .lstm import BACKUP_DIR, backup_path, save_trained, train
 
+    if strategy not in STRATEGIES:
+        raise EdgeRnnError(f"--strategy {strategy!r}: choose {' | '.join(STRATEGIES)}")
+    if stream and strategy == "default":
+        raise EdgeRnnError("--stream feeds the tf.distribute loop — add --strategy mirrored (one process) or multi-worker")
+    if (workers is not None or index is not None) and strategy != "multi-worker":
+        raise EdgeRnnError("--workers/--index describe a multi-worker cluster — add --strategy multi-worker")
     cfg = LstmConfig(epochs=epochs, batch_size=batch_size, seed=seed)
-    digits = load_digits(data)
+    cluster = resolve_cluster(workers=workers, index=index) if strategy == "multi-worker" else None
+    chief = cluster is None or cluster.is_chief
+    digits = load_digits(data, stream=stream)
     _warn(digits.warnings)
+    # A non-chief worker's OUT holds only its epoch backups (kept there to survive a kill); it goes when they go.
+    made_out_dir = not out_dir.is_dir() or all(p.name == BACKUP_DIR for p in out_dir.iterdir())
     check_writable_dir(out_dir)
     backup = backup_path(out_dir, resume=resume)
     err.print(f"data: {digits.source} — {len(digits.y_train)} train, {len(digits.y_test)} held out")
+    # Before any other TF op: a process makes its strategy once (multi-worker waits, bounded, for its peers).
+    dist = None if strategy == "default" else make_strategy(strategy, cluster=cluster, connect_timeout_s=connect_timeout)
     progress, on_epoch = _epoch_progress(cfg.epochs)
-    with progress:
-        result = train(digits, cfg=cfg, on_epoch=on_epoch, backup_dir=backup, resume=resume)
-    path = save_trained(result, digits, out_dir, cfg=cfg)
+    try:
+        with progress:
+            result = train(digits, cfg=cfg, on_epoch=on_epoch, backup_dir=backup, resume=resume, strategy=dist, worker=cluster.index if cluster else 0)
+    except EdgeRnnError as exc:
+        if dist is None:
+            raise
+        # After a lost peer TF's collective runtime is broken: its thread pools print tracebacks while the
+        # interpreter shuts down. The backups are on disk; leave at once.
+        _print_error(exc)
+        sys.stderr.flush()
+        os._exit(1)
     out.print(_history_table(result.history))
+    if not chief:
+        # Only the chief writes the model; this worker's backups are gone and nothing else was written.
+        if made_out_dir:
+            with contextlib.suppress(OSError):
+                out_dir.rmdir()
+        out.print(f"worker {cluster.index}: held-out accuracy {result.heldout_accuracy:.2%}; the chief writes the model")
+        return
+    path = save_trained(result, digits, out_dir, cfg=cfg)
     out.print(f"held-out accuracy {result.heldout_accuracy:.2%} → {path}")
 
 

@@ -42,6 +42,9 @@ class Digits:
     y_test: npt.NDArray[np.uint8]
     warnings: list[str] = field(default_factory=list)
     labels: list[str] = field(default_factory=lambda: list(DIGIT_LABELS))
+    # Set by `load_idx_folder(stream=True)`: the training split's (images, labels) IDX files, which a tf.data
+    # pipeline reads record by record. `x_train` is then empty — the images are never all in memory.
+    train_files: tuple[Path, Path] | None = None
 
     def describe(self) -> dict:
         """The manifest's `data` block."""
@@ -52,6 +55,7 @@ class Digits:
             "heldout": int(len(self.y_test)),
             "warnings": list(self.warnings),
             "classes": len(self.labels),
+            **({"streamed_from": [str(p) for p in self.train_files]} if self.train_files else {}),
         }
 
 
@@ -117,8 +121,15 @@ def load_npz(path: Path) -> Digits:
     return Digits(path.stem, str(path), *arrays)
 
 
-def read_idx(path: Path) -> np.ndarray:
-    """Read one IDX file (optionally .gz) holding uint8 data, checking its header against its size."""
+# Chunk in which `idx_shape` reads through a file it only checks.
+_IDX_CHUNK = 1 << 20
+
+
+def read_idx(path: Path, *, data: bool = True) -> np.ndarray | tuple[int, ...]:
+    """Read one IDX file (optionally .gz) holding uint8 data, checking its header against its size.
+
+    With `data=False`, return only the shape, after reading the file through in 1 MiB chunks to check its
+    length (a .gz file's length is only known that way) — for files streamed later, never held in memory."""
     opener = gzip.open if path.suffix == ".gz" else open
     try:
         with opener(path, "rb") as f:
@@ -132,12 +143,18 @@ def read_idx(path: Path) -> np.ndarray:
             count = int(np.prod(dims))
             if count > MAX_IDX_ITEMS * 28 * 28:
                 raise DataError(f"{path}: header claims {dims}, too large for an MNIST-format file")
-            data = f.read(count + 1)
+            if data:
+                payload = f.read(count + 1)
+                size = len(payload)
+            else:
+                size = 0
+                while size <= count and (chunk := f.read(_IDX_CHUNK)):
+                    size += len(chunk)
     except (OSError, EOFError, struct.error) as exc:
         raise DataError(f"cannot read {path} ({exc}) — is it a complete IDX file?") from exc
-    if len(data) != count:
-        raise DataError(f"{path}: header says {count} bytes of data, file has {len(data)} — truncated or corrupt")
-    return np.frombuffer(data, dtype=np.uint8).reshape(dims)
+    if size != count:
+        raise DataError(f"{path}: header says {count} bytes of data, file has {size} — truncated or corrupt")
+    return np.frombuffer(payload, dtype=np.uint8).reshape(dims) if data else dims
 
 
 def _find_idx(folder: Path, stem: str, kind: str) -> Path:
@@ -147,18 +164,30 @@ def _find_idx(folder: Path, stem: str, kind: str) -> Path:
     return hits[0]
 
 
-def load_idx_folder(folder: Path) -> Digits:
-    """A folder with train-images/train-labels/t10k-images/t10k-labels IDX files (.gz or raw)."""
+def load_idx_folder(folder: Path, *, stream: bool = False) -> Digits:
+    """A folder with train-images/train-labels/t10k-images/t10k-labels IDX files (.gz or raw).
+
+    With `stream`, the training images are checked but not loaded (`Digits.train_files` names them and
+    `x_train` is empty); labels and the held-out split are small and loaded."""
     if not folder.is_dir():
         raise DataError(f"no IDX folder at {folder}")
     arrays = []
+    files = None
     for stem in ("train", "t10k"):
-        x = read_idx(_find_idx(folder, stem, "3"))
-        y = read_idx(_find_idx(folder, stem, "1"))
-        _check_arrays(x, y, f"{folder} ({stem})")
+        images, labels = _find_idx(folder, stem, "3"), _find_idx(folder, stem, "1")
+        y = read_idx(labels)
+        if stream and stem == "train":
+            shape = read_idx(images, data=False)
+            # _check_arrays on a zero-stride stand-in of the images' shape: the labels are checked for real.
+            _check_arrays(np.broadcast_to(np.uint8(0), tuple(shape)), y, f"{folder} ({stem})")
+            x = np.empty((0, 28, 28), dtype=np.uint8)
+            files = (images, labels)
+        else:
+            x = read_idx(images)
+            _check_arrays(x, y, f"{folder} ({stem})")
         arrays += [x, y]
     fashion = "fashion" in str(folder).lower()
-    return Digits(folder.name, str(folder), *arrays, labels=list(FASHION_LABELS if fashion else DIGIT_LABELS))
+    return Digits(folder.name, str(folder), *arrays, labels=list(FASHION_LABELS if fashion else DIGIT_LABELS), train_files=files)
 
 
 def load_keras(name: str) -> Digits:
@@ -172,12 +201,25 @@ def load_keras(name: str) -> Digits:
     return Digits(name, f"keras.datasets.{loader.__name__.rsplit('.', 1)[-1]}", x_tr, y_tr, x_te, y_te, labels=list(labels))
 
 
-def load_digits(spec: str) -> Digits:
+def load_digits(spec: str, *, stream: bool = False) -> Digits:
     """Resolve `--data`: 'mnist' (default), 'fashion-mnist', 'sample', a .npz path or an IDX folder.
 
     When the keras download fails (no network), falls back to the bundled sample and records why in
-    `Digits.warnings`, which the CLI prints and the manifest keeps.
+    `Digits.warnings`, which the CLI prints and the manifest keeps. With `stream`, the training images of an
+    IDX folder (or of Debian's Fashion-MNIST) are left on disk for a tf.data pipeline; other sources load
+    into memory whole, so they are refused.
     """
+    if stream:
+        path = DEBIAN_FASHION_DIR if spec == "fashion-mnist" else Path(spec).expanduser()
+        if not path.is_dir():
+            raise DataError(
+                f"--stream reads IDX files, and --data {spec!r} is not an IDX folder (keras downloads and .npz files "
+                "load into memory whole) — give the folder of the four IDX files"
+            )
+        digits = load_idx_folder(path, stream=True)
+        if spec == "fashion-mnist":
+            digits.name = "fashion-mnist"
+        return digits
     if spec == "sample":
         return load_sample()
     if spec in KERAS_SETS:

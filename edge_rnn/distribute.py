@@ -1,24 +1,37 @@
-"""The cluster side of multi-worker training (issue 11): TF_CONFIG, a bounded wait for peers, the chief's folder.
+"""Training on tf.distribute: the cluster (TF_CONFIG, a bounded wait for peers), the strategy, and a training loop.
 
-No tensorflow here: TF's own start-up waits for absent peers without a deadline, so reachability is checked first."""
+tensorflow is imported only inside functions. TF's own start-up waits for absent peers without a deadline, so
+reachability is checked first with plain sockets.
+
+Why a loop of our own instead of `model.fit()`: with Keras 3.15 + TF 2.21, fit() under
+MultiWorkerMirroredStrategy fails with two real workers (`strategy.reduce` on the (x, y) pair while building,
+then "Invalid reduction dimension 0" on the scalar loss — tensorflow/tensorflow#72388). The loop below is
+TensorFlow's documented custom-loop recipe: `strategy.run` per replica, the loss summed and divided by the
+global batch, gradients all-reduced by the Keras optimizer, metrics reduced with SUM. For the same reason
+`keras.callbacks.BackupAndRestore` (a fit() callback) is replaced by a `tf.train.CheckpointManager` per worker.
+"""
 
 from __future__ import annotations
 
 import json
 import os
 import socket
-import tempfile
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable
 
-from .errors import EdgeRnnError
+from .config import CONNECT_TIMEOUT_S
+from .errors import EdgeRnnError, require
 
-# How long a worker waits for every peer to accept a TCP connection before giving up: peers start by hand
-# on several machines, so half a minute of slack; past it, an unreachable cluster is an error, never a hang.
-CONNECT_TIMEOUT_S = 30.0
+STRATEGIES = ("default", "mirrored", "multi-worker")
+
+# A gradient all-reduce that waits longer than this for a peer fails instead of hanging on a dead worker.
+# One step takes milliseconds; the slack covers a peer's checkpoint write and a slow host's first trace.
+COLLECTIVE_TIMEOUT_S = 60.0
+# Every worker keeps its last two epoch checkpoints: a worker killed between its last step and its save is
+# one epoch behind the others, and all resume from the newest epoch every one of them has.
+BACKUPS_KEPT = 2
 
 
 @dataclass(frozen=True)
@@ -103,13 +116,163 @@ def wait_for_peers(cluster: Cluster, *, timeout_s: float = CONNECT_TIMEOUT_S) ->
         listener.close()
 
 
-@contextmanager
-def worker_folder(out_dir: str | os.PathLike[str], *, cluster: Cluster | None) -> Iterator[Path]:
-    """OUT for the chief (or a single process); for another worker a private temp folder, removed afterwards.
+def make_strategy(name: str, *, cluster: Cluster | None = None, connect_timeout_s: float = CONNECT_TIMEOUT_S):
+    """The tf.distribute strategy `name`: mirrored over this process's devices, or multi-worker over `cluster`.
 
-    Every worker saves (Keras expects it in multi-worker runs), but only the chief's files are kept."""
-    if cluster is None or cluster.is_chief:
-        yield Path(out_dir)
-        return
-    with tempfile.TemporaryDirectory(prefix=f"edge-rnn-worker{cluster.index}-") as tmp:
-        yield Path(tmp)
+    Call before any other TF op: a process makes its strategy once. Multi-worker first waits (bounded) for
+    every peer, then sets TF_CONFIG from `cluster`, which is what TensorFlow reads."""
+    if name not in STRATEGIES or name == "default":
+        raise EdgeRnnError(f"no tf.distribute strategy {name!r}; choose mirrored or multi-worker")
+    if name == "multi-worker":
+        if cluster is None:
+            raise EdgeRnnError("multi-worker needs a cluster: set TF_CONFIG or pass --workers host:port,host:port --index N")
+        wait_for_peers(cluster, timeout_s=connect_timeout_s)
+        os.environ["TF_CONFIG"] = json.dumps(tf_config(cluster))
+    tf = require("tensorflow", "train")
+    if name == "mirrored":
+        return tf.distribute.MirroredStrategy()
+    options = tf.distribute.experimental.CommunicationOptions(
+        implementation=tf.distribute.experimental.CommunicationImplementation.RING, timeout_seconds=COLLECTIVE_TIMEOUT_S
+    )
+    return tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
+
+
+class EpochBackup:
+    """One worker's epoch checkpoints (model variables incl. dropout seeds, optimizer incl. step count and
+    EMA, history) in DIR/worker-N.
+
+    Every worker writes its own (TensorFlow wants every worker to take part in a save; their folders may
+    share a disk or not). On resume the workers agree on the newest epoch all of them have."""
+
+    def __init__(self, folder: Path, *, worker: int, model: Any, optimizer: Any, resume: bool) -> None:
+        import shutil
+
+        tf = require("tensorflow", "train")
+        self.folder = Path(folder) / f"worker-{worker}"
+        if not resume:
+            shutil.rmtree(self.folder, ignore_errors=True)  # a fresh run must not pick up an old one's epochs
+        # Every variable of the model by path: weights, and the dropout layers' seed-generator states, which a
+        # Checkpoint of the Keras 3 model object leaves out — without them a resumed run draws other dropout masks.
+        variables = {v.path.replace("/", "."): v.value for v in model.variables}
+        self.checkpoint = tf.train.Checkpoint(optimizer=optimizer, model_variables=variables)
+        self.manager = tf.train.CheckpointManager(self.checkpoint, str(self.folder), max_to_keep=BACKUPS_KEPT)
+
+    def epochs(self) -> list[int]:
+        return [int(path.rsplit("-", 1)[1]) for path in self.manager.checkpoints]
+
+    def restore(self, epoch: int) -> dict[str, list[float]]:
+        """Load epoch `epoch`'s checkpoint (0: none, start afresh) and return the history up to it."""
+        if epoch == 0:
+            return {}
+        if epoch not in self.epochs():
+            raise EdgeRnnError(
+                f"{self.folder} has no backup of epoch {epoch}, the newest every worker has (it has {self.epochs() or 'none'}) "
+                "— a backup folder was lost; train again without --resume"
+            )
+        self.checkpoint.restore(str(self.folder / f"ckpt-{epoch}")).assert_existing_objects_matched()
+        history = json.loads((self.folder / "history.json").read_text())
+        return {key: values[:epoch] for key, values in history.items()}
+
+    def save(self, epoch: int, history: dict[str, list[float]]) -> None:
+        from .device.manifest import atomic_path
+
+        # History first: a worker killed between the two writes has history for an epoch it has no checkpoint
+        # of, which restore() cuts off — never a checkpoint without its history.
+        with atomic_path(self.folder / "history.json") as tmp:
+            tmp.write_text(json.dumps(history))
+        self.manager.save(checkpoint_number=epoch)
+
+
+def agreed_epoch(strategy: Any, epoch: int) -> int:
+    """The smallest `epoch` over all workers (each passes its newest checkpoint's): the one every worker has."""
+    tf = require("tensorflow", "train")
+
+    @tf.function
+    def gather():
+        return strategy.gather(strategy.run(lambda: tf.constant([epoch], dtype=tf.int64)), axis=0)
+
+    return int(tf.reduce_min(gather()))
+
+
+# Called after each epoch with (epoch index from 1, total epochs, that epoch's logs).
+EpochCallback = Callable[[int, int, dict[str, float]], None]
+
+
+def fit_classifier(
+    strategy: Any,
+    model: Any,
+    *,
+    batches: Callable[[int], Any],
+    global_batch: int,
+    validation: tuple[Any, Any],
+    epochs: int,
+    backup: EpochBackup | None = None,
+    on_epoch: EpochCallback | None = None,
+) -> tuple[dict[str, list[float]], int, list[float]]:
+    """Train a compiled softmax classifier (made under `strategy.scope()`) on `batches(epoch)`, a tf.data
+    dataset of global batches for epoch 0, 1, …; return the history (loss, accuracy, val_loss, val_accuracy),
+    the epoch training resumed from (0: from scratch) and the wall seconds of each epoch this process ran.
+
+    Per epoch, like fit(): the training loss/accuracy over the epoch's batches, then loss/accuracy of the raw
+    (not EMA) weights on `validation`, scored by every worker on its own copy. With the optimizer's EMA on, the
+    averaged weights are swapped in at the end, as fit() does."""
+    import numpy as np
+
+    tf = require("tensorflow", "train")
+    keras = require("keras", "train")
+    optimizer = model.optimizer
+    per_example = keras.losses.SparseCategoricalCrossentropy(reduction=None)
+    with strategy.scope():
+        optimizer.build(model.trainable_variables)
+    start = agreed_epoch(strategy, backup.epochs()[-1] if backup and backup.epochs() else 0) if backup else 0
+    history: dict[str, list[float]] = backup.restore(start) if backup else {}
+
+    @tf.function
+    def train_step(x, y):
+        def step(x, y):
+            with tf.GradientTape() as tape:
+                probs = model(x, training=True)
+                losses = per_example(y, probs)
+                # Summed over the replica's examples, divided by the global batch: the all-reduced (summed)
+                # gradient is then the gradient of the global batch's mean loss, as in one process.
+                loss = tf.nn.compute_average_loss(losses, global_batch_size=global_batch)
+            grads = tape.gradient(loss, model.trainable_variables)
+            optimizer.apply(grads, model.trainable_variables)
+            hits = tf.cast(tf.equal(tf.argmax(probs, axis=-1), tf.cast(y, tf.int64)), tf.float32)
+            return tf.reduce_sum(losses), tf.reduce_sum(hits), tf.cast(tf.size(y), tf.float32)
+
+        sums = strategy.run(step, args=(x, y))
+        return [strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None) for v in sums]
+
+    predict = tf.function(lambda x: model(x, training=False))
+    x_val, y_val = validation
+
+    seconds: list[float] = []
+    for epoch in range(start, epochs):
+        started = time.perf_counter()
+        sums = None  # summed as tensors: converting each step's would wait for every step to finish
+        for x, y in strategy.experimental_distribute_dataset(batches(epoch)):
+            step_sums = train_step(x, y)
+            sums = step_sums if sums is None else [a + b for a, b in zip(sums, step_sums)]
+        total = [float(v) for v in sums] if sums is not None else [0.0, 0.0, 0.0]
+        probs = np.concatenate([predict(x_val[i : i + 1024]).numpy() for i in range(0, len(x_val), 1024)])
+        picked = np.clip(probs[np.arange(len(y_val)), y_val], 1e-7, 1.0)
+        logs = {
+            "loss": total[0] / max(total[2], 1.0),
+            "accuracy": total[1] / max(total[2], 1.0),
+            "val_loss": float(-np.log(picked).mean()),
+            "val_accuracy": float((probs.argmax(axis=1) == y_val).mean()),
+        }
+        for key, value in logs.items():
+            history.setdefault(key, []).append(float(value))
+        seconds.append(round(time.perf_counter() - started, 2))
+        if backup is not None:
+            backup.save(epoch + 1, history)
+        if on_epoch is not None:
+            on_epoch(epoch + 1, epochs, logs)
+        if not np.isfinite(logs["loss"]):
+            break
+    if optimizer.use_ema:
+        with strategy.scope():
+            optimizer.finalize_variable_values(model.trainable_variables)
+    return history, start, seconds

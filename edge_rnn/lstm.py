@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import shutil
+import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -17,6 +19,7 @@ from .config import LstmConfig
 from .data import Digits
 from .errors import EdgeRnnError, ModelFileError, require
 from .device.manifest import atomic_path, load_manifest, record_file, save_manifest
+from .distribute import EpochCallback
 
 MODEL_NAME = "mnist-lstm"
 KERAS_FILE = "model.keras"
@@ -30,9 +33,8 @@ PIXEL_SCALE = 1.0 / 255.0
 # at the end keeps the last epochs, which the EMA averages, out of a spike.
 STEP_ANNEAL_AT = (0.7, 0.85)
 STEP_ANNEAL_FACTORS = (1.0, 0.3, 0.1)
-
-# Called after each epoch with (epoch index from 1, total epochs, that epoch's logs).
-EpochCallback = Callable[[int, int, dict[str, float]], None]
+# Streamed training images are shuffled through a buffer of this many (7.5 MiB of uint8 rows), not the whole set.
+STREAM_SHUFFLE_BUFFER = 10_000
 
 
 def preprocess(images: npt.NDArray[np.uint8]) -> npt.NDArray[np.float32]:
@@ -53,6 +55,11 @@ def preprocessing_spec(cfg: LstmConfig) -> dict[str, Any]:
         "output": OUTPUT_NAME,
         "output_meaning": "softmax probabilities over labels, shape (batch, 10)",
     }
+
+
+def learning_rate(cfg: LstmConfig) -> float:
+    """The peak learning rate for `cfg.batch_size` (the global batch): square-root scaled from the reference."""
+    return cfg.learning_rate * (cfg.batch_size / cfg.reference_batch) ** 0.5
 
 
 def build_model(cfg: LstmConfig = LstmConfig(), *, train_samples: int = 60_000):
@@ -76,13 +83,14 @@ def build_model(cfg: LstmConfig = LstmConfig(), *, train_samples: int = 60_000):
         ],
         name="mnist_lstm",
     )
+    rate = learning_rate(cfg)
     # Keras 2's Adam(decay=1e-5) is lr / (1 + 1e-5 * step): Keras 3 spells it InverseTimeDecay.
     if cfg.schedule == "step-anneal":
         steps = cfg.epochs * -(-train_samples // cfg.batch_size)
         bounds = [int(f * steps) for f in STEP_ANNEAL_AT]
-        schedule = keras.optimizers.schedules.PiecewiseConstantDecay(bounds, [cfg.learning_rate * f for f in STEP_ANNEAL_FACTORS])
+        schedule = keras.optimizers.schedules.PiecewiseConstantDecay(bounds, [rate * f for f in STEP_ANNEAL_FACTORS])
     elif cfg.schedule == "inverse-time":
-        schedule = keras.optimizers.schedules.InverseTimeDecay(cfg.learning_rate, decay_steps=1, decay_rate=cfg.decay)
+        schedule = keras.optimizers.schedules.InverseTimeDecay(rate, decay_steps=1, decay_rate=cfg.decay)
     else:
         raise EdgeRnnError(f"unknown learning-rate schedule {cfg.schedule!r}; choose step-anneal or inverse-time")
     ema = {"use_ema": True, "ema_momentum": cfg.ema_momentum} if cfg.ema_momentum else {}
@@ -100,6 +108,8 @@ class TrainResult:
     model: Any
     history: dict[str, list[float]]
     heldout_accuracy: float
+    # The manifest's `training` block: how the model was trained (strategy, workers, global batch, …).
+    training: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 def backup_path(out_dir: str | os.PathLike[str], *, resume: bool) -> Path:
@@ -117,6 +127,8 @@ def train(
     on_epoch: EpochCallback | None = None,
     backup_dir: str | os.PathLike[str] | None = None,
     resume: bool = False,
+    strategy: Any = None,
+    worker: int = 0,
 ) -> TrainResult:
     """Train on `digits.x_train`, validating on the held-out split; reproducible for a given seed.
 
@@ -124,7 +136,12 @@ def train(
     averaged weights, which are what is saved and what `heldout_accuracy` measures. With `backup_dir`,
     every epoch's weights, optimizer and epoch count are backed up there (keras BackupAndRestore) and
     deleted when training ends; `resume` continues a killed run from its last finished epoch.
+
+    With a tf.distribute `strategy` (mirrored or multi-worker; `worker` is this process's index), training
+    runs `distribute.fit_classifier` instead of fit(): see `_train_distributed`.
     """
+    if strategy is not None:
+        return _train_distributed(digits, cfg=cfg, strategy=strategy, worker=worker, on_epoch=on_epoch, backup_dir=backup_dir, resume=resume)
     keras = require("keras", "train")
     callbacks = []
     if backup_dir is not None:
@@ -143,8 +160,14 @@ def train(
     y_train, y_test = digits.y_train.astype(np.int64), digits.y_test.astype(np.int64)
     model = build_model(cfg, train_samples=len(x_train))
 
+    seconds: list[float] = []
+
     class _Progress(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+            self.started = time.perf_counter()
+
         def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+            seconds.append(round(time.perf_counter() - self.started, 2))
             logs = {k: float(v) for k, v in (logs or {}).items()}
             if not np.isfinite(logs.get("loss", 0.0)):
                 self.model.stop_training = True
@@ -168,7 +191,110 @@ def train(
         )
     probs = model.predict(x_test, batch_size=256, verbose=0)
     accuracy = float(np.mean(probs.argmax(axis=1) == y_test))
-    return TrainResult(model, history, accuracy)
+    training = {"strategy": "default", "workers": 1, "replicas": 1, "global_batch": cfg.batch_size,
+                "learning_rate": learning_rate(cfg), "epoch_seconds": seconds}
+    return TrainResult(model, history, accuracy, training)
+
+
+def train_batches(digits: Digits, cfg: LstmConfig, global_batch: int):
+    """epoch → a tf.data dataset of that epoch's shuffled global batches (uint8 in, float32 [0, 1] out).
+
+    Every worker builds the same order (seed and epoch), auto-sharded by DATA: each keeps its share of every
+    global batch, so the workers' shards partition it. A resumed run sees each epoch's order unchanged.
+    With `digits.train_files` the images stream from the IDX files through a bounded shuffle buffer."""
+    tf = require("tensorflow", "train")
+    pixels = cfg.timesteps * cfg.features
+    if digits.train_files is not None:
+        images, labels = digits.train_files
+
+        def records_of(path: Path, size: int, header: int):
+            return tf.data.FixedLengthRecordDataset(str(path), size, header_bytes=header, compression_type="GZIP" if path.suffix == ".gz" else "")
+
+        # IDX: a 16-byte header before the images, 8 before the labels (magic + dimensions), then raw uint8.
+        x, y = records_of(images, pixels, 16), records_of(labels, 1, 8)
+        records = tf.data.Dataset.zip((x, y)).map(
+            lambda a, b: (tf.reshape(tf.io.decode_raw(a, tf.uint8), (cfg.timesteps, cfg.features)), tf.io.decode_raw(b, tf.uint8)[0])
+        )
+        buffer = min(len(digits.y_train), STREAM_SHUFFLE_BUFFER)
+    else:
+        records = tf.data.Dataset.from_tensor_slices((digits.x_train, digits.y_train))
+        buffer = len(digits.y_train)
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+
+    def batches(epoch: int):
+        shuffled = records.shuffle(buffer, seed=cfg.seed * 100_003 + epoch, reshuffle_each_iteration=False)
+        scaled = shuffled.batch(global_batch).map(lambda x, y: (tf.cast(x, tf.float32) * PIXEL_SCALE, tf.cast(y, tf.int64)))
+        return scaled.prefetch(2).with_options(options)
+
+    return batches
+
+
+def _train_distributed(
+    digits: Digits,
+    *,
+    cfg: LstmConfig,
+    strategy: Any,
+    worker: int,
+    on_epoch: EpochCallback | None,
+    backup_dir: str | os.PathLike[str] | None,
+    resume: bool,
+) -> TrainResult:
+    """The same model, schedule and EMA as the single-process recipe, trained with `distribute.fit_classifier`.
+
+    `cfg.batch_size` is the GLOBAL batch, split evenly over the replicas: with the same batch the steps per
+    epoch, hence the step-anneal schedule, are the single-process ones step for step. Raising --batch-size
+    (to keep each worker's share) shortens the epoch; the schedule's bounds follow (they are fractions of all
+    steps) and the peak rate is square-root scaled (`learning_rate`), as in one process."""
+    from .distribute import EpochBackup, fit_classifier
+
+    tf = require("tensorflow", "train")
+    replicas = int(strategy.num_replicas_in_sync)
+    if cfg.batch_size % replicas:
+        raise EdgeRnnError(f"--batch-size {cfg.batch_size} does not split over {replicas} replicas — give a multiple of {replicas}")
+    tf.config.experimental.enable_op_determinism()
+    with strategy.scope():
+        model = build_model(cfg, train_samples=len(digits.y_train))
+    backup = None
+    if backup_dir is not None:
+        backup = EpochBackup(Path(backup_dir), worker=worker, model=model, optimizer=model.optimizer, resume=resume)
+    x_test, y_test = preprocess(digits.x_test), digits.y_test.astype(np.int64)
+    try:
+        history, start, seconds = fit_classifier(
+            strategy, model, batches=train_batches(digits, cfg, cfg.batch_size), global_batch=cfg.batch_size,
+            validation=(x_test, y_test), epochs=cfg.epochs, backup=backup, on_epoch=on_epoch,
+        )
+    except (tf.errors.UnavailableError, tf.errors.AbortedError, tf.errors.CancelledError, tf.errors.DeadlineExceededError) as exc:
+        raise EdgeRnnError(
+            f"worker {worker}: lost contact with another worker ({type(exc).__name__}) — restart every worker with "
+            "--resume; each goes on from the last epoch all of them finished"
+        ) from exc
+    except tf.errors.OpError as exc:
+        raise EdgeRnnError(
+            f"worker {worker}: training stopped ({type(exc).__name__}: {str(exc).strip().splitlines()[0][:160]}) — "
+            "check the data files; --resume goes on from the last finished epoch"
+        ) from exc
+    if not np.isfinite(history["loss"][-1]):
+        raise EdgeRnnError(f"training diverged (loss {history['loss'][-1]}) — relu LSTMs can blow up; retry with another --seed")
+    probs = np.concatenate([np.asarray(model(x_test[i : i + 1024], training=False)) for i in range(0, len(x_test), 1024)])
+    accuracy = float(np.mean(probs.argmax(axis=1) == y_test))
+    workers = int(getattr(strategy.extended, "_num_workers", 1))
+    if backup is not None:
+        shutil.rmtree(backup.folder, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            backup.folder.parent.rmdir()  # when the other workers' backups are gone too
+    training = {
+        "strategy": "multi-worker" if workers > 1 or "Collective" in type(strategy.extended).__name__ else "mirrored",
+        "workers": workers,
+        "replicas": replicas,
+        "global_batch": cfg.batch_size,
+        "per_replica_batch": cfg.batch_size // replicas,
+        "learning_rate": learning_rate(cfg),
+        "resumed_from_epoch": start,
+        "streamed": digits.train_files is not None,
+        "epoch_seconds": seconds,
+    }
+    return TrainResult(model, history, accuracy, training)
 
 
 def versions() -> dict[str, str]:
@@ -200,6 +326,7 @@ def save_trained(result: TrainResult, digits: Digits, out_dir: str | os.PathLike
             "outputs": [{"name": OUTPUT_NAME, "dtype": "float32", "shape": ["batch", cfg.classes]}],
         },
         "config": dataclasses.asdict(cfg),
+        "training": result.training,
         "versions": versions(),
         "history": result.history,
         "metrics": {"keras_accuracy": result.heldout_accuracy},

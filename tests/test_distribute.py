@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from edge_rnn.distribute import Cluster, resolve_cluster, tf_config, wait_for_peers, worker_folder
+from edge_rnn.distribute import Cluster, resolve_cluster, tf_config, wait_for_peers
 from edge_rnn.errors import EdgeRnnError
 
 
@@ -84,15 +84,3 @@ def test_a_cluster_nobody_answers_on_fails_within_the_deadline():
     with pytest.raises(EdgeRnnError, match=f"worker 0: no answer from 127.0.0.1:{nobody} within 2 s"):
         wait_for_peers(Cluster((f"127.0.0.1:{mine}", f"127.0.0.1:{nobody}"), 0), timeout_s=2)
     assert time.monotonic() - start < 10
-
-
-def test_only_the_chief_keeps_its_folder(tmp_path):
-    cluster = ("h:1", "h:2")
-    with worker_folder(tmp_path / "out", cluster=Cluster(cluster, 0)) as folder:
-        assert folder == tmp_path / "out"
-    with worker_folder(tmp_path / "out", cluster=None) as folder:
-        assert folder == tmp_path / "out"
-    with worker_folder(tmp_path / "out", cluster=Cluster(cluster, 1)) as folder:
-        assert folder != tmp_path / "out" and folder.is_dir()
-        (folder / "model.keras").write_bytes(b"x")
-    assert not folder.exists()
