@@ -158,7 +158,7 @@ def train_mnist_lstm(
     (and --index 1 on the second). --batch-size is the global batch, split over all replicas.
     """
     from .data import load_digits
-    from .distribute import STRATEGIES, make_strategy, resolve_cluster
+    from .distribute import STRATEGIES, PeerLostError, make_strategy, resolve_cluster
     from .lstm import BACKUP_DIR, backup_path, save_trained, train
 
     if strategy not in STRATEGIES:
@@ -167,6 +167,8 @@ def train_mnist_lstm(
         raise EdgeRnnError("--stream feeds the tf.distribute loop — add --strategy mirrored (one process) or multi-worker")
     if (workers is not None or index is not None) and strategy != "multi-worker":
         raise EdgeRnnError("--workers/--index describe a multi-worker cluster — add --strategy multi-worker")
+    if (workers is None) != (index is None):
+        raise EdgeRnnError("--workers and --index go together (or neither, with TF_CONFIG set)")
     cfg = LstmConfig(epochs=epochs, batch_size=batch_size, seed=seed)
     cluster = resolve_cluster(workers=workers, index=index) if strategy == "multi-worker" else None
     chief = cluster is None or cluster.is_chief
@@ -178,17 +180,22 @@ def train_mnist_lstm(
     backup = backup_path(out_dir, resume=resume)
     err.print(f"data: {digits.source} — {len(digits.y_train)} train, {len(digits.y_test)} held out")
     # Before any other TF op: a process makes its strategy once (multi-worker waits, bounded, for its peers).
-    dist = None if strategy == "default" else make_strategy(strategy, cluster=cluster, connect_timeout_s=connect_timeout)
+    try:
+        dist = None if strategy == "default" else make_strategy(strategy, cluster=cluster, connect_timeout_s=connect_timeout)
+    except EdgeRnnError:
+        if made_out_dir:  # nothing trained: leave no empty folder behind
+            with contextlib.suppress(OSError):
+                out_dir.rmdir()
+        raise
     progress, on_epoch = _epoch_progress(cfg.epochs)
     try:
         with progress:
             result = train(digits, cfg=cfg, on_epoch=on_epoch, backup_dir=backup, resume=resume, strategy=dist, worker=cluster.index if cluster else 0)
-    except EdgeRnnError as exc:
-        if dist is None:
-            raise
+    except PeerLostError as exc:
         # After a lost peer TF's collective runtime is broken: its thread pools print tracebacks while the
         # interpreter shuts down. The backups are on disk; leave at once.
         _print_error(exc)
+        sys.stdout.flush()
         sys.stderr.flush()
         os._exit(1)
     out.print(_history_table(result.history))

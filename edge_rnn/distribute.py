@@ -26,9 +26,12 @@ from .errors import EdgeRnnError, require
 
 STRATEGIES = ("default", "mirrored", "multi-worker")
 
-# A gradient all-reduce that waits longer than this for a peer fails instead of hanging on a dead worker.
-# One step takes milliseconds; the slack covers a peer's checkpoint write and a slow host's first trace.
-COLLECTIVE_TIMEOUT_S = 60.0
+# No timeout on collectives (gradient all-reduce): TF 2.21 starts one thread per collective op to enforce it,
+# which sleeps out the whole timeout — measured +140 threads a second on two workers, and a full-size run died
+# of it ("std::system_error: Resource temporarily unavailable" at ~75,000 threads with 600 s; with 60 s, 2 of 3
+# runs had an all-reduce stall for a minute). A dead or frozen worker is caught without it: TF's coordination
+# service notices its heartbeats stopping and aborts every collective (seconds, in the tests).
+COLLECTIVE_TIMEOUT_S = None
 # Every worker keeps its last two epoch checkpoints: a worker killed between its last step and its save is
 # one epoch behind the others, and all resume from the newest epoch every one of them has.
 BACKUPS_KEPT = 2
@@ -48,9 +51,13 @@ class Cluster:
 
 def _split_address(address: str) -> tuple[str, int]:
     host, _, port = address.rpartition(":")
-    if not host or not port.isdigit():
-        raise EdgeRnnError(f"worker address {address!r} is not host:port — e.g. 10.0.0.2:12345")
+    if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise EdgeRnnError(f"worker address {address!r} is not host:port with a port 1–65535 — e.g. 10.0.0.2:12345")
     return host, int(port)
+
+
+class PeerLostError(EdgeRnnError):
+    """Another worker died or stopped answering mid-training: restart every worker with --resume."""
 
 
 def resolve_cluster(*, workers: str | None = None, index: int | None = None) -> Cluster:
@@ -67,8 +74,14 @@ def resolve_cluster(*, workers: str | None = None, index: int | None = None) -> 
             config = json.loads(raw)
             addresses = tuple(config["cluster"]["worker"])
             index = int(config["task"]["index"])
-        except (ValueError, KeyError, TypeError) as exc:
+            jobs = sorted(set(config["cluster"]) - {"worker"} | ({config["task"].get("type", "worker")} - {"worker"}))
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise EdgeRnnError(f"TF_CONFIG is not {{\"cluster\": {{\"worker\": [...]}}, \"task\": {{\"index\": N}}}} ({exc})") from exc
+        if jobs:
+            raise EdgeRnnError(
+                f"TF_CONFIG has {', '.join(jobs)} tasks; multi-worker training uses workers only — list every machine "
+                "under cluster.worker (worker 0 is the chief)"
+            )
         if not 0 <= index < len(addresses):
             raise EdgeRnnError(f"TF_CONFIG task index {index} is outside its {len(addresses)} workers")
     for address in addresses:
@@ -126,9 +139,12 @@ def make_strategy(name: str, *, cluster: Cluster | None = None, connect_timeout_
     if name == "multi-worker":
         if cluster is None:
             raise EdgeRnnError("multi-worker needs a cluster: set TF_CONFIG or pass --workers host:port,host:port --index N")
+    # Imported before the wait: a worker that has seen its peers stops listening and starts TF's server on its
+    # port, and a peer still checking it must not find the port closed for the seconds an import takes.
+    tf = require("tensorflow", "train")
+    if name == "multi-worker":
         wait_for_peers(cluster, timeout_s=connect_timeout_s)
         os.environ["TF_CONFIG"] = json.dumps(tf_config(cluster))
-    tf = require("tensorflow", "train")
     if name == "mirrored":
         return tf.distribute.MirroredStrategy()
     options = tf.distribute.experimental.CommunicationOptions(
@@ -170,8 +186,11 @@ class EpochBackup:
                 "— a backup folder was lost; train again without --resume"
             )
         self.checkpoint.restore(str(self.folder / f"ckpt-{epoch}")).assert_existing_objects_matched()
-        history = json.loads((self.folder / "history.json").read_text())
-        return {key: values[:epoch] for key, values in history.items()}
+        try:
+            history = json.loads((self.folder / "history.json").read_text())
+            return {str(key): [float(v) for v in values[:epoch]] for key, values in history.items()}
+        except (OSError, ValueError, TypeError, AttributeError) as exc:
+            raise EdgeRnnError(f"{self.folder / 'history.json'} is missing or broken ({exc}) — train again without --resume") from exc
 
     def save(self, epoch: int, history: dict[str, list[float]]) -> None:
         from .device.manifest import atomic_path
@@ -204,18 +223,23 @@ def fit_classifier(
     *,
     batches: Callable[[int], Any],
     global_batch: int,
+    steps_per_epoch: int,
     validation: tuple[Any, Any],
     epochs: int,
+    steps_per_call: int = 32,
     backup: EpochBackup | None = None,
     on_epoch: EpochCallback | None = None,
 ) -> tuple[dict[str, list[float]], int, list[float]]:
     """Train a compiled softmax classifier (made under `strategy.scope()`) on `batches(epoch)`, a tf.data
-    dataset of global batches for epoch 0, 1, …; return the history (loss, accuracy, val_loss, val_accuracy),
-    the epoch training resumed from (0: from scratch) and the wall seconds of each epoch this process ran.
+    dataset of at least `steps_per_epoch` global batches for epoch 0, 1, …; return the history (loss,
+    accuracy, val_loss, val_accuracy), the epoch training resumed from (0: from scratch) and the wall seconds
+    of each epoch this process ran.
 
     Per epoch, like fit(): the training loss/accuracy over the epoch's batches, then loss/accuracy of the raw
     (not EMA) weights on `validation`, scored by every worker on its own copy. With the optimizer's EMA on, the
-    averaged weights are swapped in at the end, as fit() does."""
+    averaged weights are swapped in at the end, as fit() does. `steps_per_call` steps run per call into the
+    graph (fit()'s steps_per_execution); the only collective per step is the gradient all-reduce — the
+    epoch's loss and accuracy sums stay on each replica (ON_READ variables) and are summed once per epoch."""
     import numpy as np
 
     tf = require("tensorflow", "train")
@@ -224,25 +248,31 @@ def fit_classifier(
     per_example = keras.losses.SparseCategoricalCrossentropy(reduction=None)
     with strategy.scope():
         optimizer.build(model.trainable_variables)
+        # loss sum, correct predictions, examples: summed over replicas when read.
+        sums = [
+            tf.Variable(0.0, trainable=False, synchronization=tf.VariableSynchronization.ON_READ, aggregation=tf.VariableAggregation.SUM)
+            for _ in range(3)
+        ]
     start = agreed_epoch(strategy, backup.epochs()[-1] if backup and backup.epochs() else 0) if backup else 0
     history: dict[str, list[float]] = backup.restore(start) if backup else {}
 
-    @tf.function
-    def train_step(x, y):
-        def step(x, y):
-            with tf.GradientTape() as tape:
-                probs = model(x, training=True)
-                losses = per_example(y, probs)
-                # Summed over the replica's examples, divided by the global batch: the all-reduced (summed)
-                # gradient is then the gradient of the global batch's mean loss, as in one process.
-                loss = tf.nn.compute_average_loss(losses, global_batch_size=global_batch)
-            grads = tape.gradient(loss, model.trainable_variables)
-            optimizer.apply(grads, model.trainable_variables)
-            hits = tf.cast(tf.equal(tf.argmax(probs, axis=-1), tf.cast(y, tf.int64)), tf.float32)
-            return tf.reduce_sum(losses), tf.reduce_sum(hits), tf.cast(tf.size(y), tf.float32)
+    def step(x, y):
+        with tf.GradientTape() as tape:
+            probs = model(x, training=True)
+            losses = per_example(y, probs)
+            # Summed over the replica's examples, divided by the global batch: the all-reduced (summed)
+            # gradient is then the gradient of the global batch's mean loss, as in one process.
+            loss = tf.nn.compute_average_loss(losses, global_batch_size=global_batch)
+        grads = tape.gradient(loss, model.trainable_variables)
+        optimizer.apply(grads, model.trainable_variables)
+        hits = tf.cast(tf.equal(tf.argmax(probs, axis=-1), tf.cast(y, tf.int64)), tf.float32)
+        for total, value in zip(sums, (tf.reduce_sum(losses), tf.reduce_sum(hits), tf.cast(tf.size(y), tf.float32))):
+            total.assign_add(value)
 
-        sums = strategy.run(step, args=(x, y))
-        return [strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None) for v in sums]
+    @tf.function
+    def train_steps(iterator, count):
+        for _ in tf.range(count):
+            strategy.run(step, args=next(iterator))
 
     predict = tf.function(lambda x: model(x, training=False))
     x_val, y_val = validation
@@ -250,28 +280,29 @@ def fit_classifier(
     seconds: list[float] = []
     for epoch in range(start, epochs):
         started = time.perf_counter()
-        sums = None  # summed as tensors: converting each step's would wait for every step to finish
-        for x, y in strategy.experimental_distribute_dataset(batches(epoch)):
-            step_sums = train_step(x, y)
-            sums = step_sums if sums is None else [a + b for a, b in zip(sums, step_sums)]
-        total = [float(v) for v in sums] if sums is not None else [0.0, 0.0, 0.0]
+        for total in sums:
+            total.assign(0.0)
+        iterator = iter(strategy.experimental_distribute_dataset(batches(epoch)))
+        for first in range(0, steps_per_epoch, steps_per_call):
+            train_steps(iterator, tf.constant(min(steps_per_call, steps_per_epoch - first)))
+        loss_sum, hit_sum, count = (float(total.read_value()) for total in sums)
         probs = np.concatenate([predict(x_val[i : i + 1024]).numpy() for i in range(0, len(x_val), 1024)])
         picked = np.clip(probs[np.arange(len(y_val)), y_val], 1e-7, 1.0)
         logs = {
-            "loss": total[0] / max(total[2], 1.0),
-            "accuracy": total[1] / max(total[2], 1.0),
+            "loss": loss_sum / max(count, 1.0),
+            "accuracy": hit_sum / max(count, 1.0),
             "val_loss": float(-np.log(picked).mean()),
             "val_accuracy": float((probs.argmax(axis=1) == y_val).mean()),
         }
         for key, value in logs.items():
             history.setdefault(key, []).append(float(value))
         seconds.append(round(time.perf_counter() - started, 2))
+        if not np.isfinite(logs["loss"]):
+            break  # diverged: no backup of these weights, so --resume goes on from the last sound epoch
         if backup is not None:
             backup.save(epoch + 1, history)
         if on_epoch is not None:
             on_epoch(epoch + 1, epochs, logs)
-        if not np.isfinite(logs["loss"]):
-            break
     if optimizer.use_ema:
         with strategy.scope():
             optimizer.finalize_variable_values(model.trainable_variables)

@@ -140,6 +140,8 @@ def train(
     With a tf.distribute `strategy` (mirrored or multi-worker; `worker` is this process's index), training
     runs `distribute.fit_classifier` instead of fit(): see `_train_distributed`.
     """
+    if strategy is None and digits.train_files is not None:
+        raise EdgeRnnError("streamed training images feed the tf.distribute loop only — pass a strategy (mirrored or multi-worker)")
     if strategy is not None:
         return _train_distributed(digits, cfg=cfg, strategy=strategy, worker=worker, on_epoch=on_epoch, backup_dir=backup_dir, resume=resume)
     keras = require("keras", "train")
@@ -224,7 +226,8 @@ def train_batches(digits: Digits, cfg: LstmConfig, global_batch: int):
 
     def batches(epoch: int):
         shuffled = records.shuffle(buffer, seed=cfg.seed * 100_003 + epoch, reshuffle_each_iteration=False)
-        scaled = shuffled.batch(global_batch).map(lambda x, y: (tf.cast(x, tf.float32) * PIXEL_SCALE, tf.cast(y, tf.int64)))
+        # drop_remainder: every worker runs the same number of steps (a last partial batch is left out).
+        scaled = shuffled.batch(global_batch, drop_remainder=True).map(lambda x, y: (tf.cast(x, tf.float32) * PIXEL_SCALE, tf.cast(y, tf.int64)))
         return scaled.prefetch(2).with_options(options)
 
     return batches
@@ -246,26 +249,31 @@ def _train_distributed(
     epoch, hence the step-anneal schedule, are the single-process ones step for step. Raising --batch-size
     (to keep each worker's share) shortens the epoch; the schedule's bounds follow (they are fractions of all
     steps) and the peak rate is square-root scaled (`learning_rate`), as in one process."""
-    from .distribute import EpochBackup, fit_classifier
+    from .distribute import EpochBackup, PeerLostError, fit_classifier
 
     tf = require("tensorflow", "train")
     replicas = int(strategy.num_replicas_in_sync)
     if cfg.batch_size % replicas:
         raise EdgeRnnError(f"--batch-size {cfg.batch_size} does not split over {replicas} replicas — give a multiple of {replicas}")
+    if len(digits.y_train) < cfg.batch_size:
+        raise EdgeRnnError(f"{len(digits.y_train)} training images make no global batch of {cfg.batch_size} — give a smaller --batch-size")
     tf.config.experimental.enable_op_determinism()
+    steps_per_epoch = len(digits.y_train) // cfg.batch_size  # full global batches only: see train_batches
     with strategy.scope():
-        model = build_model(cfg, train_samples=len(digits.y_train))
-    backup = None
-    if backup_dir is not None:
-        backup = EpochBackup(Path(backup_dir), worker=worker, model=model, optimizer=model.optimizer, resume=resume)
+        # The schedule counts the steps this loop takes: the recipe's, step for step, when the batch divides the set.
+        model = build_model(cfg, train_samples=steps_per_epoch * cfg.batch_size)
     x_test, y_test = preprocess(digits.x_test), digits.y_test.astype(np.int64)
     try:
+        backup = None
+        if backup_dir is not None:
+            backup = EpochBackup(Path(backup_dir), worker=worker, model=model, optimizer=model.optimizer, resume=resume)
         history, start, seconds = fit_classifier(
             strategy, model, batches=train_batches(digits, cfg, cfg.batch_size), global_batch=cfg.batch_size,
+            steps_per_epoch=steps_per_epoch, steps_per_call=cfg.steps_per_execution,
             validation=(x_test, y_test), epochs=cfg.epochs, backup=backup, on_epoch=on_epoch,
         )
     except (tf.errors.UnavailableError, tf.errors.AbortedError, tf.errors.CancelledError, tf.errors.DeadlineExceededError) as exc:
-        raise EdgeRnnError(
+        raise PeerLostError(
             f"worker {worker}: lost contact with another worker ({type(exc).__name__}) — restart every worker with "
             "--resume; each goes on from the last epoch all of them finished"
         ) from exc

@@ -38,6 +38,9 @@ def test_cluster_from_workers_and_from_tf_config_agree(monkeypatch):
     (None, None, None, "set TF_CONFIG or pass --workers"),
     (None, None, "{not json", "TF_CONFIG is not"),
     (None, None, '{"cluster": {"worker": ["h:1"]}, "task": {"index": 3}}', "task index 3 is outside its 1 workers"),
+    (None, None, '{"cluster": {"chief": ["h:0"], "worker": ["h:1"]}, "task": {"type": "chief", "index": 0}}', "TF_CONFIG has chief tasks"),
+    (None, None, '{"cluster": {"worker": ["h:1"], "ps": ["h:2"]}, "task": {"type": "worker", "index": 0}}', "TF_CONFIG has ps tasks"),
+    (None, None, '{"cluster": ["h:1"], "task": {"index": 0}}', "TF_CONFIG is not"),
 ])
 def test_a_bad_cluster_is_a_clear_error(monkeypatch, workers, index, tf_config_env, fragment):
     monkeypatch.delenv("TF_CONFIG", raising=False)
