@@ -143,32 +143,39 @@ def test_the_chiefs_model_exports_passes_parity_and_matches_one_process(two_work
     assert abs(one - two) <= COMPARABLE_PP, (one, two)
 
 
-def test_a_killed_worker_resumes_from_its_backup_and_finishes(two_workers, tmp_path):
+def backed_up(out: Path, index: int) -> bool:
+    """Worker `index` has backed up epoch 1: its CheckpointManager state file, written after the checkpoint, lists it."""
+    try:
+        return '"ckpt-1"' in (out / ".train-backup" / f"worker-{index}" / "checkpoint").read_text()
+    except OSError:
+        return False
+
+
+def kill_after_first_epoch(tmp_path: Path, victim: int):
+    """Two workers; once both have backed up epoch 1, SIGKILL worker `victim`. Return the addresses, both --out
+    folders, the survivor's (exit code, output) and the seconds from the kill to the survivor's exit."""
     addresses = cluster()
     out = [tmp_path / "w0", tmp_path / "w1"]
     procs = [worker(i, addresses, out[i]) for i in (0, 1)]
-    state = [out[i] / ".train-backup" / f"worker-{i}" / "checkpoint" for i in (0, 1)]
-
-    def backed_up(path: Path) -> bool:  # the CheckpointManager's state file, written after the checkpoint, lists it
-        try:
-            return '"ckpt-1"' in path.read_text()
-        except OSError:
-            return False
-
     end = time.monotonic() + DEADLINE_S
-    while not all(backed_up(p) for p in state) and time.monotonic() < end and all(p.poll() is None for p in procs):
+    while not all(backed_up(out[i], i) for i in (0, 1)) and time.monotonic() < end and all(p.poll() is None for p in procs):
         time.sleep(0.05)
-    assert all(backed_up(p) for p in state), finish(*procs)
-    procs[1].send_signal(signal.SIGKILL)
+    assert all(backed_up(out[i], i) for i in (0, 1)), finish(*procs)
+    procs[victim].send_signal(signal.SIGKILL)
     killed_at = time.monotonic()
-    (chief_code, chief_output), (worker_code, _) = finish(*procs)
-    assert worker_code == -signal.SIGKILL
+    results = finish(*procs)
+    assert results[victim][0] == -signal.SIGKILL
+    return addresses, out, results[1 - victim], time.monotonic() - killed_at
+
+
+def test_a_killed_worker_resumes_from_its_backup_and_finishes(two_workers, tmp_path):
+    addresses, out, (code, output), seconds = kill_after_first_epoch(tmp_path, victim=1)
     # The chief notices (TF's coordination service: worker 1's heartbeats stopped), says so in one line and
     # leaves its backup behind.
-    assert chief_code == 1 and time.monotonic() - killed_at < 120, chief_output
-    assert "Traceback" not in chief_output
-    assert len(error_lines(chief_output)) == 1 and "restart every worker with --resume" in chief_output, chief_output
-    assert not (out[0] / "model.keras").exists() and backed_up(state[0])
+    assert code == 1 and seconds < 120, output
+    assert "Traceback" not in output
+    assert len(error_lines(output)) == 1 and "restart every worker with --resume" in output, output
+    assert not (out[0] / "model.keras").exists() and backed_up(out[0], 0)
 
     procs = [worker(i, addresses, out[i], "--resume") for i in (0, 1)]
     for code, output in finish(*procs):
@@ -191,22 +198,11 @@ def test_a_killed_worker_resumes_from_its_backup_and_finishes(two_workers, tmp_p
 
 def test_a_killed_chief_stops_the_other_worker_with_one_line(tmp_path):
     """The chief also hosts TF's coordination service: when it dies, worker 1 must still stop, not hang."""
-    addresses = cluster()
-    out = [tmp_path / "w0", tmp_path / "w1"]
-    procs = [worker(i, addresses, out[i]) for i in (0, 1)]
-    index = out[1] / ".train-backup" / "worker-1" / "ckpt-1.index"
-    end = time.monotonic() + DEADLINE_S
-    while not index.exists() and time.monotonic() < end and all(p.poll() is None for p in procs):
-        time.sleep(0.05)
-    assert index.exists(), finish(*procs)
-    procs[0].send_signal(signal.SIGKILL)
-    killed_at = time.monotonic()
-    (chief_code, _), (code, output) = finish(*procs)
-    assert chief_code == -signal.SIGKILL
-    assert code == 1 and time.monotonic() - killed_at < 120, output
+    _, out, (code, output), seconds = kill_after_first_epoch(tmp_path, victim=0)
+    assert code == 1 and seconds < 120, output
     assert "Traceback" not in output
     assert len(error_lines(output)) == 1 and "worker 1: lost contact" in output, output
-    assert index.exists()  # its backup stays for --resume
+    assert backed_up(out[1], 1)  # its backup stays for --resume
 
 
 def test_a_cluster_nobody_answers_on_is_a_clear_error_not_a_hang(tmp_path):
