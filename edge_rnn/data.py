@@ -121,7 +121,7 @@ def load_npz(path: Path) -> Digits:
     return Digits(path.stem, str(path), *arrays)
 
 
-# Chunk in which `idx_shape` reads through a file it only checks.
+# Chunk in which `read_idx(data=False)` reads through a file it only checks.
 _IDX_CHUNK = 1 << 20
 
 
