@@ -122,9 +122,9 @@ def test_two_workers_train_only_the_chief_writes_and_the_manifest_says_how(two_w
     # No thread per collective op: with a collective timeout set, TF 2.21 starts one sleeping thread per
     # all-reduce — the chief grew by ~140 threads a second, ~2,000 after these 3 epochs (a full-size run died of
     # it); without, its count stays flat (~127 here; thread pools scale with the host's cores, so the test
-    # looks at growth over the second half of the run, not at the count).
+    # looks at growth over the second half of the run — several seconds, so ~1,000 with the leak — not at the count).
     late = thread_counts[len(thread_counts) // 2 :]
-    assert len(late) > 4 and max(late) - min(late) < 100, thread_counts
+    assert len(late) > 4 and max(late) - late[0] < 300, thread_counts  # (the count drops as the process exits)
 
 
 def test_the_chiefs_model_exports_passes_parity_and_matches_one_process(two_workers, tmp_path):
