@@ -7,7 +7,7 @@ Why a loop of our own instead of `model.fit()`: with Keras 3.15 + TF 2.21, fit()
 MultiWorkerMirroredStrategy fails with two real workers (`strategy.reduce` on the (x, y) pair while building,
 then "Invalid reduction dimension 0" on the scalar loss — tensorflow/tensorflow#72388). The loop below is
 TensorFlow's documented custom-loop recipe: `strategy.run` per replica, the loss summed and divided by the
-global batch, gradients all-reduced by the Keras optimizer, metrics reduced with SUM. For the same reason
+global batch, gradients all-reduced by the Keras optimizer, epoch sums in ON_READ variables. For the same reason
 `keras.callbacks.BackupAndRestore` (a fit() callback) is replaced by a `tf.train.CheckpointManager` per worker.
 """
 
@@ -27,10 +27,11 @@ from .errors import EdgeRnnError, require
 STRATEGIES = ("default", "mirrored", "multi-worker")
 
 # No timeout on collectives (gradient all-reduce): TF 2.21 starts one thread per collective op to enforce it,
-# which sleeps out the whole timeout — measured +140 threads a second on two workers, and a full-size run died
-# of it ("std::system_error: Resource temporarily unavailable" at ~75,000 threads with 600 s; with 60 s, 2 of 3
-# runs had an all-reduce stall for a minute). A dead or frozen worker is caught without it: TF's coordination
-# service notices its heartbeats stopping and aborts every collective (seconds, in the tests).
+# which sleeps out the whole timeout — measured +140 threads a second on two workers, and a full-size run with
+# 600 s died of it ("std::system_error: Resource temporarily unavailable" when no more threads could start; with
+# 60 s, 2 of 3 runs had an all-reduce stall for a minute). A dead worker is caught without it: TF's coordination
+# service (on the chief) notices its heartbeats stopping and aborts every collective — 1–11 s in timed kills;
+# a killed chief is noticed too (tests/test_multi_worker.py).
 COLLECTIVE_TIMEOUT_S = None
 # Every worker keeps its last two epoch checkpoints: a worker killed between its last step and its save is
 # one epoch behind the others, and all resume from the newest epoch every one of them has.
