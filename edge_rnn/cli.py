@@ -140,7 +140,7 @@ def _history_table(history: dict[str, list[float]]) -> Table:
 def train_mnist_lstm(
     data: str = typer.Option("mnist", help="mnist | fashion-mnist | sample | PATH.npz | IDX folder"),
     epochs: int = typer.Option(LstmConfig.epochs, min=1, max=MAX_EPOCHS, help="Training epochs."),
-    batch_size: int = typer.Option(LstmConfig.batch_size, min=1, max=MAX_BATCH_SIZE, help="Mini-batch size."),
+    batch_size: int = typer.Option(LstmConfig.batch_size, min=1, max=MAX_BATCH_SIZE, help="Mini-batch size; with a strategy, the global batch split over all replicas."),
     seed: int = typer.Option(LstmConfig.seed, help="Seed for weights, dropout and shuffling."),
     out_dir: Path = typer.Option(Path(DEFAULT_OUT) / MNIST_DIRNAME, "--out", help="Model folder to write."),
     resume: bool = typer.Option(False, "--resume", help="Continue a killed run from its last finished epoch (backed up in OUT/.train-backup)."),
