@@ -60,7 +60,7 @@ import numpy as np
 
 from .config import CHAR_RNN_DIRNAME, DEFAULT_OUT, MNIST_DIRNAME
 from .errors import EdgeRnnError, ModelFileError, require
-from .runtimes import thread_env
+from .runtimes import run_in_child
 from .device.hostinfo import cpu_features, describe
 from .device.manifest import atomic_path, load_manifest, verified_file
 
@@ -561,27 +561,12 @@ def _child(row: _Row, cfg: BenchConfig, queue) -> None:
 
 
 def _run_row(row: _Row, cfg: BenchConfig) -> dict[str, Any] | str:
-    import multiprocessing
-    import queue as queue_mod
-
-    ctx = multiprocessing.get_context("spawn")
-    q = ctx.Queue()
-    with thread_env(cfg.threads):
-        proc = ctx.Process(target=_child, args=(row, cfg, q), daemon=True)
-        proc.start()
-    deadline = time.monotonic() + cfg.row_timeout
-    try:
-        while time.monotonic() < deadline:
-            try:
-                return q.get(timeout=1.0)
-            except queue_mod.Empty:
-                if not proc.is_alive():
-                    return f"the measuring process died (exit code {proc.exitcode}) — see its stderr above"
+    got = run_in_child(_child, (row, cfg), threads=cfg.threads, timeout_s=cfg.row_timeout, poll_s=1.0)
+    if got.timed_out:
         return f"no result within {cfg.row_timeout:.0f} s"
-    finally:
-        proc.join(timeout=10)
-        if proc.is_alive():
-            proc.kill()
+    if got.died is not None:
+        return f"the measuring process died (exit code {got.died}) — see its stderr above"
+    return got.value
 
 
 # ---------------------------------------------------------------------------------------------

@@ -41,7 +41,7 @@ from .device.bundle import _top1, is_bundle
 from .device.hostinfo import cpu_features, describe
 from .device.manifest import load_manifest, verified_file
 from .errors import EdgeRnnError, InputError, MissingDependencyError
-from .runtimes import RUNTIMES, Arrays, open_runtime, runtime, thread_env
+from .runtimes import RUNTIMES, Arrays, open_runtime, run_in_child, runtime
 
 # Real inputs with the source model's answers (the reference vectors).
 REFERENCE_COUNT = 8
@@ -249,27 +249,12 @@ def _child(name: str, path: str, inputs: dict[str, Arrays], threads: int, queue)
 
 
 def _in_subprocess(name: str, path: Path, inputs: dict[str, Arrays], *, threads: int) -> dict[str, Any]:
-    import multiprocessing
-    import queue as queue_mod
-
-    ctx = multiprocessing.get_context("spawn")
-    q = ctx.Queue()
-    with thread_env(threads):
-        proc = ctx.Process(target=_child, args=(name, str(path), inputs, threads, q), daemon=True)
-        proc.start()
-    deadline = time.monotonic() + RUNTIME_TIMEOUT_S
-    try:
-        while time.monotonic() < deadline:
-            try:
-                return q.get(timeout=0.5)
-            except queue_mod.Empty:
-                if not proc.is_alive():
-                    return {"error": f"the {name} process died (exit code {proc.exitcode}: the runtime crashed on this file)"}
+    got = run_in_child(_child, (name, str(path), inputs, threads), threads=threads, timeout_s=RUNTIME_TIMEOUT_S, poll_s=0.5)
+    if got.timed_out:
         return {"error": f"no answer within {RUNTIME_TIMEOUT_S:.0f} s"}
-    finally:
-        proc.join(timeout=10)
-        if proc.is_alive():
-            proc.kill()
+    if got.died is not None:
+        return {"error": f"the {name} process died (exit code {got.died}: the runtime crashed on this file)"}
+    return got.value
 
 
 # ---------------------------------------------------------------------------------------------

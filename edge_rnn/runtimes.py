@@ -209,3 +209,40 @@ def thread_env(threads: int) -> Iterator[None]:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+@dataclass(frozen=True)
+class ChildResult:
+    """What `run_in_child` got: the child's answer, or the exit code it died with, or that it never answered."""
+
+    value: Any = None
+    died: int | None = None
+    timed_out: bool = False
+
+
+def run_in_child(target: Callable[..., None], args: tuple, *, threads: int, timeout_s: float, poll_s: float = 0.5) -> ChildResult:
+    """Run `target(*args, queue)` in a fresh (spawned) process with `threads` BLAS/OpenMP threads and return the
+    first thing it puts on `queue` — or how it failed: a runtime that crashes (tract panics abort a process) or
+    hangs costs its own process, never the caller. The child is joined, or killed, before this returns."""
+    import multiprocessing
+    import queue as queue_mod
+    import time
+
+    ctx = multiprocessing.get_context("spawn")
+    q = ctx.Queue()
+    with thread_env(threads):
+        proc = ctx.Process(target=target, args=(*args, q), daemon=True)
+        proc.start()
+    deadline = time.monotonic() + timeout_s
+    try:
+        while time.monotonic() < deadline:
+            try:
+                return ChildResult(value=q.get(timeout=poll_s))
+            except queue_mod.Empty:
+                if not proc.is_alive():
+                    return ChildResult(died=proc.exitcode)
+        return ChildResult(timed_out=True)
+    finally:
+        proc.join(timeout=10)
+        if proc.is_alive():
+            proc.kill()
