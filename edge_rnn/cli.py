@@ -666,6 +666,81 @@ def check(
             raise typer.Exit(1)
 
 
+def _figure_text(name: str, value: float, *, unit: bool = True) -> str:
+    if "accuracy" in name:
+        return f"{100 * value:.2f}" + ("%" if unit else "")
+    return f"{value:.4g}"
+
+
+def _evaluate_table(evaluation) -> Table:
+    """One row per variant, readable at 80 columns: the headline metric, its interval, the change from fp32, top-1
+    (or sign) agreement with fp32, the mean over examples of max |Δ| from fp32, and the promise's verdict."""
+    from rich import box
+
+    heads = {v.headline.name for v in evaluation.variants if v.headline}
+    metric = heads.pop() if len(heads) == 1 else "metric"
+    kinds = ", ".join(f"{escape(n)}: {k}" for n, k in evaluation.kinds.items())
+    table = Table(title=f"evaluate: {evaluation.count:,} examples, batch {evaluation.batch} ({kinds})",
+                  box=box.SIMPLE_HEAD, padding=(0, 1), pad_edge=False)
+    for name in ("variant", metric, "95% interval", "vs fp32", "agree", "mean|Δ|", "ok"):
+        table.add_column(name, justify="left" if name in ("variant", "ok") else "right", no_wrap=True)
+    for v in evaluation.variants:
+        h = v.headline
+        interval = "" if h is None or h.low is None else f"{_figure_text(h.name, h.low, unit=False)}–{_figure_text(h.name, h.high)}"
+        baseline = v.role == evaluation.baseline
+        vs = ""
+        if h is not None and v.vs_fp32 is not None and not baseline:
+            vs = f"{100 * v.vs_fp32:+.2f}pp" if "accuracy" in h.name else f"{v.vs_fp32:+.3g}"
+        agree = "" if v.agreement is None or baseline else f"{100 * v.agreement:.1f}%"
+        mean = "" if v.mean_max_abs_diff is None or baseline else f"{v.mean_max_abs_diff:.0e}"
+        verdict = {True: "[green]ok[/]", False: "[bold red]FAIL[/]", None: "fp32" if baseline else "—"}[v.verdict.ok]
+        table.add_row(escape(v.role), _figure_text(h.name, h.value) if h else "—", interval, vs, agree, mean, verdict)
+    return table
+
+
+@app.command()
+@clean_errors
+def evaluate(
+    target: Path = typer.Argument(..., help="A model folder, a model file with its manifest.json beside it, or a bundle (.tar.gz)."),
+    data: Path = typer.Option(..., "--data", help="Labelled data: FILE.npz (np.savez) or a folder of .npy files — one array per input (x for one), targets named after the outputs (y for one)."),
+    batch: int = typer.Option(1, "--batch", min=1, max=65_536, help="Batch size each variant runs at: the one the device runs (int8 answers depend on their batch)."),
+    metric: Optional[str] = typer.Option(None, "--metric", help="accuracy | binary-accuracy | mae | nats (default: from the model's output layer)."),
+    max_drop: Optional[float] = typer.Option(None, "--max-drop", min=0.0, max=100.0, help="Budget of a quantized variant's metric vs fp32: pp for accuracy (default 1), % for errors (default 2)."),
+    threads: int = typer.Option(1, min=0, max=256, help="onnxruntime intra-op threads (0 = onnxruntime's default)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+) -> None:
+    """Score every variant (fp32, int8, fp16, step models, .ort, the Keras source) on your labelled data, with 95%
+    intervals, differences to fp32 and each quantized variant's promise. Exit 1 when a variant breaks its promise.
+
+    Example: edge-rnn evaluate models/kws --data kws_test.npz --batch 1
+    """
+    from .evaluate import evaluate as run_evaluate
+
+    progress = None
+    on_progress = None
+    if err.get().is_terminal:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        progress = Progress(TextColumn("[bold]examples"), MofNCompleteColumn(), BarColumn(), TimeElapsedColumn(), console=err.get(), transient=True)
+        task = progress.add_task("evaluate", total=None)
+        on_progress = lambda done, total: progress.update(task, completed=done, total=total)  # noqa: E731
+    with progress or contextlib.nullcontext():
+        evaluation = run_evaluate(target, data=data, batch=batch, metric=metric, max_drop=max_drop, threads=threads or None,
+                                  on_progress=on_progress)
+    if as_json:
+        print(json.dumps(evaluation.to_json(), indent=2))
+    else:
+        _warn(evaluation.notes)
+        out.print(_evaluate_table(evaluation))
+        for v in evaluation.variants:
+            for failure in v.verdict.failures:
+                out.print(f"[bold red]FAIL[/] {escape(failure)}", highlight=False, soft_wrap=True)
+    if not evaluation.ok:
+        failed = ", ".join(v.role for v in evaluation.variants if v.verdict.ok is False)
+        err.print(f"[bold red]error:[/] {escape(failed)} broke its promise on {escape(str(data))}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1)
+
+
 def _pipeline_table(rows) -> Table:
     from rich import box
 

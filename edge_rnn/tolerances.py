@@ -67,3 +67,11 @@ BUNDLE_QUANT_OUTPUT_RTOL = 0.05
 # optimisation (ort_format.py); measured max |Δ| 0 on mnist-lstm (fp32, int8, step) and the char RNN. The
 # margin allows the device's full build to fuse the `.onnx` further at load than the saved `.ort` is.
 ORT_FORMAT_ATOL = 1e-6
+# Budgets of a quantized model's metric on the user's data (`evaluate`, `quantize --data`; `--max-drop` changes
+# them): accuracy may fall at most this many percentage points, as QUANT_MAX_ACCURACY_DROP_PP on the built-ins…
+EVAL_MAX_ACCURACY_DROP_PP = QUANT_MAX_ACCURACY_DROP_PP
+# …and an error metric (MAE, RMSE, nats/char) may rise at most this many percent of fp32's. 2%: int8 weight
+# rounding adds noise of ~1/256 of each weight's range, which moves a regression's MAE by well under 1% when
+# the model is sound; a broken scale moves it by tens of percent. For the char RNN, 1% of ~2 nats is
+# QUANT_MAX_NATS_INCREASE's 0.02 nats.
+EVAL_MAX_ERROR_INCREASE = 2.0

@@ -126,6 +126,36 @@ def describe_inputs(keras_model, io: dict[str, Any], masking: list[dict]) -> dic
     return described
 
 
+def _activation_name(fn: Any) -> str:
+    name = getattr(fn, "__name__", None) or type(fn).__name__
+    return str(name).lower()
+
+
+def final_activation(layer: Any, tensor_index: int = 0) -> str:
+    """The activation an output ends in: its layer's (Dense, Activation, Softmax, TimeDistributed(Dense)), 'linear'
+    for a recurrent layer's extra state outputs and for layers without one."""
+    cls = type(layer).__name__
+    if tensor_index:
+        return "linear"
+    if cls == "TimeDistributed":
+        return final_activation(layer.layer)
+    if cls == "Softmax":
+        return "softmax"
+    fn = getattr(layer, "activation", None)
+    return _activation_name(fn) if fn is not None else "linear"
+
+
+def output_activations(keras_model, io: dict[str, Any]) -> dict[str, str]:
+    """{output name: the activation its layer ends in} for the model's outputs, which says how `evaluate` scores
+    each (softmax → accuracy, sigmoid → accuracy at 0.5, anything else → regression errors)."""
+    names = [spec["name"] for spec in io["outputs"]]
+    found = {}
+    for kt, name in zip(keras_model.outputs, names):
+        operation, _, tensor_index = kt._keras_history
+        found[name] = final_activation(operation, tensor_index)
+    return found
+
+
 def _lengths(batch: int, time_steps: int) -> list[int]:
     return [max(1, round(time_steps * PADDED_LENGTHS[row % len(PADDED_LENGTHS)])) for row in range(batch)]
 
@@ -289,6 +319,7 @@ class KerasAdapter(Adapter):
             if reason is not None:
                 fields["step_refused"] = reason.splitlines()[0]
         exported.fields["sample_inputs"] = describe_inputs(source, exported.fields["io"], exported.fields["masking"])
+        exported.fields["output_activations"] = output_activations(source, exported.fields["io"])
         exported.fields["versions"] = versions()
         return exported
 

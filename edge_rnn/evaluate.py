@@ -1,0 +1,193 @@
+"""`edge-rnn evaluate MODEL --data FILE`: every variant of a model folder, model file or bundle, scored on the
+user's labelled data (edge_rnn.device.evaluate does the scoring).
+
+Runs on a device: only numpy and onnxruntime are needed. On a workstation with the `[train]` extra, a
+folder's Keras source model is scored too (one more runner, float32, batch-independent).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from .device.dataset import Dataset, open_dataset
+from .device.evaluate import BASELINE, EXACT, Evaluation, Runner, evaluate_runners, promise_of, roles_in, sequence_runner, step_runner
+from .device.metrics import KINDS, METRICS, output_kind
+from .errors import EdgeRnnError, InputError, MissingDependencyError
+from .tolerances import KERAS_ONNX_ATOL
+
+# How a built-in task's first output is scored (a Keras model's manifest records its outputs' activations).
+TASK_KINDS = {"classify": "softmax", "generate": "logits"}
+MAX_EVAL_BATCH = 65_536
+
+
+def _state(manifest: dict[str, Any]) -> list[dict[str, Any]]:
+    from .device.session import step_spec
+
+    step = step_spec(manifest, Path("."))
+    return (step or {}).get("state", [])
+
+
+def data_outputs(manifest: dict[str, Any]) -> list[dict[str, Any]]:
+    """The outputs a target may score: the model's outputs without the recurrent state it hands back."""
+    state_out = {s.get("output") for s in _state(manifest)}
+    return [s for s in manifest["io"]["outputs"] if s["name"] not in state_out]
+
+
+def data_inputs(manifest: dict[str, Any]) -> list[dict[str, Any]]:
+    """The inputs data feeds: the model's inputs without the recurrent state it takes."""
+    state_in = {s.get("input") for s in _state(manifest)}
+    return [s for s in manifest["io"]["inputs"] if s["name"] not in state_in]
+
+
+def output_kinds(manifest: dict[str, Any], data: Dataset, *, metric: str | None = None) -> dict[str, str]:
+    """{output: metric kind} for every output the data scores or variants are compared on."""
+    outputs = data_outputs(manifest)
+    recorded = manifest.get("output_activations") if isinstance(manifest.get("output_activations"), dict) else {}
+    task_kind = TASK_KINDS.get(manifest.get("task"))
+    kinds = {}
+    for i, spec in enumerate(outputs):
+        name = spec["name"]
+        if metric is not None and (name in data.targets or not data.targets):
+            kinds[name] = METRICS[metric]
+            continue
+        activation = task_kind if (i == 0 and task_kind) else recorded.get(name)
+        target = data.targets.get(name)
+        kinds[name] = output_kind(activation, output_shape=tuple(spec.get("shape", [])), target=target if target is not None else np.zeros(0, np.float32))
+    return kinds
+
+
+def _targets_fit(kinds: dict[str, str], data: Dataset) -> None:
+    for name, kind in kinds.items():
+        target = data.targets.get(name)
+        if target is None:
+            continue
+        if kind == "sigmoid" and target.size and not np.all(np.isin(np.asarray(target[: min(len(target), 4096)]), (0, 1))):
+            raise InputError(f"{data.source}: target {name!r} is scored as yes/no (sigmoid output) but holds values other than 0 and 1 — "
+                             "give 0/1 labels, or --metric mae to score it as a regression")
+
+
+def _preprocess(manifest: dict[str, Any]) -> Callable[[str, np.ndarray], np.ndarray] | None:
+    pre = manifest.get("preprocessing")
+    if not (isinstance(pre, dict) and "image" in pre):
+        return None
+    from .device.inputs import preprocess_pixels
+
+    # Image models take raw uint8 pixels as `infer` does: scaled as the manifest says; floats must already be.
+    return lambda name, x: preprocess_pixels(x, preprocessing=pre) if x.dtype == np.uint8 else x
+
+
+def open_for(manifest: dict[str, Any], path: str | os.PathLike[str], *, dtypes: dict[str, Any] | None = None,
+             need_targets: bool = False, max_rows: int | None = None) -> Dataset:
+    """The user's data checked against a manifest's io (inputs without state, outputs with targets)."""
+    data = open_dataset(path, inputs=data_inputs(manifest), outputs=data_outputs(manifest), dtypes=dtypes,
+                        masking=manifest.get("masking", []), need_targets=need_targets, max_rows=max_rows,
+                        transform=_preprocess(manifest))
+    return data
+
+
+def _folder_models(model_dir: Path, manifest: dict[str, Any], roles: list[str], *, threads: int | None):
+    from .device.manifest import verified_file
+    from .device.runtime import load_model
+
+    return {role: load_model(verified_file(manifest, model_dir, role), threads=threads) for role in roles}
+
+
+def _runner_for(model, role: str, *, batch: int) -> Runner:
+    promise, atol = promise_of(role)
+    steps = "_step" in role
+    run = step_runner(model, batch=batch) if steps else sequence_runner(model, batch=batch)
+    return Runner(role, run, promise, atol)
+
+
+def _source_runner(model_dir: Path, manifest: dict[str, Any], notes: list[str]) -> Runner | None:
+    """The Keras source model as a runner where the folder has one and Keras is installed."""
+    if "keras" not in manifest.get("files", {}):
+        return None
+    try:
+        from .models import adapter_for
+
+        adapter = adapter_for(manifest)
+        source = adapter.load(model_dir, manifest)
+    except MissingDependencyError:
+        notes.append("Keras is not installed here ([train] extra): the source model is not scored")
+        return None
+    io = manifest["io"]
+
+    def run(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return adapter.reference(source, feeds, io=io)
+
+    return Runner("keras", run, EXACT, KERAS_ONNX_ATOL, batch_independent=True)
+
+
+def evaluate(
+    target: str | os.PathLike[str],
+    *,
+    data: str | os.PathLike[str],
+    batch: int = 1,
+    metric: str | None = None,
+    max_drop: float | None = None,
+    threads: int | None = 1,
+    source: bool = True,
+    roles: list[str] | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> Evaluation:
+    """Score every variant of TARGET (a model folder, a model file with its manifest, or a bundle) on DATA.
+
+    Quantized forms run at `batch` (the deployed batch size); every form is judged by its promise.
+    """
+    from .device.bundle import is_bundle, load_bundle_model, open_bundle
+    from .device.manifest import load_manifest, role_of
+
+    if not 1 <= batch <= MAX_EVAL_BATCH:
+        raise InputError(f"--batch must be between 1 and {MAX_EVAL_BATCH:,}")
+    if metric is not None and metric not in METRICS:
+        raise InputError(f"--metric {metric!r}: choose one of {', '.join(METRICS)}")
+    if max_drop is not None and not (0 <= max_drop <= 100):
+        raise InputError("--max-drop is a percentage: between 0 and 100")
+    path = Path(target)
+    notes: list[str] = []
+    runners: list[Runner] = []
+    if is_bundle(path):
+        bundle = open_bundle(path)
+        manifest = bundle.manifest
+        chosen = roles or roles_in(bundle.roles)
+        models = {role: load_bundle_model(path, role=role, threads=threads, bundle=bundle) for role in chosen}
+    else:
+        if path.is_dir():
+            model_dir = path
+            manifest = load_manifest(model_dir)
+            chosen = roles or roles_in(manifest.get("files", {}))
+        elif path.is_file():
+            model_dir = path.parent
+            manifest = load_manifest(model_dir)
+            role = role_of(manifest, model_dir, path)
+            chosen = roles or (["onnx", role] if role != "onnx" and "onnx" in manifest.get("files", {}) else [role])
+        else:
+            raise InputError(f"no model at {path} — give a model folder, a model file with its manifest.json, or a bundle (.tar.gz)")
+        models = _folder_models(model_dir, manifest, chosen, threads=threads)
+        if source:
+            keras_runner = _source_runner(model_dir, manifest, notes)
+            if keras_runner is not None:
+                runners.append(keras_runner)
+    if not models:
+        raise InputError(f"{path} holds no ONNX model to evaluate — run `edge-rnn export` first")
+    first = next(iter(models.values()))
+    from .device.runtime import _graph_dtypes
+
+    dataset = open_for(manifest, data, dtypes=_graph_dtypes(first))
+    kinds = output_kinds(manifest, dataset, metric=metric)
+    _targets_fit(kinds, dataset)
+    runners = [_runner_for(model, role, batch=batch) for role, model in models.items()] + runners
+    if not any(r.promise == BASELINE for r in runners) and "onnx" not in models:
+        notes.append("no fp32 sequence model here: variants are compared with the fp32 step model where there is one")
+    evaluation = evaluate_runners(dataset, runners, kinds=kinds, batch=batch, max_drop=max_drop,
+                                  source_role="keras" if any(r.role == "keras" for r in runners) else None, on_progress=on_progress)
+    evaluation.notes = notes + evaluation.notes
+    return evaluation
+
+
+__all__ = ["evaluate", "open_for", "output_kinds", "data_inputs", "data_outputs", "KINDS"]
