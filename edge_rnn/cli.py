@@ -666,10 +666,10 @@ def check(
             raise typer.Exit(1)
 
 
-def _figure_text(name: str, value: float, *, unit: bool = True) -> str:
+def _figure_text(name: str, value: float, *, unit: bool = True, digits: int = 4) -> str:
     if "accuracy" in name:
         return f"{100 * value:.2f}" + ("%" if unit else "")
-    return f"{value:.4g}"
+    return f"{value:.{digits}g}"
 
 
 def _evaluate_table(evaluation) -> Table:
@@ -686,7 +686,7 @@ def _evaluate_table(evaluation) -> Table:
         table.add_column(name, justify="left" if name in ("variant", "ok") else "right", no_wrap=True)
     for v in evaluation.variants:
         h = v.headline
-        interval = "" if h is None or h.low is None else f"{_figure_text(h.name, h.low, unit=False)}–{_figure_text(h.name, h.high)}"
+        interval = "" if h is None or h.low is None else f"{_figure_text(h.name, h.low, unit=False, digits=3)}–{_figure_text(h.name, h.high, digits=3)}"
         baseline = v.role == evaluation.baseline
         vs = ""
         if h is not None and v.vs_fp32 is not None and not baseline:

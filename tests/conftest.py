@@ -113,3 +113,12 @@ def one_line_error(result, *fragments: str) -> str:
     for fragment in fragments:
         assert fragment in lines[0], result.output
     return lines[0]
+
+
+@pytest.fixture(scope="session")
+def user_models(tmp_path_factory):
+    """Three users' Keras models on real data (tests/user_models.py): {name: (model folder, data .npz)},
+    exported and int8-quantized (read-only for tests: copy to modify)."""
+    from user_models import make_user_models
+
+    return make_user_models(tmp_path_factory.mktemp("user-models"))

@@ -254,8 +254,9 @@ def _judge(score: VariantScore, *, runner: Runner, kind: str, base: VariantScore
     if h is not None and b is not None:
         drop = _drop(h, b)
         if drop > max_drop:
-            unit = "pp" if h.higher_is_better else "% worse"
-            failures.append(f"{score.role}'s {h.name} is {drop:.2f} {unit} below fp32's > {max_drop:g} budget")
+            text = f"{drop:.2f} pp below" if h.higher_is_better else f"{drop:.1f}% worse than"
+            budget = f"{max_drop:g} pp" if h.higher_is_better else f"{max_drop:g}%"
+            failures.append(f"{score.role}'s {h.name} is {text} fp32's (budget {budget}, --max-drop)")
     return Verdict(not failures, failures, why="; ".join(why))
 
 
