@@ -272,15 +272,17 @@ def export(
     fail_on_loop: bool = typer.Option(False, "--fail-on-loop", help="Fail instead of falling back to tf2onnx, and if any graph holds Loop/Scan."),
     trust_h5: bool = typer.Option(False, "--trust-h5", help="Load an .h5 file (its loader can run code stored in the file: only for files you trust)."),
     opset: int = typer.Option(ExportConfig.opset, min=13, max=18, help="ONNX opset (13–18)."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Your data (FILE.npz or a folder of .npy, as for evaluate): parity is also checked on its first rows."),
 ) -> None:
     """Export a Keras model or a model folder to ONNX (fused LSTM/GRU/RNN ops, a step model where it streams),
-    validated output by output against the source.
+    validated output by output against the source (with --data, on your first rows too).
 
-    Example: edge-rnn export my_model.keras --out models/my_model --labels labels.txt
+    Example: edge-rnn export my_model.keras --out models/my_model --labels labels.txt --data test.npz
     """
     from .export import export as run_export
 
-    report = run_export(model, cfg=ExportConfig(opset=opset), out=out_dir, labels=labels, fail_on_loop=fail_on_loop, trust_h5=trust_h5)
+    report = run_export(model, cfg=ExportConfig(opset=opset), out=out_dir, labels=labels, fail_on_loop=fail_on_loop, trust_h5=trust_h5,
+                        data=data)
     for note in report.notes:
         err.print(note, highlight=False)
     if report.audit:
@@ -288,6 +290,10 @@ def export(
     for validation in report.validations:
         for name, entry in validation.metrics().items():
             out.print(f"parity {validation.role} {name}: max|Δ| {entry['max_abs_diff']:.2e} ({entry['tolerance']}) ok", highlight=False)
+    for validation in report.data_validations:
+        for name, entry in validation.metrics().items():
+            out.print(f"parity {validation.role} {escape(name)} on the first {report.data_rows} rows of {escape(report.data or '')}: "
+                      f"max|Δ| {entry['max_abs_diff']:.2e} ({entry['tolerance']}) ok", highlight=False, soft_wrap=True)
     if report.step_refused:
         out.print(f"no step model: {report.step_refused}", highlight=False)
     for role, path in report.files.items():
@@ -465,15 +471,38 @@ def bundle_cmd(
     variants: List[str] = typer.Option(["int8"], "--variant", help="fp32 | int8 | int8-static | fp16 | step | step-int8; repeat it."),
     ort: bool = typer.Option(False, "--ort", help="Add each model's .ort form and its required_operators.config."),
     out_file: Optional[Path] = typer.Option(None, "-o", "--out", help="The bundle to write (NAME.tar.gz; default: DIR.tar.gz beside DIR)."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Labelled data (FILE.npz or a folder of .npy, as for evaluate): reference vectors drawn from it, each model's metric on it recorded."),
 ) -> None:
-    """Pack what a device needs into one .tar.gz: the chosen model files, a device manifest and the source model's reference vectors.
+    """Pack what a device needs into one .tar.gz: the chosen model files, a device manifest and the source model's reference vectors
+    (with --data: drawn from your data, one class after another, and each bundled model's metric on all of it recorded).
 
-    Example: edge-rnn bundle artifacts/mnist-lstm --variant int8 --variant step -o mnist.tar.gz
+    Example: edge-rnn bundle artifacts/mnist-lstm --variant int8 --variant step --data test.npz -o mnist.tar.gz
     """
     from .bundle import make_bundle
 
-    path = make_bundle(model_dir, variants=tuple(variants), ort=ort, out=out_file)
-    out.print(f"bundle → {path} ({path.stat().st_size:,} bytes)", highlight=False)
+    path = make_bundle(model_dir, variants=tuple(variants), ort=ort, out=out_file, data=data)
+    out.print(f"bundle → {escape(str(path))} ({path.stat().st_size:,} bytes)", highlight=False)
+    if data is not None:
+        from .device.bundle import open_bundle
+
+        out.print(_recorded_metrics_table(open_bundle(path)))
+
+
+def _recorded_metrics_table(opened) -> Table | None:
+    """The metrics a bundle records on its maker's data, one row per model (None for a bundle made without --data)."""
+    from .device.bundle import recorded_metrics
+
+    recorded = recorded_metrics(opened)
+    if recorded is None:
+        return None
+    table = Table(title=f"recorded at bundling on {escape(recorded.data)}: {recorded.examples:,} examples, batch {recorded.batch}")
+    for column in ("role", "output", "metric", "value", "95% interval", "promise"):
+        table.add_column(column, justify="right" if column in ("value", "95% interval") else "left")
+    for m in recorded.roles:
+        interval = "" if m.low is None or m.high is None else f"{_figure_text(m.metric, m.low, unit=False, digits=3)}–{_figure_text(m.metric, m.high, digits=3)}"
+        promise = {True: "kept", False: "BROKEN", None: "—"}[m.ok]
+        table.add_row(escape(m.role), escape(m.output), escape(m.metric), _figure_text(m.metric, m.value), interval, promise)
+    return table
 
 
 @app.command("verify")
@@ -492,6 +521,9 @@ def verify_cmd(
     for line in verify(opened):
         out.print(f"  {line}", highlight=False)
     out.print(f"{bundle}: every member matches its manifest", highlight=False)
+    metrics_table = _recorded_metrics_table(opened)
+    if metrics_table is not None:
+        out.print(metrics_table)
     if not run:
         return
     report = self_test(opened)
@@ -705,7 +737,7 @@ def evaluate(
     data: Path = typer.Option(..., "--data", help="Labelled data: FILE.npz (np.savez) or a folder of .npy files — one array per input (x for one), targets named after the outputs (y for one)."),
     batch: int = typer.Option(1, "--batch", min=1, max=65_536, help="Batch size each variant runs at: the one the device runs (int8 answers depend on their batch)."),
     metric: Optional[str] = typer.Option(None, "--metric", help="accuracy | binary-accuracy | mae | nats (default: from the model's output layer)."),
-    max_drop: Optional[float] = typer.Option(None, "--max-drop", min=0.0, max=100.0, help="Budget of a quantized variant's metric vs fp32: pp for accuracy (default 1), % for errors (default 2)."),
+    max_drop: Optional[float] = typer.Option(None, "--max-drop", min=0.0, max=1000.0, help="Budget of a quantized variant's metric vs fp32: pp for accuracy (default 1), % for errors (default 2)."),
     threads: int = typer.Option(1, min=0, max=256, help="onnxruntime intra-op threads (0 = onnxruntime's default)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ) -> None:

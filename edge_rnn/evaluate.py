@@ -38,9 +38,22 @@ def data_outputs(manifest: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def data_inputs(manifest: dict[str, Any]) -> list[dict[str, Any]]:
-    """The inputs data feeds: the model's inputs without the recurrent state it takes."""
+    """The inputs data feeds: the model's inputs without the recurrent state it takes, each id input with the size
+    of its vocabulary (`vocab`: ids must lie below it) where the manifest knows it."""
     state_in = {s.get("input") for s in _state(manifest)}
-    return [s for s in manifest["io"]["inputs"] if s["name"] not in state_in]
+    described = manifest.get("sample_inputs") if isinstance(manifest.get("sample_inputs"), dict) else {}
+    chars = manifest.get("vocab") if manifest.get("task") == "generate" else None
+    specs = []
+    for spec in manifest["io"]["inputs"]:
+        if spec["name"] in state_in:
+            continue
+        how = described.get(spec["name"])
+        if isinstance(how, dict) and how.get("kind") == "ids" and isinstance(how.get("high"), int):
+            spec = {**spec, "vocab": how["high"]}
+        elif isinstance(chars, list) and np.issubdtype(np.dtype(spec.get("dtype", "float32")), np.integer):
+            spec = {**spec, "vocab": len(chars)}
+        specs.append(spec)
+    return specs
 
 
 def output_kinds(manifest: dict[str, Any], data: Dataset, *, metric: str | None = None) -> dict[str, str]:
@@ -146,8 +159,8 @@ def evaluate(
         raise InputError(f"--batch must be between 1 and {MAX_EVAL_BATCH:,}")
     if metric is not None and metric not in METRICS:
         raise InputError(f"--metric {metric!r}: choose one of {', '.join(METRICS)}")
-    if max_drop is not None and not (0 <= max_drop <= 100):
-        raise InputError("--max-drop is a percentage: between 0 and 100")
+    if max_drop is not None and not (0 <= max_drop <= 1000):
+        raise InputError("--max-drop is in percent (pp for accuracy): between 0 and 1000")
     path = Path(target)
     notes: list[str] = []
     runners: list[Runner] = []
@@ -190,4 +203,28 @@ def evaluate(
     return evaluation
 
 
-__all__ = ["evaluate", "open_for", "output_kinds", "data_inputs", "data_outputs", "KINDS"]
+
+def model_feeds(manifest: dict[str, Any], feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Data feeds {input: (N, …)} completed with zeros for every io input the data does not give: the recurrent
+    state a sequence model takes (the char RNN's h0), which a device starts at zero too."""
+    n = len(next(iter(feeds.values())))
+    full = dict(feeds)
+    for spec in manifest["io"]["inputs"]:
+        if spec["name"] not in full:
+            dims = [d if isinstance(d, int) else 1 for d in spec["shape"][1:]]
+            full[spec["name"]] = np.zeros((n, *dims), np.dtype(spec.get("dtype", "float32")))
+    return full
+
+
+def evaluate_models(manifest: dict[str, Any], models: dict[str, Any], *, data: str | os.PathLike[str], batch: int = 1) -> Evaluation:
+    """Score loaded models (role → LoadedModel, e.g. a bundle's members before the bundle is written) on labelled
+    DATA at `batch`, each judged by its promise; the data must hold targets."""
+    from .device.runtime import _graph_dtypes
+
+    dataset = open_for(manifest, data, dtypes=_graph_dtypes(next(iter(models.values()))), need_targets=True)
+    kinds = output_kinds(manifest, dataset)
+    _targets_fit(kinds, dataset)
+    runners = [_runner_for(model, role, batch=batch) for role, model in models.items()]
+    return evaluate_runners(dataset, runners, kinds=kinds, batch=batch)
+
+__all__ = ["evaluate", "open_for", "output_kinds", "data_inputs", "data_outputs", "evaluate_models", "model_feeds", "KINDS"]
