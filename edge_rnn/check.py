@@ -310,9 +310,11 @@ def check(
     batch: int = RANDOM_BATCH,
     threads: int = 1,
     seed: int = 0,
+    data: str | os.PathLike[str] | None = None,
 ) -> CheckReport:
     """Run a model folder's `role` file (default `onnx`) or a bundle's (default: the bundle's default role) on every
-    named runtime (all known ones by default) and judge each answer."""
+    named runtime (all known ones by default) and judge each answer; with `data` (the user's .npz or .npy folder),
+    its first `batch` rows are one more set, answered by the source model for a folder (by onnxruntime for a bundle)."""
     names = list(dict.fromkeys(runtimes or RUNTIMES))
     for name in names:
         runtime(name)  # unknown names fail before any work
@@ -323,13 +325,44 @@ def check(
         # Runtimes open files by path; the member goes to a private folder, never beside the user's files.
         workdir = Path(tempfile.mkdtemp(prefix="edge-rnn-check-"))
         try:
-            return _check(_bundle_vectors(target, role=role, batch=batch, seed=seed, workdir=workdir), names, threads=threads)
+            vectors = _bundle_vectors(target, role=role, batch=batch, seed=seed, workdir=workdir)
+            return _check(_with_data(vectors, data, batch=batch, manifest=load_bundle_manifest(target)), names, threads=threads)
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
     if not target.is_dir():
         raise EdgeRnnError(f"{target} is not a model folder or a bundle — give a folder made by edge-rnn export (or pipeline), "
                            "or a .tar.gz made by edge-rnn bundle")
-    return _check(_folder_vectors(target, role=role or "onnx", batch=batch, seed=seed), names, threads=threads)
+    vectors = _folder_vectors(target, role=role or "onnx", batch=batch, seed=seed)
+    return _check(_with_data(vectors, data, batch=batch, manifest=load_manifest(target), model_dir=target), names, threads=threads)
+
+
+def load_bundle_manifest(path: Path) -> dict[str, Any]:
+    from .device.bundle import open_bundle
+
+    return open_bundle(path).manifest
+
+
+def _with_data(vectors: _Vectors, data: str | os.PathLike[str] | None, *, batch: int, manifest: dict[str, Any],
+               model_dir: Path | None = None) -> _Vectors:
+    """`vectors` plus a `data` set: the first `batch` rows of the user's data (state inputs at zero), answered by the
+    source model where the folder has one (else by onnxruntime on the same file, like the random set)."""
+    if data is None:
+        return vectors
+    from .evaluate import open_for
+
+    dataset = open_for(manifest, data, max_rows=batch)
+    feeds, _ = dataset.rows(0, dataset.count)
+    for spec in vectors.io["inputs"]:
+        if spec["name"] not in feeds:  # a state input (the char RNN's h0): the zero state
+            feeds[spec["name"]] = np.zeros((dataset.count, spec["shape"][1]), np.float32)
+    vectors.inputs["data"] = feeds
+    if "random" in vectors.expected and model_dir is not None:
+        from .models import adapter_for
+
+        adapter = adapter_for(manifest)
+        vectors.expected["data"] = adapter.reference(adapter.load(model_dir, manifest), feeds, io=manifest["io"])
+    vectors.notes.append(f"data set: the first {dataset.count} rows of {data}")
+    return vectors
 
 
 def _check(vectors: _Vectors, names: list[str], *, threads: int) -> CheckReport:
@@ -360,7 +393,7 @@ def _check(vectors: _Vectors, names: list[str], *, threads: int) -> CheckReport:
     expected = {s: expected[s] for s in vectors.inputs}
     tolerances, tolerance_text = {}, {}
     for output in expected["reference"]:
-        ref = np.concatenate([expected[s][output] for s in expected])
+        ref = np.concatenate([expected[s][output].ravel() for s in expected])
         tolerances[output], tolerance_text[output] = vectors.tolerance(output, ref)
     for result in results:
         if result.status == OK:

@@ -255,3 +255,13 @@ def test_missing_targets_compare_with_fp32_only(user_models, tmp_path):
     with pytest.raises(DataError, match="has no targets"):
         open_dataset(tmp_path / "x_only.npz", inputs=[{"name": "rows", "dtype": "float32", "shape": ["batch", 28, 28]}],
                      outputs=[{"name": "digit", "dtype": "float32", "shape": ["batch", 10]}], need_targets=True)
+
+
+def test_check_runs_the_users_rows_as_one_more_set(user_models):
+    from edge_rnn.check import check
+
+    folder, data = user_models["co2"]
+    report = check(folder, runtimes=["onnxruntime"], batch=40, data=data)
+    assert report.sets["data"] == 40
+    (result,) = report.results
+    assert result.status == "ok" and result.max_abs_diff["data"]["next_week"] < 1e-5
