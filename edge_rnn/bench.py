@@ -35,6 +35,13 @@ How a row is scored follows from the folder's adapter (`adapter.bench_kind`, a k
   fp32 on the same inputs, plus top-1 agreement where the first output is a classifier's (N, classes).
 Step rows report the max |Δ| of the stepped outputs against the fp32 sequence model on the same stream.
 
+With the user's labelled data (`data`, one model folder; not for the char RNN, scored on its held-out text), every
+row also answers the first BENCH_DATA_ROWS rows of it, at batch 1 (the device's batch: a dynamic int8 model's
+answer depends on its batch), and its accuracy column becomes the data's metric (edge_rnn.device.metrics: the
+headline of the first scored output, accuracy, MAE or nats/char) with its 95% interval; top-1 agreement and
+max |Δ| against onnxruntime fp32 are then on the data's rows too (a step row keeps its comparison with the fp32
+sequence model). Timings are unchanged: each row is timed on the same inputs as without data.
+
 A folder missing a quantized variant gets it made first, through `quantize`, written into the folder
 (the report's notes say so): int8 and fp16 always; static int8 only for the built-in models, which
 calibrate on their own data (and are re-calibrated when made with another method than `calibration`) —
@@ -78,6 +85,11 @@ RECURRENT_OPS = ("LSTM", "GRU", "RNN", "DynamicQuantizeLSTM", "Loop", "Scan")
 LIBRARIES = ("numpy", "onnxruntime", "onnx", "tensorflow", "keras", "tf2onnx", "ai-edge-litert", "matplotlib", "openvino", "tract")
 # Runtimes besides onnxruntime that run the fp32 ONNX file (edge_rnn.runtimes), where installed.
 ONNX_RUNTIMES = ("openvino", "tract")
+# Rows of the user's data (--data) each row answers, at batch 1: ~0.1–1 s per row for an edge-sized recurrent
+# model, whichever runtime; `edge-rnn evaluate` scores all of the data.
+BENCH_DATA_ROWS = 1_000
+# Rows read from the data at a time in the measuring child.
+DATA_CHUNK = 256
 
 # Called before each row with (model, variant, runtime).
 RowCallback = Callable[[str, str, str], None]
@@ -118,8 +130,11 @@ class BenchResult:
     latency_ms: dict[str, float]  # p50, p90, p99 at batch 1
     throughput_per_s: dict[str, float]  # batch size (as a string) → samples per second
     peak_rss_mb: float
-    accuracy: float | None  # held-out accuracy (classifiers), validation nats/char (char RNN), None (max |Δ| rows)
+    # held-out accuracy (classifiers), validation nats/char (char RNN), the metric on the user's data (--data), or
+    # None (max |Δ| rows)
+    accuracy: float | None
     agreement_with_fp32: float | None  # top-1 agreement with onnxruntime fp32
+    # heldout_accuracy | val_nats_per_char | max_abs_diff, or on --data the metric's name (accuracy, mae, nats_per_char, …)
     metric: str = "heldout_accuracy"
     runs: int = 0
     path: str = ""
@@ -131,6 +146,8 @@ class BenchResult:
     graph_ops: dict[str, int] | None = None
     # Step rows: {"time_steps": T, "steps_ms": T steps at batch 1, "sequence_ms": one sequence call, "ratio"}.
     stepping: dict[str, float] | None = None
+    # [low, high]: the 95% interval of `accuracy` where it is a metric on the user's data (None where undefined).
+    accuracy_interval: list[float | None] | None = None
 
 
 @dataclass
@@ -321,6 +338,32 @@ def _classifier_predict(row: _Row, cfg: BenchConfig) -> tuple[Callable[[np.ndarr
     raise EdgeRnnError(f"unknown classifier runtime {row.runtime!r}")
 
 
+def _data_scores(row: _Row, answer: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]], *, batch: int) -> dict[str, Any]:
+    """The row's answers to the user's data (row.extra["score"]), `batch` rows per call: the first scored output's
+    headline metric with its 95% interval (edge_rnn.device.metrics), and the answers {output: (N, …)}."""
+    from .device.metrics import Tally, figures, score_batch
+    from .evaluate import open_for
+
+    score = row.extra["score"]
+    dataset = open_for(score["manifest"], score["data"], need_targets=True, max_rows=score["rows"])
+    kinds: dict[str, str] = score["kinds"]
+    scored = [name for name in kinds if name in dataset.targets]
+    tallies = {name: Tally(kinds[name]) for name in scored}
+    answers: dict[str, list[np.ndarray]] = {name: [] for name in kinds}
+    for _, feeds, targets in dataset.batches(DATA_CHUNK):
+        n = len(next(iter(feeds.values())))
+        parts = [answer({k: v[i : i + batch] for k, v in feeds.items()}) for i in range(0, n, batch)]
+        out = {name: np.concatenate([p[name] for p in parts]) for name in kinds}
+        valid = dataset.valid_steps(feeds)
+        for name in scored:
+            score_batch(tallies[name], out[name], targets[name], valid=valid)
+        for name in kinds:
+            answers[name].append(out[name])
+    head = figures(tallies[scored[0]])[0]
+    return {"accuracy": head.value, "accuracy_interval": [head.low, head.high], "metric": head.name,
+            "answers": {name: np.concatenate(ys) for name, ys in answers.items()}}
+
+
 def _measure_classifier(row: _Row, cfg: BenchConfig) -> dict[str, Any]:
     with np.load(row.data) as d:
         x, y = d["x"], d["y"]
@@ -335,8 +378,15 @@ def _measure_classifier(row: _Row, cfg: BenchConfig) -> dict[str, Any]:
     chunk = max(cfg.batch_sizes)
     probs = np.concatenate([predict(x[i : i + chunk]) for i in range(0, len(x), chunk)])
     top1 = probs.argmax(-1)
-    return {"load_ms": load_ms, "latency_ms": latency, "runs": runs, "throughput_per_s": throughput,
-            "accuracy": float(np.mean(top1 == y)), "top1": top1, "metric": "heldout_accuracy"}
+    out = {"load_ms": load_ms, "latency_ms": latency, "runs": runs, "throughput_per_s": throughput,
+           "accuracy": float(np.mean(top1 == y)), "top1": top1, "metric": "heldout_accuracy"}
+    if "score" in row.extra:
+        (x_name,), (y_name,) = [[s["name"] for s in row.extra["io"][k]][:1] for k in ("inputs", "outputs")]
+        # keras-predict costs ~30 ms a call whatever the batch: it answers in chunks (float32 does not depend on them).
+        call, batch = (predict, DATA_CHUNK) if row.runtime == "keras-predict" else (fixed(1), 1)
+        scores = _data_scores(row, lambda feeds: {y_name: np.asarray(call(feeds[x_name]))}, batch=batch)
+        out.update(scores, top1=scores.pop("answers")[y_name].argmax(-1))
+    return out
 
 
 def _generator_step(row: _Row, cfg: BenchConfig) -> tuple[Callable, float]:
@@ -448,8 +498,14 @@ def _measure_outputs(row: _Row, cfg: BenchConfig) -> dict[str, Any]:
     for batch in cfg.batch_sizes:
         fb = {name: _batched(x, batch) for name, x in feeds.items()}
         throughput[str(batch)] = _throughput(lambda: predict(fb), batch, cfg)
-    return {"load_ms": load_ms, "latency_ms": latency, "runs": runs, "throughput_per_s": throughput,
-            "accuracy": None, "metric": "max_abs_diff", "outputs": [np.asarray(o) for o in predict(feeds)]}
+    out = {"load_ms": load_ms, "latency_ms": latency, "runs": runs, "throughput_per_s": throughput,
+           "accuracy": None, "metric": "max_abs_diff", "outputs": [np.asarray(o) for o in predict(feeds)]}
+    if "score" in row.extra:
+        names = [s["name"] for s in row.extra["io"]["outputs"]]
+        scores = _data_scores(row, lambda f: dict(zip(names, predict(f))), batch=1)
+        answers = scores.pop("answers")
+        out.update(scores, outputs=[answers[name] for name in names])
+    return out
 
 
 def _paired(a: Callable[[], Any], b: Callable[[], Any], cfg: BenchConfig) -> tuple[float, float, int]:
@@ -531,9 +587,17 @@ def _measure_step(row: _Row, cfg: BenchConfig) -> dict[str, Any]:
     stepped = _stepped(all_steps(), reference)
     diffs = {name: float(np.max(np.abs(x.astype(np.float64) - reference[name]))) for name, x in stepped.items()
              if name in reference and x.shape == reference[name].shape}
-    return {"load_ms": load_ms, "latency_ms": latency, "runs": runs, "throughput_per_s": throughput,
-            "accuracy": None, "metric": "max_abs_diff", "max_abs_diff": diffs,
-            "stepping": {"time_steps": T, "steps_ms": steps_ms, "sequence_ms": sequence_ms}}
+    out = {"load_ms": load_ms, "latency_ms": latency, "runs": runs, "throughput_per_s": throughput,
+           "accuracy": None, "metric": "max_abs_diff", "max_abs_diff": diffs,
+           "stepping": {"time_steps": T, "steps_ms": steps_ms, "sequence_ms": sequence_ms}}
+    if "score" in row.extra:
+        from .device.evaluate import step_runner
+
+        # step_runner feeds every row from the zero state, one step and one row (batch 1) at a time.
+        scores = _data_scores(row, step_runner(model, batch=1), batch=DATA_CHUNK)
+        scores.pop("answers")
+        out.update(scores)
+    return out
 
 def _peak_rss_mb() -> float:
     """This process's peak resident memory in MiB.
@@ -699,7 +763,22 @@ MEASURES: dict[str, Callable[[_Row, BenchConfig], dict[str, Any]]] = {
 }
 
 
-def _step_row(model_dir: Path, manifest: dict[str, Any], adapter, work: Path, *, time_steps: int, notes: list[str]) -> _Row | None:
+def _score_plan(manifest: dict[str, Any], data: Path, notes: list[str]) -> dict[str, Any]:
+    """What every row needs to answer the user's data (row.extra["score"]), checked here, once, before any row runs."""
+    from .evaluate import _targets_fit, open_for, output_kinds
+
+    dataset = open_for(manifest, data, need_targets=True, max_rows=BENCH_DATA_ROWS)
+    kinds = output_kinds(manifest, dataset)
+    _targets_fit(kinds, dataset)
+    total = len(next(iter(dataset.inputs.values())))
+    if total > dataset.count:
+        notes.append(f"{manifest['model']}: every row answers the first {dataset.count:,} of the {total:,} rows of {data.name} "
+                     f"(bench's cap; edge-rnn evaluate scores them all)")
+    return {"data": str(data), "rows": dataset.count, "kinds": kinds, "manifest": manifest}
+
+
+def _step_row(model_dir: Path, manifest: dict[str, Any], adapter, work: Path, *, time_steps: int, notes: list[str],
+              score: dict[str, Any] | None = None) -> _Row | None:
     """The step row of a folder with a steppable file (model.step.onnx, or a model.onnx that carries its state)."""
     from .device.session import load_model
 
@@ -711,6 +790,8 @@ def _step_row(model_dir: Path, manifest: dict[str, Any], adapter, work: Path, *,
                 data = work / f"{name}.stream.npz"
                 np.savez(data, **adapter.stream_inputs(manifest, steps=time_steps, seed=0))
                 extra = {"time_steps": time_steps, "sequence": str(verified_file(manifest, model_dir, "onnx"))}
+                if score is not None:
+                    extra["score"] = score
                 return _Row(name, "step", "onnxruntime", str(path), STEP_KIND, str(data), extra)
     notes.append(f"{name}: no step row — {manifest.get('step_refused') or 'the folder holds no step model'}")
     return None
@@ -730,9 +811,10 @@ def _onnx_runtime_rows(name: str, fp32_path: Path, row: Callable[..., _Row], not
 
 
 def _plan_model(
-    model_dir: Path, cfg: BenchConfig, work: Path, notes: list[str]
+    model_dir: Path, cfg: BenchConfig, work: Path, notes: list[str], *, data: Path | None = None
 ) -> tuple[list[_Row], dict[str, dict], dict[str, dict[str, int]]]:
-    """Rows to measure for one model folder, the coverage report of each quantized variant and each ONNX row's recurrent ops."""
+    """Rows to measure for one model folder (each answering `data` too, where given), the coverage report of each
+    quantized variant and each ONNX row's recurrent ops."""
     from .models import adapter_for
 
     onnx = require("onnx", "train")
@@ -744,15 +826,21 @@ def _plan_model(
     adapter = adapter_for(manifest)
     kind_name = adapter.bench_kind
     kind = KINDS[kind_name]
+    if data is not None and not kind.onnx_runtimes:
+        raise EdgeRnnError(f"bench --data scores models whose rows take whole inputs; {manifest['model']} is scored on its held-out "
+                           f"text — score it on your data with `edge-rnn evaluate {model_dir} --data {data}`")
+    score = _score_plan(manifest, data, notes) if data is not None else None
     manifest = _ensure_variants(model_dir, manifest, adapter, cfg, notes)
     name = manifest["model"]
     time_steps = _time_steps(manifest, cfg, notes)
     arrays, extra = kind.eval_data(manifest, adapter, time_steps=time_steps, cfg=cfg)
-    data = work / f"{name}.eval.npz"
-    np.savez(data, **arrays)
+    eval_data = work / f"{name}.eval.npz"
+    np.savez(eval_data, **arrays)
+    if score is not None:
+        extra = {**extra, "score": score}
 
     def row(variant: str, runtime: str, path: str | Path, **more: Any) -> _Row:
-        return _Row(name, variant, runtime, str(path), kind_name, str(data), {**extra, **more})
+        return _Row(name, variant, runtime, str(path), kind_name, str(eval_data), {**extra, **more})
 
     rows, coverage, graph_ops = [], {}, {}
     fp32_model = onnx.load(str(verified_file(manifest, model_dir, "onnx")))
@@ -769,7 +857,7 @@ def _plan_model(
             coverage[variant]["settings"] = manifest.get("quantization", {}).get(role, {}).get("settings", {})
     if kind.onnx_runtimes:
         rows += _onnx_runtime_rows(name, verified_file(manifest, model_dir, "onnx"), row, notes)
-    step = _step_row(model_dir, manifest, adapter, work, time_steps=time_steps, notes=notes)
+    step = _step_row(model_dir, manifest, adapter, work, time_steps=time_steps, notes=notes, score=score)
     if step is not None:
         rows.append(step)
         graph_ops["step"] = _recurrent_ops(onnx.load(step.path))
@@ -858,7 +946,7 @@ def targets(results: list[BenchResult]) -> list[Target]:
         big = lambda r: max(r.throughput_per_s, key=int)  # noqa: E731
         add("int8 / fp32 throughput at the largest batch", int8, fp32,
             lambda a, b: a.throughput_per_s[big(a)] / b.throughput_per_s[big(b)], "≥ 1.7", lambda r: r >= 1.7)
-        if fp32 is not None and fp32.metric == "heldout_accuracy":
+        if fp32 is not None and int8 is not None and fp32.metric in ("heldout_accuracy", "accuracy") and int8.metric == fp32.metric:
             add("fp32 − int8 accuracy (pp)", fp32, int8, lambda a, b: 100 * (a.accuracy - b.accuracy), "≤ 0.3", lambda r: r <= 0.3)
         # tf2onnx turns GRU and SimpleRNN layers into Loop; the fused GRU/RNN ops must pay for themselves.
         if fp32 is not None and {"GRU", "RNN"} & set(fp32.graph_ops or {}):
@@ -933,8 +1021,10 @@ def bench(
     *,
     cfg: BenchConfig = BenchConfig(),
     on_row: RowCallback | None = None,
+    data: str | os.PathLike[str] | None = None,
 ) -> BenchReport:
-    """Measure every variant and baseline of each model folder, one fresh subprocess per row."""
+    """Measure every variant and baseline of each model folder, one fresh subprocess per row; with labelled `data`
+    (.npz or a folder of .npy, one model folder), every row also answers its first BENCH_DATA_ROWS rows at batch 1."""
     if cfg.opt_level not in OPT_LEVELS:
         raise EdgeRnnError(f"unknown --opt-level {cfg.opt_level!r}; choose from {list(OPT_LEVELS)}")
     from .quantize import CALIBRATION_METHODS
@@ -945,6 +1035,8 @@ def bench(
         raise EdgeRnnError("--threads, --runs, --rounds and --time-steps must be at least 1")
     if not model_dirs:
         raise ModelFileError("no model folders given — run `edge-rnn pipeline` first, or pass model folders")
+    if data is not None and len(model_dirs) != 1:
+        raise EdgeRnnError(f"--data scores one model: give one model folder with it (got {len(model_dirs)})")
     notes: list[str] = []
     results: list[BenchResult] = []
     with tempfile.TemporaryDirectory(prefix="edge-rnn-bench-") as tmp:
@@ -952,7 +1044,7 @@ def bench(
         for model_dir in map(Path, model_dirs):
             work = Path(tmp) / model_dir.name
             work.mkdir()
-            plans.append(_plan_model(model_dir, cfg, work, notes))
+            plans.append(_plan_model(model_dir, cfg, work, notes, data=Path(data) if data is not None else None))
         for rows, coverage, graph_ops in plans:
             measured: list[list[dict[str, Any]]] = [[] for _ in rows]
             failed: set[int] = set()
@@ -984,11 +1076,13 @@ def bench(
                         coverage=coverage.get(row.variant) if onnx_row else None,
                         max_abs_diff=out.get("max_abs_diff") or _max_abs_diff(out, outs.get(FP32_REFERENCE), row.extra),
                         graph_ops=graph_ops.get(row.variant) if onnx_row else None,
-                        stepping=out.get("stepping"),
+                        stepping=out.get("stepping"), accuracy_interval=out.get("accuracy_interval"),
                     )
                 )
     config = dataclasses.asdict(cfg)
     config["batch_sizes"] = list(cfg.batch_sizes)
+    if data is not None:
+        config["data"] = {"file": Path(data).name, "max_rows": BENCH_DATA_ROWS, "batch": 1}
     report = BenchReport(results, machine_info(threads=cfg.threads), config, targets(results), notes)
     return report
 
@@ -1013,11 +1107,21 @@ def check_plot_path(path: str | os.PathLike[str]) -> None:
     require("matplotlib", "bench")
 
 
-def accuracy_text(metric: str, accuracy: float | None) -> str:
-    """The accuracy column: held-out accuracy, nats/char, or — for rows scored by max |Δ|."""
+def accuracy_text(metric: str, accuracy: float | None, interval: Sequence[float | None] | None = None) -> str:
+    """The accuracy column: held-out accuracy, nats/char, a metric on the user's data with its 95% interval, or —
+    for rows scored by max |Δ|."""
     if accuracy is None:
         return "—"
-    return f"{accuracy:.2%}" if metric == "heldout_accuracy" else f"{accuracy:.4f} nats/char"
+    if metric.endswith("accuracy"):
+        text, bound = f"{accuracy:.2%}", "{:.1%}"
+    elif "nats" in metric:
+        text, bound = f"{accuracy:.4f} nats/char", "{:.4f}"
+    else:
+        text, bound = f"{metric} {accuracy:.4g}", "{:.3g}"
+    if interval is None or None in interval:
+        return text
+    low, high = interval
+    return f"{text} ({bound.format(low)}–{bound.format(high)})"
 
 
 def max_abs_diff_text(max_abs_diff: dict[str, float] | None) -> str:
@@ -1046,7 +1150,7 @@ def plot(report: BenchReport, *, path: str | os.PathLike[str]) -> None:
             ax.scatter(x, y, marker=RUNTIME_MARKERS.get(r.runtime, "x"), color=colours[model], s=60, edgecolors="black", linewidths=0.5)
             near = sum(abs(np.log10(x / px)) < 0.15 and abs(np.log10(y / py)) < 0.06 for px, py in placed)
             placed.append((x, y))
-            acc = accuracy_text(r.metric, r.accuracy) if r.accuracy is not None else f"max|Δ| {max_abs_diff_text(r.max_abs_diff)}"
+            acc = accuracy_text(r.metric, r.accuracy, r.accuracy_interval) if r.accuracy is not None else f"max|Δ| {max_abs_diff_text(r.max_abs_diff)}"
             label = f"{r.variant} {acc}" if r.runtime == "onnxruntime" else f"{r.runtime} {r.variant} {acc}"
             ax.annotate(label, (x, y), fontsize=7, textcoords="offset points", xytext=(6, -9 * near), va="center")
         for values, set_scale, axis in (
@@ -1094,7 +1198,7 @@ def markdown(doc: dict[str, Any]) -> str:
         "|" + "---|" * (11 + diffs + len(batches)),
     ]
     for r in doc["results"]:
-        acc = accuracy_text(r["metric"], r["accuracy"]) + (f" | {max_abs_diff_text(r.get('max_abs_diff'))}" if diffs else "")
+        acc = accuracy_text(r["metric"], r["accuracy"], r.get("accuracy_interval")) + (f" | {max_abs_diff_text(r.get('max_abs_diff'))}" if diffs else "")
         agree = "—" if r["agreement_with_fp32"] is None else f"{r['agreement_with_fp32']:.2%}"
         lat = r["latency_ms"]
         lines.append(

@@ -2,6 +2,11 @@
 
 Workstation side (the adapters run Keras or NumPy for the reference outputs). The format, and how a device
 opens, verifies and self-tests a bundle, are in `edge_rnn/device/bundle.py`.
+
+With the user's labelled data (`--data`), the reference inputs are rows of it (round-robin over the classes of a
+classifier's target, else the first rows), and every bundled model is scored on the whole data set at the
+device's batch (edge_rnn.evaluate), its metric and interval recorded in the manifest's `data_metrics` block.
+The same folder and the same data make the same bytes.
 """
 
 from __future__ import annotations
@@ -24,8 +29,11 @@ import numpy as np
 from . import __version__
 from .config import BundleConfig
 from .device.bundle import (
-    BUNDLE_FORMAT, BUNDLE_SUFFIX, FP32_ROLES, ORT_SUFFIX, REFERENCE_NAME, REFERENCE_ROLE, VARIANT_ROLES, steppable_role,
+    BUNDLE_FORMAT, BUNDLE_SUFFIX, DATA_METRICS, FP32_ROLES, ORT_SUFFIX, REFERENCE_NAME, REFERENCE_ROLE, VARIANT_ROLES, Bundle,
+    load_bundle_model, steppable_role,
 )
+from .device.dataset import Dataset
+from .device.metrics import class_targets
 from .device.manifest import MANIFEST_NAME, atomic_path, load_manifest, verified_file
 from .errors import EdgeRnnError
 from .tolerances import (
@@ -100,6 +108,121 @@ def tolerances_for(role: str, reference: dict[str, np.ndarray], *, manifest: dic
     return result
 
 
+def _class_ids(manifest: dict[str, Any], dataset: Dataset, kinds: dict[str, str]) -> tuple[str, np.ndarray] | tuple[None, None]:
+    """(output, one class id per example) from the first target scored as a classifier: softmax over C > 1 classes,
+    or a single sigmoid's 0/1; (None, None) where no target names one class per example (a regression, a per-step
+    sequence)."""
+    shapes = {s["name"]: s.get("shape", []) for s in manifest["io"]["outputs"]}
+    for name, kind in kinds.items():
+        if name not in dataset.targets:
+            continue
+        target = np.asarray(dataset.targets[name][: dataset.count])  # (N, …)
+        classes = shapes[name][-1] if shapes[name] else 1
+        if kind == "softmax" and isinstance(classes, int) and classes > 1:
+            ids = class_targets(target, classes)
+        elif kind == "sigmoid" and target.reshape(len(target), -1).shape[1] == 1:
+            ids = (target.reshape(-1) >= 0.5).astype(np.int64)
+        else:
+            continue
+        if ids.ndim == 1:
+            return name, ids
+    return None, None
+
+
+def round_robin(ids: np.ndarray, *, count: int) -> list[int]:
+    """Up to `count` positions of `ids` taken round-robin over its classes (each class's positions in order,
+    classes in id order), so every class is there as evenly as the rows allow."""
+    queues = [np.flatnonzero(ids == c) for c in np.unique(ids)]
+    picked: list[int] = []
+    for r in range(max((len(q) for q in queues), default=0)):
+        picked += [int(q[r]) for q in queues if r < len(q)]
+        if len(picked) >= count:
+            break
+    return picked[:count]
+
+
+def reference_rows(manifest: dict[str, Any], dataset: Dataset, kinds: dict[str, str], *, count: int) -> tuple[list[int], str | None, np.ndarray | None]:
+    """Rows of `dataset` for a bundle's reference vectors, in stratified order, the output whose classes they are
+    stratified by and the rows' class ids: `count` rows round-robin over the classes; the first `count` rows (and
+    no classes) where no target names one class per example."""
+    output, ids = _class_ids(manifest, dataset, kinds)
+    if ids is None:
+        return list(range(min(count, dataset.count))), None, None
+    rows = round_robin(ids, count=count)
+    return rows, output, ids[rows]
+
+
+# Data rows considered for the reference vectors: this many times the count, in stratified order, of which the
+# first `count` that every bundled quantized model answers within its self-test bound on this host are kept.
+REFERENCE_CANDIDATES = 4
+
+
+def _data_reference(manifest: dict[str, Any], data: Path, *, count: int) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Candidate reference inputs drawn from the user's data ({io input: (n, …)}, state inputs at zero), in
+    stratified order, and where from."""
+    from .evaluate import model_feeds, open_for, output_kinds
+
+    dataset = open_for(manifest, data, need_targets=True)
+    rows, stratified_by, classes = reference_rows(manifest, dataset, output_kinds(manifest, dataset), count=REFERENCE_CANDIDATES * count)
+    parts = [dataset.rows(i, i + 1)[0] for i in rows]
+    feeds = {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
+    drawn = {"file": data.name, "rows": rows, "stratified_by": stratified_by, "classes": classes}
+    return model_feeds(manifest, feeds), drawn
+
+
+def _stable_rows(candidates: Bundle, inputs: dict[str, np.ndarray], outputs: dict[str, np.ndarray], *, manifest: dict[str, Any],
+                 adapter: Any) -> np.ndarray:
+    """Which candidate rows every bundled quantized model answers within its self-test bound here (bool per row).
+
+    A self-test proves that a device computes what this host computed; a row on which a quantized model already
+    flips the source's answer here (a rare near-decision, counted in the data metrics) would fail on every
+    device and prove nothing, so such rows are not made reference vectors."""
+    from .device.bundle import _answers
+
+    ok = np.ones(len(next(iter(inputs.values()))), bool)
+    for role in candidates.roles:
+        base = role[: -len(ORT_SUFFIX)] if role.endswith(ORT_SUFFIX) else role
+        if base in FP32_ROLES:
+            continue
+        tolerances = tolerances_for(role, outputs, manifest=manifest, adapter=adapter)
+        got = _answers(load_bundle_model(candidates.path, role=role, threads=1, bundle=candidates), inputs, outputs)
+        for name, ref in outputs.items():
+            if name not in got or name not in tolerances:
+                continue
+            delta = np.abs(got[name].astype(np.float64) - ref.astype(np.float64)).reshape(len(ref), -1).max(axis=1)
+            ok &= delta <= tolerances[name]["atol"]
+            if tolerances[name]["argmax_min"] is not None:
+                ok &= got[name].argmax(-1) == ref.argmax(-1)
+    return ok
+
+
+def data_digest(path: str | os.PathLike[str]) -> str:
+    """sha256 of a data file, or of a folder's .npy files (each one's name and sha256, in name order)."""
+    from .device.manifest import sha256_file
+
+    path = Path(path)
+    if path.is_dir():
+        listing = "".join(f"{p.name}\0{sha256_file(p)}\n" for p in sorted(path.iterdir()) if p.suffix == ".npy")
+        return hashlib.sha256(listing.encode("utf-8")).hexdigest()
+    return sha256_file(path)
+
+
+def _data_metrics(bundle: Bundle, data: Path, *, batch: int) -> dict[str, Any]:
+    """The `data_metrics` block: every bundled model, loaded from the bytes it is bundled as, scored on the whole
+    data set at `batch` (edge_rnn.evaluate: its headline metric with the 95% interval, and its promise's verdict)."""
+    from .evaluate import evaluate_models
+
+    models = {role: load_bundle_model(bundle.path, role=role, threads=1, bundle=bundle) for role in bundle.roles}
+    evaluation = evaluate_models(bundle.manifest, models, data=data, batch=batch)
+    roles = {}
+    for v in evaluation.variants:
+        h = v.headline
+        roles[v.role] = {"output": next(iter(v.figures)), "metric": h.name, "value": h.value, "low": h.low, "high": h.high,
+                         "ok": v.verdict.ok}
+    return {"data": data.name, "sha256": data_digest(data), "examples": evaluation.count, "batch": batch,
+            "kinds": evaluation.kinds, "roles": roles}
+
+
 def _to_ort(model_path: Path, out_dir: Path) -> tuple[Path, Path]:
     """The .ort form of a model and its required_operators.config, by edge_rnn.ort_format where this edge-rnn has it."""
     if importlib.util.find_spec("edge_rnn.ort_format") is None:
@@ -116,9 +239,11 @@ def make_bundle(
     ort: bool = False,
     out: str | os.PathLike[str] | None = None,
     config: BundleConfig = BundleConfig(),
+    data: str | os.PathLike[str] | None = None,
 ) -> Path:
     """Write `out` (default: DIR.tar.gz beside DIR) atomically: the variants' model files, a device manifest and the
-    source model's reference vectors (see edge_rnn/device/bundle.py). Returns the bundle's path."""
+    source model's reference vectors (see edge_rnn/device/bundle.py). With labelled `data` (.npz or a folder of .npy),
+    the reference inputs are drawn from it and every bundled model's metric on it is recorded. Returns the bundle's path."""
     from .models import adapter_for
 
     model_dir = Path(model_dir)
@@ -137,9 +262,29 @@ def make_bundle(
         entries[role] = dict(manifest["files"][role], path=path.name)
 
     adapter = adapter_for(manifest)
-    inputs = adapter.reference_inputs(manifest, count=config.count, time_steps=config.time_steps, seed=config.seed)
+    drawn: dict[str, Any] | None = None
+    if data is None:
+        inputs = adapter.reference_inputs(manifest, count=config.count, time_steps=config.time_steps, seed=config.seed)
+    else:
+        inputs, drawn = _data_reference(manifest, Path(data), count=config.count)
     outputs = adapter.reference(adapter.load(model_dir, manifest), inputs, io=manifest["io"])
     outputs = {name: np.asarray(y) for name, y in outputs.items()}
+    if drawn is not None:
+        candidates = Bundle(out_path, dict(manifest, files={r: entries[r] for r in roles}),
+                            {entries[r]["path"]: files[entries[r]["path"]] for r in roles})
+        stable = _stable_rows(candidates, inputs, outputs, manifest=manifest, adapter=adapter)
+        classes = drawn.pop("classes")
+        usable = np.flatnonzero(stable)
+        # Stratified again over the usable rows, so a row passed over is replaced by one of its own class.
+        kept = [int(usable[i]) for i in round_robin(classes[usable], count=config.count)] if classes is not None \
+            else [int(i) for i in usable[: config.count]]
+        kept.sort(key=lambda i: drawn["rows"][i])  # in data order
+        if not kept:
+            raise EdgeRnnError(f"no row of {data} is answered by the quantized models within the self-test's bounds — "
+                               "their promise fails on this data (see `edge-rnn evaluate`); bundle the fp32 variant")
+        inputs = {k: v[kept] for k, v in inputs.items()}
+        outputs = {k: v[kept] for k, v in outputs.items()}
+        drawn = dict(drawn, rows=[drawn["rows"][i] for i in kept], passed_over=int(np.sum(~stable)))
 
     if ort:
         with tempfile.TemporaryDirectory(prefix="edge-rnn-ort-") as tmp:
@@ -161,13 +306,16 @@ def make_bundle(
     device["reference"] = {
         "file": REFERENCE_NAME,
         "source": adapter.source_kind,
-        "count": config.count,
+        "count": len(next(iter(inputs.values()))),
         "inputs": list(inputs),
         "outputs": list(outputs),
         "tolerances": {r: tolerances_for(r, outputs, manifest=manifest, adapter=adapter) for r in model_roles},
+        **({"data": drawn} if drawn is not None else {}),
     }
-    members = [(MANIFEST_NAME, (json.dumps(device, indent=2) + "\n").encode("utf-8"))]
-    members += [(entries[r]["path"], files[entries[r]["path"]]) for r in entries]
+    members = [(entries[r]["path"], files[entries[r]["path"]]) for r in entries]
+    if data is not None:
+        device[DATA_METRICS] = _data_metrics(Bundle(out_path, device, dict(members)), Path(data), batch=config.data_batch)
+    members.insert(0, (MANIFEST_NAME, (json.dumps(device, indent=2) + "\n").encode("utf-8")))
     with atomic_path(out_path) as tmp:
         _write_tar_gz(tmp, members)
     return out_path

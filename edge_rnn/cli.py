@@ -309,20 +309,39 @@ def quantize(
         ["int8"], "--variant", help="int8 (dynamic), int8-static (QDQ, calibrated), fp16; repeat for several."
     ),
     calibration: str = typer.Option("minmax", help="Calibration method for int8-static: minmax | entropy | percentile."),
+    data: Optional[Path] = typer.Option(
+        None, "--data",
+        help="Your labelled data (.npz or a folder of .npy, as `evaluate` takes): int8-static calibrates on it, and every variant is judged on it at batch 1.",
+    ),
+    max_drop: Optional[float] = typer.Option(
+        None, "--max-drop", min=0.0, max=1000.0,
+        help="Budget of a variant's metric vs fp32 on --data: pp for accuracy (default 1), % for errors (default 2).",
+    ),
+    accuracy_aware: bool = typer.Option(
+        False, "--accuracy-aware",
+        help="Where int8 breaks the budget on --data, keep the fewest nodes float that bring it inside (measured node by node).",
+    ),
+    metric: Optional[str] = typer.Option(None, "--metric", help="accuracy | binary-accuracy | mae | nats (default: from the model's output layer)."),
+    max_rows: Optional[int] = typer.Option(None, "--max-rows", min=1, help="Judge on the first N rows of --data (default 2,000; batch 1 is slow on big data)."),
     calibration_data: List[str] = typer.Option(
         [], "--calibration-data",
-        help="int8-static inputs for a Keras model: FILE.npy (one input) or NAME=FILE.npy per input (built-ins use their training data).",
+        help="int8-static calibration only: an .npz or .npy folder (as --data), or FILE.npy / NAME=FILE.npy per input (default: --data, else a built-in's training data).",
     ),
 ) -> None:
-    """Quantize DIR/model.onnx (and the step model) with onnxruntime.quantization and report what was quantized.
+    """Quantize DIR/model.onnx (and the step model) with onnxruntime.quantization and report what was quantized; with
+    --data, judge every variant on your data (exit 1 when one breaks its promise; it is still written and recorded).
 
-    Example: edge-rnn quantize artifacts/mnist-lstm --variant int8 --variant int8-static --calibration entropy
+    Example: edge-rnn quantize models/co2 --variant int8 --data co2_test.npz --accuracy-aware
     """
     from .quantize import quantize as run_quantize
 
-    for report in run_quantize(model_dir, variants=tuple(variant), calibration=calibration, calibration_data=calibration_data):
+    reports = run_quantize(model_dir, variants=tuple(variant), calibration=calibration, calibration_data=calibration_data,
+                           data=data, metric=metric, max_drop=max_drop, max_rows=max_rows, accuracy_aware=accuracy_aware)
+    for report in reports:
         ops = ", ".join(f"{op}×{n}" for op, n in report.op_counts.items())
-        out.print(f"{report.path}: {report.bytes:,} bytes ({report.bytes / report.fp32_bytes:.2f}× fp32) — {ops}")
+        out.print(f"{escape(str(report.path))}: {report.bytes:,} bytes ({report.bytes / report.fp32_bytes:.2f}× fp32) — {ops}", highlight=False)
+        for line in report.judgement_lines():
+            out.print(f"  {escape(line)}", highlight=False, soft_wrap=True)
         drift = report.coverage.get("step_drift")
         if drift and "note" in drift:
             out.print(f"  step drift: {drift['note']}", highlight=False)
@@ -570,7 +589,9 @@ def _bench_tables(report) -> list[Table]:
     from .bench import accuracy_text, max_abs_diff_text
     from .device.hostinfo import describe
 
-    rows = Table(title=f"edge-rnn bench — {describe(m['cpu_features'])}, {m['threads']} thread(s), opt level {report.config['opt_level']}")
+    scored = report.config.get("data")
+    on_data = f"; accuracy: on {escape(scored['file'])} at batch 1, 95% interval" if scored else ""
+    rows = Table(title=f"edge-rnn bench — {describe(m['cpu_features'])}, {m['threads']} thread(s), opt level {report.config['opt_level']}{on_data}")
     batches = [str(b) for b in report.config["batch_sizes"]]
     diffs = any(r.max_abs_diff for r in report.results)
     for name in ("model", "variant", "runtime", "size KiB", "load ms", "p50 ms", "p90 ms", "p99 ms",
@@ -581,7 +602,7 @@ def _bench_tables(report) -> list[Table]:
         rows.add_row(r.model, r.variant, r.runtime, f"{r.size_bytes / 1024:,.0f}", f"{r.load_ms:.1f}",
                      *(f"{r.latency_ms[p]:.3f}" for p in ("p50", "p90", "p99")),
                      *(f"{r.throughput_per_s[b]:,.0f}" for b in batches), f"{r.peak_rss_mb:.0f}",
-                     accuracy_text(r.metric, r.accuracy), *([max_abs_diff_text(r.max_abs_diff)] if diffs else []), agree)
+                     accuracy_text(r.metric, r.accuracy, r.accuracy_interval), *([max_abs_diff_text(r.max_abs_diff)] if diffs else []), agree)
     coverage = Table(title="quantization coverage (onnxruntime rows)")
     for name in ("model", "variant", "quantized", "runs as int8", "still float (why)", "weights vs fp32"):
         coverage.add_column(name)
@@ -613,10 +634,12 @@ def bench(
     calibration: str = typer.Option("minmax", help="Static int8 calibration: minmax | entropy | percentile."),
     rounds: int = typer.Option(3, min=1, max=MAX_BENCH_ROUNDS, help="Measure every row this many times, interleaved; timings are medians over rounds."),
     time_steps: Optional[int] = typer.Option(None, "--time-steps", min=1, max=MAX_TIME_STEPS, help="Time steps for models with a dynamic time axis (default 32; a fixed axis keeps its length)."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Labelled data (FILE.npz or a folder of .npy, as for evaluate) every row answers at batch 1 (its first rows, up to a cap a note names): the accuracy column becomes its metric with a 95% interval. One model folder."),
 ) -> None:
-    """Measure size, load time, latency, throughput, memory and accuracy (max |Δ| vs ONNX fp32 for exported Keras models) of every variant and baseline, side by side.
+    """Measure size, load time, latency, throughput, memory and accuracy (max |Δ| vs ONNX fp32 for exported Keras models,
+    or with --data the metric on your data) of every variant and baseline, side by side.
 
-    Example: edge-rnn bench artifacts/mnist-lstm models/my_model --time-steps 50 --json bench.json --plot bench.png
+    Example: edge-rnn bench models/my_model --data test.npz --json bench.json --plot bench.png
     """
     from .bench import BenchConfig, check_plot_path, default_model_dirs
     from .bench import bench as run_bench
@@ -628,7 +651,7 @@ def bench(
         check_plot_path(plot)
     report = run_bench(
         model_dirs or default_model_dirs(), cfg=cfg,
-        on_row=lambda model, variant, runtime: err.print(f"measuring {model} {variant} on {runtime}", highlight=False),
+        on_row=lambda model, variant, runtime: err.print(f"measuring {model} {variant} on {runtime}", highlight=False), data=data,
     )
     _warn(report.notes)
     if json_path is not None:
@@ -669,6 +692,7 @@ def check(
     threads: int = typer.Option(1, min=1, max=256, help="Threads for every runtime."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
     allow_wrong: bool = typer.Option(False, "--allow-wrong", help="Exit 0 even when a runtime answers wrong (still reported)."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Your data (.npz or .npy folder, as for evaluate): its first --batch rows are one more input set."),
 ) -> None:
     """Which runtime answers right: run one model file on several runtimes against the source model's answers.
 
@@ -679,7 +703,7 @@ def check(
     """
     from .check import check as run_check
 
-    report = run_check(target, runtimes=runtimes or None, role=role, batch=batch, threads=threads)
+    report = run_check(target, runtimes=runtimes or None, role=role, batch=batch, threads=threads, data=data)
     if as_json:
         print(json.dumps(report.to_json(), indent=2))
     else:

@@ -71,6 +71,9 @@ class BundleConfig:
     count: int = 16
     time_steps: int = 16
     seed: int = 0
+    # With --data, every bundled model is scored at this batch: the device's (a dynamic int8 model quantizes its
+    # activations with a scale spanning its batch, so only the deployed batch gives the device's figure).
+    data_batch: int = 1
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,9 @@ file (`.keras`; `.h5` only when trusted), which becomes a new folder holding a c
 Every file is written to a temporary name, checked (onnx.checker, then onnxruntime against the source
 model on realistic inputs: every output's max |Δ| with its named tolerance, and the step model fed one
 step at a time against the whole sequence), and renamed only when every check passed; a failure lists
-all failed outputs at once and leaves the previous files as they were.
+all failed outputs at once and leaves the previous files as they were. With `data`, both files are also checked
+on the first DATA_PARITY_ROWS rows of the user's data, the same way: real inputs reach what random ones miss
+(masked rows, large magnitudes, rare ids).
 """
 
 from __future__ import annotations
@@ -42,6 +44,10 @@ VALIDATION_BATCH = 16
 VALIDATION_STEPS = 12
 # What a labels file may hold: one label per line, short enough to print.
 MAX_LABEL_CHARS = 200
+# Rows of the user's data (--data) both files are also checked on: enough to hold every padding length and
+# rare id a real file tends to have in its first rows, few enough that the step model's check (one session
+# call per time step, the rows batched) stays well under a second.
+DATA_PARITY_ROWS = 64
 
 
 @dataclass
@@ -57,6 +63,10 @@ class ExportReport:
     audit: list[dict[str, Any]] = field(default_factory=list)
     validations: list[Validation] = field(default_factory=list)
     step_refused: str | None = None
+    # With --data: the same checks on the first `data_rows` rows of `data` (its file name).
+    data: str | None = None
+    data_rows: int = 0
+    data_validations: list[Validation] = field(default_factory=list)
 
 
 def op_counts(model) -> dict[str, int]:
@@ -122,11 +132,10 @@ def read_labels(path: str | os.PathLike[str]) -> list[str]:
     return [line.strip() for line in lines]
 
 
-def _validate(adapter, source, manifest: dict[str, Any], paths: dict[str, Path]) -> list[Validation]:
-    """model.onnx on realistic inputs against the source; the step model fed step by step against the source
-    on the whole sequence. Every output of both, collected."""
+def _validate(adapter, source, manifest: dict[str, Any], paths: dict[str, Path], *, inputs: dict[str, np.ndarray]) -> list[Validation]:
+    """model.onnx on `inputs` {io input: (N, …)} against the source; the step model fed step by step against the
+    source on the whole sequence. Every output of both, collected."""
     io = manifest["io"]
-    inputs = adapter.sample_inputs(manifest, batch=VALIDATION_BATCH, time_steps=VALIDATION_STEPS, seed=0)
     reference = adapter.reference(source, inputs, io=io)
     sess = session(paths["onnx"])
     got = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, {s["name"]: inputs[s["name"]] for s in io["inputs"]})))
@@ -167,16 +176,28 @@ def export(
     labels: str | os.PathLike[str] | None = None,
     fail_on_loop: bool = False,
     trust_h5: bool = False,
+    data: str | os.PathLike[str] | None = None,
 ) -> ExportReport:
     """Export a model folder in place, or a Keras file into a new folder (`out`, default: beside it, named after
-    its stem); validate every file against the source before anything is renamed; record it all in the manifest."""
+    its stem); validate every file against the source (and on the first rows of `data`, an .npz or a folder of
+    .npy, where given) before anything is renamed; record it all in the manifest."""
     source = Path(source)
     # A folder exported in place: no other writer between reading its manifest and saving the new one.
     with folder_lock(source) if source.is_dir() else contextlib.nullcontext():
-        return _export(source, cfg=cfg, out=out, labels=labels, fail_on_loop=fail_on_loop, trust_h5=trust_h5)
+        return _export(source, cfg=cfg, out=out, labels=labels, fail_on_loop=fail_on_loop, trust_h5=trust_h5, data=data)
 
 
-def _export(source: Path, *, cfg: ExportConfig, out, labels, fail_on_loop: bool, trust_h5: bool) -> ExportReport:
+def _data_inputs(manifest: dict[str, Any], data: str | os.PathLike[str]) -> dict[str, np.ndarray]:
+    """The first DATA_PARITY_ROWS rows of the user's data as model inputs {io input: (N, …)}, checked against the
+    new manifest's io first (a bad file is a one-line DataError before anything is written)."""
+    from .evaluate import model_feeds, open_for
+
+    dataset = open_for(manifest, data, max_rows=DATA_PARITY_ROWS)
+    feeds, _ = dataset.rows(0, dataset.count)
+    return model_feeds(manifest, feeds)
+
+
+def _export(source: Path, *, cfg: ExportConfig, out, labels, fail_on_loop: bool, trust_h5: bool, data) -> ExportReport:
     from .models import adapter_for
     from .models.keras_model import KerasAdapter, load_keras_file
 
@@ -228,10 +249,12 @@ def _export(source: Path, *, cfg: ExportConfig, out, labels, fail_on_loop: bool,
             onnx.checker.check_model(graph.model, full_check=True)
         except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
             raise EdgeRnnError(f"the exported {graph.file} fails onnx.checker ({str(exc).splitlines()[0]}) — not saved") from exc
+    data_inputs = _data_inputs(new, data) if data is not None else None
 
     created = not model_dir.exists()
     try:
-        validations = _write_validated(adapter, model, new, exported.graphs, model_dir, keras_file=keras_file)
+        validations, data_validations = _write_validated(adapter, model, new, exported.graphs, model_dir, keras_file=keras_file,
+                                                         data_inputs=data_inputs, data_name=Path(data).name if data is not None else "")
     except BaseException:
         if created and model_dir.is_dir() and not any(model_dir.iterdir()):
             model_dir.rmdir()
@@ -255,16 +278,23 @@ def _export(source: Path, *, cfg: ExportConfig, out, labels, fail_on_loop: bool,
     metrics = new.setdefault("metrics", {})
     metrics.pop("export_random_input_max_abs_diff", None)
     metrics["export_parity"] = {v.role: v.metrics() for v in validations}
+    metrics.pop("export_parity_data", None)
+    data_rows = len(next(iter(data_inputs.values()))) if data_inputs is not None else 0
+    if data is not None:
+        metrics["export_parity_data"] = {"data": Path(data).name, "rows": data_rows, "roles": {v.role: v.metrics() for v in data_validations}}
     save_manifest(model_dir, new)
     onnx_check = validations[0].report.checks
     return ExportReport(
         model_dir / ONNX_FILE, graphs["onnx"], cfg.opset, max(c.max_abs_diff for c in onnx_check) if onnx_check else None,
         exported.notes, model_dir, files, graphs, new.get("audit", []), validations, new.get("step_refused"),
+        Path(data).name if data is not None else None, data_rows, data_validations,
     )
 
 
-def _write_validated(adapter, model, manifest: dict[str, Any], graphs, model_dir: Path, *, keras_file: Path | None) -> list[Validation]:
-    """Write every graph (and the Keras copy) to temporary files, validate, and rename them all only if all checks pass."""
+def _write_validated(adapter, model, manifest: dict[str, Any], graphs, model_dir: Path, *, keras_file: Path | None,
+                     data_inputs: dict[str, np.ndarray] | None, data_name: str) -> tuple[list[Validation], list[Validation]]:
+    """Write every graph (and the Keras copy) to temporary files, validate (on realistic inputs, and on the user's
+    rows where given), and rename them all only if all checks pass."""
     from .device.runtime import ORT_ERRORS
 
     onnx = require("onnx", "train")
@@ -272,11 +302,15 @@ def _write_validated(adapter, model, manifest: dict[str, Any], graphs, model_dir
         paths = {g.role: stack.enter_context(atomic_path(model_dir / g.file)) for g in graphs}
         for graph in graphs:
             onnx.save(graph.model, str(paths[graph.role]))
+        inputs = adapter.sample_inputs(manifest, batch=VALIDATION_BATCH, time_steps=VALIDATION_STEPS, seed=0)
         try:
-            validations = _validate(adapter, model, manifest, paths)
+            validations = _validate(adapter, model, manifest, paths, inputs=inputs)
+            data_validations = _validate(adapter, model, manifest, paths, inputs=data_inputs) if data_inputs is not None else []
         except ORT_ERRORS as exc:
             raise EdgeRnnError(f"onnxruntime cannot run the exported graph ({str(exc).splitlines()[0]}) — not saved") from exc
+        rows = len(next(iter(data_inputs.values()))) if data_inputs is not None else 0
         failures = [f for v in validations for f in v.failures()]
+        failures += [f"{f} on the first {rows} rows of {data_name}" for v in data_validations for f in v.failures()]
         if failures:
             raise EdgeRnnError(f"the export differs from {validations[0].report.reference} — not saved: {'; '.join(failures)}")
         if keras_file is not None:
@@ -285,7 +319,7 @@ def _write_validated(adapter, model, manifest: dict[str, Any], graphs, model_dir
                 shutil.copyfile(keras_file, copy)
             else:
                 model.save(copy)  # a trusted .h5 becomes a .keras copy
-    return validations
+    return validations, data_validations
 
 
 def _export_versions() -> dict[str, str]:

@@ -19,6 +19,17 @@ Format 1 (`NAME.tar.gz`, stdlib tarfile, ustar, gzip; members in this order, mti
   the mean over the inputs of each input's max |Δ|; `argmax_min` the top-1 agreement on the inputs the source is
   sure of. A bound that is null or absent (bundles made before it existed) is not checked.
 
+  With `edge-rnn bundle --data FILE` (labelled data), the reference inputs are rows of FILE and the reference
+  block says which (`"data": {"file": "test.npz", "rows": [0, 3, …], "stratified_by": "probs" | null}`), and a
+  third block records every bundled model's metric on the whole of FILE at the device's batch::
+
+      "data_metrics": {"data": "test.npz", "sha256": "…", "examples": 1000, "batch": 1, "kinds": {"probs": "softmax"},
+                       "roles": {ROLE: {"output": "probs", "metric": "accuracy", "value": 0.91, "low": 0.89,
+                                        "high": 0.93, "ok": true | false | null}}}
+
+  (`low`/`high`: the 95% interval, null where none is defined; `ok`: the role's promise on that data, null for
+  the fp32 baseline.) `verify` checks the block's shape and prints it.
+
 - the model files, flat names as in the folder (`model.int8.onnx`, `model.step.onnx`, …);
 - `reference.npz`: `input/<name>` (N, …) real inputs and `output/<name>` the source model's (Keras or NumPy)
   outputs for them; listed in `files` under role `reference` with its sha256 like every model file;
@@ -54,6 +65,7 @@ from .manifest import BUNDLE_SUFFIX, MANIFEST_NAME, MAX_MANIFEST_BYTES, SCHEMA_V
 BUNDLE_FORMAT = 1
 REFERENCE_NAME = "reference.npz"
 REFERENCE_ROLE = "reference"
+DATA_METRICS = "data_metrics"
 # Caps a device enforces before trusting an archive: the largest model edge-rnn makes is ~1 MB, a bundle
 # of every variant with .ort forms holds ~15 members; these leave room for much larger user models.
 MAX_COMPRESSED_BYTES = 512 * 1024 * 1024
@@ -273,7 +285,59 @@ def verify(bundle: Bundle) -> list[str]:
             continue
         if role not in ref["tolerances"]:
             raise _refuse(bundle.path, MANIFEST_NAME, f"has no stored tolerance for role {role!r}")
+    recorded_metrics(bundle)
     return lines
+
+
+@dataclass
+class RoleMetric:
+    """One bundled model's headline metric on the data the bundle was made with, as recorded at bundling."""
+
+    role: str
+    output: str
+    metric: str
+    value: float
+    low: float | None
+    high: float | None
+    ok: bool | None
+
+
+@dataclass
+class RecordedMetrics:
+    """The `data_metrics` block: the data's file name and sha256, its size, the batch, and one entry per role."""
+
+    data: str
+    sha256: str
+    examples: int
+    batch: int
+    roles: list[RoleMetric]
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def recorded_metrics(bundle: Bundle) -> RecordedMetrics | None:
+    """The metrics the bundle records on its maker's data (None for a bundle made without --data); a block of the
+    wrong shape, or naming a role the bundle does not hold, refuses the bundle."""
+    block = bundle.manifest.get(DATA_METRICS)
+    if block is None:
+        return None
+    bad = _refuse(bundle.path, MANIFEST_NAME, f"has an invalid {DATA_METRICS!r} block")
+    if not (isinstance(block, dict) and isinstance(block.get("data"), str) and isinstance(block.get("sha256", ""), str)
+            and _number(block.get("examples")) and _number(block.get("batch")) and isinstance(block.get("roles"), dict)):
+        raise bad
+    roles = []
+    for role, entry in block["roles"].items():
+        if role not in bundle.roles:
+            raise _refuse(bundle.path, MANIFEST_NAME, f"records a metric for role {role!r}, which the bundle does not hold")
+        ok = isinstance(entry, dict) and isinstance(entry.get("output"), str) and isinstance(entry.get("metric"), str) \
+            and _number(entry.get("value")) and all(entry.get(k) is None or _number(entry.get(k)) for k in ("low", "high")) \
+            and entry.get("ok") in (True, False, None)
+        if not ok:
+            raise bad
+        roles.append(RoleMetric(role, entry["output"], entry["metric"], float(entry["value"]), entry.get("low"), entry.get("high"), entry.get("ok")))
+    return RecordedMetrics(block["data"], block.get("sha256", ""), int(block["examples"]), int(block["batch"]), roles)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -357,7 +421,16 @@ class SelfTest:
 
 
 def _answers(model: Any, inputs: dict[str, np.ndarray], reference: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """The file's outputs for the reference inputs: whole sequences in one call, or step by step with the Stepper."""
+    """The file's outputs for the reference inputs, one input at a time as a device runs them (batch 1: a dynamic
+    int8 model's activation scale spans its batch, so answers computed together would depend on each other)."""
+    n = len(next(iter(inputs.values())))
+    rows = [_batch_answers(model, {k: v[i : i + 1] for k, v in inputs.items()}, {k: v[i : i + 1] for k, v in reference.items()})
+            for i in range(n)]
+    return {name: np.concatenate([r[name] for r in rows]) for name in rows[0]}
+
+
+def _batch_answers(model: Any, inputs: dict[str, np.ndarray], reference: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The file's outputs for a batch of inputs: whole sequences in one call, or step by step with the Stepper."""
     from .stepper import Stepper
 
     graph_inputs = [i.name for i in model.session.get_inputs()]
