@@ -8,11 +8,17 @@ Variants (file roles in the manifest):
 - `onnx_fp16`         float16 weights and compute, float32 inputs/outputs (onnxruntime.transformers.float16).
 - `onnx_step_int8`    dynamic int8 of the step model `model.step.onnx`, where the folder has one.
 
-Any folder works: the model's adapter (edge_rnn.models) gives the calibration data — the built-in models'
-own training data, or for a user's Keras model the `.npy` files the user names. onnxruntime has int8
+Any folder works: int8-static calibrates on the user's data (`data`, or `calibration_data`), else the model's
+adapter (edge_rnn.models) gives it — the built-in models' own training data. onnxruntime has int8
 kernels for LSTM only, so GRU and RNN stay float32 and the coverage report says so. Every variant that
 streams (its graph takes the manifest's state inputs) is run next to its fp32 step model over
 DRIFT_STEPS steps, and the drift (max |Δ| of outputs and state) goes into its coverage record.
+
+Judged on the user's data (`data`, edge_rnn.accuracy_aware): every variant at batch 1 by the promise `evaluate`
+holds it to, recorded as `judged_on` and `verdict` in its coverage record (`judged_on: "synthetic inputs"` without
+data: only the step drift above). With `accuracy_aware`, an int8 variant outside its budget keeps the fewest
+nodes float that bring it inside (nodes_to_exclude), recorded as `accuracy_control`; the step model first tries
+the nodes its sequence model kept (keras_onnx names nodes after their Keras layer in both graphs).
 
 Measured choices (mnist-lstm, onnxruntime 1.32, 1 thread, batch 1): per-channel weights make the dynamic
 model 12 % slower and bigger with no accuracy gain; reduce_range, QUInt8 weights and skipping the
@@ -25,6 +31,7 @@ import contextlib
 import functools
 import logging
 import os
+import shutil
 import tempfile
 from collections import Counter
 from dataclasses import dataclass
@@ -50,6 +57,10 @@ STEP_VARIANTS: dict[str, tuple[str, str]] = {"int8": ("onnx_step_int8", "model.s
 # A streaming variant is run this many steps next to fp32 (state carried, never reset) to measure its drift.
 DRIFT_STEPS = 1000
 FP16_KEEP_FLOAT32 = ("Transpose",)
+# Variants whose quantizer takes nodes_to_exclude, and so accuracy control can keep nodes of float.
+ACCURACY_VARIANTS = ("int8", "int8-static")
+# What a variant is judged on without --data: the step drift over DRIFT_STEPS random steps, where it streams.
+SYNTHETIC = "synthetic inputs"
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
 # Calibration inputs: enough real samples for stable ranges, few enough that Entropy/Percentile stay fast.
 CALIBRATION_SAMPLES = 256
@@ -105,6 +116,48 @@ class QuantizeReport:
     op_counts: dict[str, int]
     coverage: dict[str, Any]
     role: str = ""
+
+    @property
+    def judged_on(self) -> dict[str, Any] | str:
+        return self.coverage.get("judged_on", SYNTHETIC)
+
+    @property
+    def verdict(self) -> dict[str, Any] | None:
+        """The judgement on the user's data (figures, ok, failures), None when judged on synthetic inputs only."""
+        return self.coverage.get("verdict")
+
+    @property
+    def ok(self) -> bool | None:
+        return None if self.verdict is None else self.verdict["ok"]
+
+    @property
+    def accuracy_control(self) -> dict[str, Any] | None:
+        return self.coverage.get("accuracy_control")
+
+    def judgement_lines(self) -> list[str]:
+        """What the variant was judged on and how it did, and what accuracy control kept float: plain text lines."""
+        on, v = self.judged_on, self.verdict
+        if v is None:
+            how = "the step drift below" if "step_drift" in self.coverage else "no figure for this file"
+            return [f"judged on {on} only ({how}) — give --data FILE to judge it on your data"]
+        rows = f"{on['examples']:,} of {on['rows_in_file']:,} rows" if on["examples"] < on["rows_in_file"] else f"{on['examples']:,} rows"
+        # A drop is how much worse: an accuracy's change is minus it, an error's plus it.
+        change = round(-v["drop"] if v["unit"] == "pp" else v["drop"], 2) + 0.0  # never "-0.00"
+        lines = [f"judged on {on['data']} ({rows}, batch {on['batch']}): {v['metric']} fp32 {v['fp32']:.4g} → {v['value']:.4g} "
+                 f"({change:+.2f} {v['unit']}, budget {v['budget']:g} {v['unit']}) — "
+                 + ("kept its promise" if v["ok"] else "BROKE its promise: " + "; ".join(v["failures"]))]
+        control = self.accuracy_control
+        if control and "kept_float" in control and "latency_ms" in control:
+            kept = ", ".join(f"{n['node']} ({n['op']}, {n['weight_bytes']:,} B of float32 weights)" for n in control["kept_float"]) or "nothing"
+            lat = control["latency_ms"]
+            lines.append(f"accuracy control: kept float {kept}; {control['metric']} {control['before']['value']:.4g} → "
+                         f"{control['after']['value']:.4g} ({'inside' if control['ok'] else 'still outside'} the budget, "
+                         f"{len(control['trials'])} trials); file {control['size_bytes_cost']:+,} bytes; batch-1 latency "
+                         f"{self.variant} {lat[self.variant]:.3f} ms → {lat['kept_float']:.3f} ms (fp32 {lat['fp32']:.3f} ms)"
+                         + (f" — {control['note']}" if "note" in control else ""))
+        elif control:
+            lines.append(f"accuracy control: {control['note']}")
+        return lines
 
 
 def _dtype_bytes(tensor) -> int:
@@ -231,12 +284,40 @@ def _pre_process(src: Path, dst: Path) -> None:
     quant_pre_process(str(src), str(dst), skip_symbolic_shape=False)
 
 
-def _dynamic_int8(src: Path, dst: Path, **_: Any) -> dict[str, Any]:
+def _split_gemm(path: Path) -> None:
+    """Each Gemm → MatMul + Add, in place: quantize_dynamic does this itself before quantizing, so doing it first
+    names the nodes as the quantizer sees them (nodes_to_exclude matches `dense/MatMul/MatMulAddFusion_MatMul`,
+    never the Gemm's name)."""
+    onnx = require("onnx", "train")
+    from onnxruntime.quantization.onnx_model import ONNXModel
+
+    model = ONNXModel(onnx.load(str(path)))
+    model.replace_gemm_with_matmul()
+    onnx.save(model.model, str(path))
+
+
+def _prepare(variant: str, src: Path, work: Path) -> Path:
+    """The model the variant's quantizer is given, made once per file (accuracy control requantizes it many times):
+    ORT's pre-processing for int8, with Gemm split for dynamic int8; fp16 converts `src` itself."""
+    if variant == "fp16":
+        return src
+    pre = work / f"{variant}.pre.onnx"
+    _pre_process(src, pre)
+    if variant == "int8":
+        _split_gemm(pre)
+    return pre
+
+
+def quantizable_ops(variant: str) -> tuple[str, ...]:
+    """Op types onnxruntime's quantizer makes int8 for `variant` — its own registry, the one truth of what can be."""
+    from onnxruntime.quantization.registry import IntegerOpsRegistry, QDQRegistry
+
+    return tuple(sorted({"int8": IntegerOpsRegistry, "int8-static": QDQRegistry}[variant]))
+
+
+def _dynamic_int8(pre: Path, dst: Path, *, exclude: Sequence[str] = (), **_: Any) -> dict[str, Any]:
     quantization = require("onnxruntime.quantization", "train")
-    with tempfile.TemporaryDirectory() as tmp:
-        pre = Path(tmp) / "pre.onnx"
-        _pre_process(src, pre)
-        quantization.quantize_dynamic(str(pre), str(dst), weight_type=quantization.QuantType.QInt8)
+    quantization.quantize_dynamic(str(pre), str(dst), weight_type=quantization.QuantType.QInt8, nodes_to_exclude=list(exclude))
     return {"weights": "QInt8 per-tensor", "activations": "uint8, quantized at run time"}
 
 
@@ -250,28 +331,24 @@ class _FeedReader:
         return next(self._feeds, None)
 
 
-def _static_int8(src: Path, dst: Path, *, feeds: Callable[[], list[dict[str, np.ndarray]]], calibration: str,
-                 calibration_data: str, **_: Any) -> dict[str, Any]:
+def _static_int8(pre: Path, dst: Path, *, feeds: list[dict[str, np.ndarray]], calibration: str, calibration_data: str,
+                 exclude: Sequence[str] = (), **_: Any) -> dict[str, Any]:
     quantization = require("onnxruntime.quantization", "train")
     method = {
         "minmax": quantization.CalibrationMethod.MinMax,
         "entropy": quantization.CalibrationMethod.Entropy,
         "percentile": quantization.CalibrationMethod.Percentile,
     }[calibration]
-    feeds = feeds()
-    reader = _FeedReader(feeds)
-    with tempfile.TemporaryDirectory() as tmp:
-        pre = Path(tmp) / "pre.onnx"
-        _pre_process(src, pre)
-        quantization.quantize_static(
-            str(pre),
-            str(dst),
-            reader,
-            quant_format=quantization.QuantFormat.QDQ,
-            calibrate_method=method,
-            activation_type=quantization.QuantType.QUInt8,
-            weight_type=quantization.QuantType.QInt8,
-        )
+    quantization.quantize_static(
+        str(pre),
+        str(dst),
+        _FeedReader(feeds),
+        quant_format=quantization.QuantFormat.QDQ,
+        calibrate_method=method,
+        activation_type=quantization.QuantType.QUInt8,
+        weight_type=quantization.QuantType.QInt8,
+        nodes_to_exclude=list(exclude),
+    )
     n = sum(len(next(iter(f.values()))) for f in feeds)
     return {"format": "QDQ", "calibration": calibration, "calibration_samples": n, "calibration_data": calibration_data}
 
@@ -322,6 +399,128 @@ def steppable(model, step: dict[str, Any] | None) -> bool:
     return bool(step) and all(s["input"] in names for s in step["state"])
 
 
+def _is_data_file(item: str) -> bool:
+    """One `--calibration-data` item naming an .npz or a folder of .npy: --data's format, for calibration only."""
+    return "=" not in item and (item.lower().endswith(".npz") or Path(item).is_dir())
+
+
+def _dataset_feeds(dataset, graph, *, samples: int) -> list[dict[str, np.ndarray]]:
+    """Calibration batches from a checked Dataset: its first `samples` rows; graph inputs the data does not hold (the
+    recurrent state a char RNN's sequence model takes) start at zero, as they do on a device."""
+    onnx = require("onnx", "train")
+    batches = []
+    for start in range(0, min(samples, dataset.count), CALIBRATION_BATCH):
+        feeds, _ = dataset.rows(start, min(start + CALIBRATION_BATCH, samples, dataset.count))
+        n = len(next(iter(feeds.values())))
+        for i in graph.graph.input:
+            if i.name not in feeds:
+                dims = [d.dim_value or 1 for d in i.type.tensor_type.shape.dim]
+                feeds[i.name] = np.zeros([n, *dims[1:]], onnx.helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type))
+        batches.append(feeds)
+    return batches
+
+
+def _input_dtypes(graph) -> dict[str, Any]:
+    onnx = require("onnx", "train")
+    return {i.name: onnx.helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type) for i in graph.graph.input}
+
+
+def _calibration(adapter, model_dir: Path, manifest: dict[str, Any], src: Path, *, judge, calibration_data: Sequence[str],
+                 samples: int) -> tuple[list[dict[str, np.ndarray]], str]:
+    """int8-static's calibration batches and what they came from: --calibration-data (an .npz or .npy folder, or .npy
+    files per input), else --data, else the adapter's own (a built-in's training split)."""
+    onnx = require("onnx", "train")
+    graph = onnx.load(str(src))
+    if len(calibration_data) == 1 and _is_data_file(calibration_data[0]):
+        from .evaluate import open_for
+
+        path = calibration_data[0]
+        dataset = open_for(manifest, path, dtypes=_input_dtypes(graph), max_rows=samples)
+        return _dataset_feeds(dataset, graph, samples=samples), f"--calibration-data {path}"
+    if calibration_data:
+        files = parse_calibration_data(calibration_data)
+        return (adapter.calibration_feeds(model_dir, manifest, src, samples=samples, batch=CALIBRATION_BATCH, data=files),
+                f"files {files}")
+    if judge is not None:
+        return _dataset_feeds(judge.data, graph, samples=samples), f"--data {judge.data.source} (its first {min(samples, judge.data.count)} rows)"
+    return adapter.calibration_feeds(model_dir, manifest, src, samples=samples, batch=CALIBRATION_BATCH, data=None), "training split"
+
+
+class PromiseBroken(EdgeRnnError):
+    """A variant broke its quantization promise on the user's data; every variant is written and recorded first."""
+
+    def __init__(self, message: str, reports: list[QuantizeReport]):
+        super().__init__(message)
+        self.reports = reports
+
+
+def _accuracy_control(variant: str, role: str, *, prepared: Path, make: Callable[..., dict[str, Any]], src: Path, out: Path,
+                      judged, judge, work: Path, start: Sequence[str], layers: set[str]) -> tuple[Any, dict[str, Any], list[str]]:
+    """Keep the fewest nodes float that bring `out` (the fully quantized file, replaced in place) inside its budget on
+    the data; return the final judgement, the manifest's `accuracy_control` record and the nodes kept float."""
+    from .accuracy_aware import Trial, keep_float, quantizable_nodes, side_by_side_ms
+
+    onnx = require("onnx", "train")
+    metric = judged.score.headline.name if judged.score.headline else None
+    record: dict[str, Any] = {"budget": judged.evaluation.max_drop, "unit": judged.unit, "metric": metric,
+                              "fp32": judged.base.headline.value if judged.base.headline else None,
+                              "before": _brief(judged)}
+    if judged.ok:
+        return judged, {**record, "after": _brief(judged), "kept_float": [], "note": "inside the budget fully quantized"}, []
+    full = work / "full.onnx"
+    shutil.copyfile(out, full)
+    candidates = quantizable_nodes(onnx.load(str(prepared)), op_types=quantizable_ops(variant))
+    by_name = {n.name: n for n in candidates}
+    control = keep_float(candidates, make=lambda names, path: make(path, exclude=names), judge=lambda path: judge.judge(path, role),
+                         before=Trial((), full, judged), work=work, start=[by_name[n] for n in start if n in by_name])
+    best = control.best
+    shutil.copyfile(best.path, out)
+    latency = side_by_side_ms({"fp32": src, variant: full, "kept_float": best.path}, row=judge.first_row())
+    record.update({
+        "after": _brief(best.judged),
+        "kept_float": [n.to_json(layers) for n in best.kept],
+        "size_bytes_cost": best.path.stat().st_size - full.stat().st_size,
+        "file_bytes": {variant: full.stat().st_size, "kept_float": best.path.stat().st_size},
+        "latency_ms": latency,
+        "candidates": [n.to_json(layers) for n in control.candidates],
+        "trials": [t.to_json() for t in control.trials],
+        "ok": control.ok,
+    })
+    if start:
+        record["started_from"] = list(start)
+    if control.not_quantized:
+        record["left_float_by_the_quantizer"] = [n.name for n in control.not_quantized]
+    if control.note:
+        record["note"] = control.note
+    elif best.kept and len(best.kept) == len(candidates) - len(control.not_quantized):
+        record["note"] = "every quantizable node kept float: no int8 compute is left, the fp32 model serves as well"
+    return best.judged, record, [n.name for n in best.kept]
+
+
+def _brief(judged) -> dict[str, Any]:
+    h = judged.score.headline
+    return {"value": h.value if h else None, "drop": judged.drop, "ok": judged.ok}
+
+
+def _failure_line(reports: list[QuantizeReport], *, data: str, accuracy_aware: bool) -> str:
+    """One line: each variant that broke its promise, how, and what to do next."""
+    parts = []
+    for r in reports:
+        if r.ok is not False:
+            continue
+        text = f"{r.role} broke its promise on {data}: {'; '.join(r.verdict['failures'])}"
+        control = r.accuracy_control
+        if control and control.get("kept_float") is not None and "candidates" in control:
+            kept = ", ".join(f"{n['node']} ({n['op']})" for n in control["kept_float"]) or "nothing"
+            text += (f" — accuracy control tried {len(control['trials'])} requantizations of {len(control['candidates'])} "
+                     f"quantizable nodes; best kept float {kept}" + (f" ({control['note']})" if "note" in control else ""))
+        parts.append(text)
+    hint = ("raise --max-drop, or fix the model (it is written, and recorded with its failed verdict in manifest.json)"
+            if accuracy_aware else
+            "--accuracy-aware keeps the most harmful nodes float (the variant is written, and recorded with its failed verdict in manifest.json)")
+    return " | ".join(parts) + f" — {hint}"
+
+
 def quantize(
     model_dir: str | os.PathLike[str],
     *,
@@ -329,9 +528,22 @@ def quantize(
     calibration: str = "minmax",
     calibration_samples: int = CALIBRATION_SAMPLES,
     calibration_data: Sequence[str] = (),
+    data: str | os.PathLike[str] | None = None,
+    metric: str | None = None,
+    max_drop: float | None = None,
+    max_rows: int | None = None,
+    accuracy_aware: bool = False,
 ) -> list[QuantizeReport]:
     """Make each variant of `model_dir/model.onnx` (and int8 of model.step.onnx), record them in the manifest,
-    return coverage reports; a streaming variant also gets its drift from fp32 over DRIFT_STEPS steps."""
+    return coverage reports; a streaming variant also gets its drift from fp32 over DRIFT_STEPS steps.
+
+    With `data` (labelled .npz or .npy folder, as `evaluate` takes): int8-static calibrates on it, and every variant
+    is judged on its first `max_rows` rows at batch 1 by the quantization promise, the metric's drop ≤ `max_drop`
+    (default: 1 pp for accuracy, 2 % for errors); with `accuracy_aware`, an int8 variant that breaks it keeps the
+    fewest nodes float that bring it inside. Raises PromiseBroken, after writing and recording every variant, when
+    one breaks its promise."""
+    from .accuracy_aware import JUDGE_MAX_ROWS, DataJudge, require_data_for
+    from .device.metrics import METRICS
     from .models import adapter_for
     from .validate import drift
 
@@ -342,20 +554,40 @@ def quantize(
         raise EdgeRnnError(f"unknown variant(s) {unknown}; choose from {sorted(VARIANTS)}")
     if calibration not in CALIBRATION_METHODS:
         raise EdgeRnnError(f"unknown calibration method {calibration!r}; choose from {list(CALIBRATION_METHODS)}")
-    data = parse_calibration_data(calibration_data)
-    if data and "int8-static" not in variants:
+    require_data_for(accuracy_aware=accuracy_aware, max_drop=max_drop, metric=metric, data=data)
+    if accuracy_aware and not any(v in ACCURACY_VARIANTS for v in variants):
+        raise EdgeRnnError(f"--accuracy-aware keeps nodes of an int8 model float: use it with --variant {' or '.join(ACCURACY_VARIANTS)}")
+    if metric is not None and metric not in METRICS:
+        raise EdgeRnnError(f"--metric {metric!r}: choose one of {', '.join(METRICS)}")
+    if max_drop is not None and not 0 <= max_drop <= 1000:
+        raise EdgeRnnError("--max-drop is in percent (pp for accuracy): between 0 and 1000")
+    max_rows = JUDGE_MAX_ROWS if max_rows is None else max_rows
+    if max_rows < 1:
+        raise EdgeRnnError("--max-rows must be at least 1")
+    if calibration_data and "int8-static" not in variants:
         raise EdgeRnnError("--calibration-data is for --variant int8-static")
+    if not (len(calibration_data) == 1 and _is_data_file(calibration_data[0])):
+        parse_calibration_data(calibration_data)  # a malformed list is refused before any work
     with folder_lock(model_dir):  # no other writer between reading the manifest and saving it
         manifest = load_manifest(model_dir)
         adapter = adapter_for(manifest)
         step = manifest.get("step")
+        layers = {a["layer"] for a in manifest.get("audit", []) if isinstance(a, dict) and isinstance(a.get("layer"), str)}
         jobs = []  # (variant, fp32 role, variant role, variant file)
         for variant in variants:
             jobs.append((variant, "onnx", *VARIANTS[variant]))
             if variant in STEP_VARIANTS and "onnx_step" in manifest["files"]:
                 jobs.append((variant, "onnx_step", *STEP_VARIANTS[variant]))
         sources = {role: verified_file(manifest, model_dir, role) for role in {job[1] for job in jobs}}
+        # The data (and int8-static's calibration data) is read and checked before anything is written: bad data is
+        # one error and no file changes.
+        judge = (DataJudge(model_dir, manifest, data, fp32_path=sources["onnx"], metric=metric, max_drop=max_drop, max_rows=max_rows)
+                 if data is not None else None)
+        feeds, described = (_calibration(adapter, model_dir, manifest, sources["onnx"], judge=judge, calibration_data=calibration_data,
+                                         samples=calibration_samples)
+                            if "int8-static" in variants else ([], ""))
         stream: dict[str, np.ndarray] | None = None
+        kept_by_variant: dict[str, list[str]] = {}
         reports = []
         for variant, src_role, role, name in jobs:
             src = sources[src_role]
@@ -363,11 +595,19 @@ def quantize(
                 raise EdgeRnnError(f"the {variant} output {model_dir / name} is the model it is made from — fix the "
                                    f"'{src_role}' entry of {model_dir / 'manifest.json'}; nothing written")
             fp32_model = onnx.load(str(src))
-            feeds = functools.partial(adapter.calibration_feeds, model_dir, manifest, src, samples=calibration_samples,
-                                      batch=CALIBRATION_BATCH, data=data or None)
-            described = f"files {data}" if data else "training split"
-            with atomic_path(model_dir / name) as tmp, _quiet_root_logging():
-                settings = _MAKERS[variant](src, tmp, feeds=feeds, calibration=calibration, calibration_data=described)
+            judged, control = None, None
+            with tempfile.TemporaryDirectory() as work, atomic_path(model_dir / name) as tmp, _quiet_root_logging():
+                prepared = _prepare(variant, src, Path(work))
+                make = functools.partial(_MAKERS[variant], prepared, feeds=feeds, calibration=calibration, calibration_data=described)
+                settings = make(tmp)
+                if judge is not None:
+                    judged = judge.judge(tmp, role)
+                    if accuracy_aware and variant in ACCURACY_VARIANTS:
+                        judged, control, kept = _accuracy_control(
+                            variant, role, prepared=prepared, make=make, src=src, out=tmp, judged=judged, judge=judge,
+                            work=Path(work), start=kept_by_variant.get(variant, []), layers=layers)
+                        kept_by_variant.setdefault(variant, kept)
+                        settings["nodes_to_exclude"] = kept
                 q_model = onnx.load(str(tmp))
                 runtime_ops = runtime_op_counts(tmp)
                 step_drift = None
@@ -379,6 +619,12 @@ def quantize(
             cov["settings"] = settings
             if step_drift is not None:
                 cov["step_drift"] = step_drift
+            cov["judged_on"] = judge.judged_on() if judge is not None else SYNTHETIC
+            if judged is not None:
+                cov["verdict"] = judged.figures()
+            if control is not None:
+                cov["accuracy_control"] = control
+                _explain_kept_float(cov, control)
             # int8 kernels (and so the rounding of near-ties) depend on the CPU: record which one made these figures.
             cov["host"] = cpu_features()
             cov["file_ratio"] = (model_dir / name).stat().st_size / src.stat().st_size
@@ -388,4 +634,18 @@ def quantize(
             reports.append(QuantizeReport(variant, model_dir / name, (model_dir / name).stat().st_size, src.stat().st_size,
                                           q_counts, cov, role=role))
         save_manifest(model_dir, manifest)
+    if any(r.ok is False for r in reports):
+        raise PromiseBroken(_failure_line(reports, data=str(data), accuracy_aware=accuracy_aware), reports)
     return reports
+
+
+def _explain_kept_float(cov: dict[str, Any], control: dict[str, Any]) -> None:
+    """The coverage's still-float ops say which nodes accuracy control kept float, and why."""
+    by_op: dict[str, list[str]] = {}
+    for node in control.get("kept_float", []):
+        by_op.setdefault(node["op"], []).append(node["node"])
+    for op, names in by_op.items():
+        entry = cov["still_float"].get(op)
+        if entry is not None:
+            entry["why"] = (f"accuracy control kept {', '.join(names)} float: quantized, {control['metric']} broke the "
+                            f"{control['budget']:g} {control['unit']} budget on the data")
