@@ -317,9 +317,10 @@ def quantize(
         None, "--max-drop", min=0.0, max=1000.0,
         help="Budget of a variant's metric vs fp32 on --data: pp for accuracy (default 1), % for errors (default 2).",
     ),
-    accuracy_aware: bool = typer.Option(
-        False, "--accuracy-aware",
-        help="Where int8 breaks the budget on --data, keep the fewest nodes float that bring it inside (measured node by node).",
+    accuracy_aware: Optional[bool] = typer.Option(
+        None, "--accuracy-aware/--judge-only",
+        help="With --data: where int8 breaks the budget, keep the fewest nodes float that bring it inside (measured node by "
+             "node; the default for int8 with --data), or only judge the fully quantized model (--judge-only).",
     ),
     metric: Optional[str] = typer.Option(None, "--metric", help="accuracy | binary-accuracy | mae | nats (default: from the model's output layer)."),
     max_rows: Optional[int] = typer.Option(None, "--max-rows", min=1, help="Judge on the first N rows of --data (default 2,000; batch 1 is slow on big data)."),
@@ -331,9 +332,13 @@ def quantize(
     """Quantize DIR/model.onnx (and the step model) with onnxruntime.quantization and report what was quantized; with
     --data, judge every variant on your data (exit 1 when one breaks its promise; it is still written and recorded).
 
-    Example: edge-rnn quantize models/co2 --variant int8 --data co2_test.npz --accuracy-aware
+    Example: edge-rnn quantize models/co2 --variant int8 --data co2_test.npz --max-drop 2
     """
+    from .quantize import ACCURACY_VARIANTS
     from .quantize import quantize as run_quantize
+
+    if accuracy_aware is None:  # accuracy control is what a budget on your data asks for, where it applies
+        accuracy_aware = data is not None and any(v in ACCURACY_VARIANTS for v in variant)
 
     reports = run_quantize(model_dir, variants=tuple(variant), calibration=calibration, calibration_data=calibration_data,
                            data=data, metric=metric, max_drop=max_drop, max_rows=max_rows, accuracy_aware=accuracy_aware)
