@@ -9,6 +9,9 @@ then "Invalid reduction dimension 0" on the scalar loss — tensorflow/tensorflo
 TensorFlow's documented custom-loop recipe: `strategy.run` per replica, the loss summed and divided by the
 global batch, gradients all-reduced by the Keras optimizer, epoch sums in ON_READ variables. For the same reason
 `keras.callbacks.BackupAndRestore` (a fit() callback) is replaced by a `tf.train.CheckpointManager` per worker.
+One process trains with the same loop under TensorFlow's default strategy (lstm.train): each epoch's batches are
+`lstm.train_batches(epoch)` (seeded shuffle and augmentation) for one process and for many, which fit() cannot
+take epoch by epoch; on the same batches the loop ends at fit()'s weights (tests/test_multi_worker.py).
 """
 
 from __future__ import annotations

@@ -6,7 +6,6 @@ import contextlib
 import dataclasses
 import os
 import shutil
-import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +39,32 @@ STREAM_SHUFFLE_BUFFER = 10_000
 def preprocess(images: npt.NDArray[np.uint8]) -> npt.NDArray[np.float32]:
     """uint8 (N, 28, 28) → float32 (N, 28, 28) in [0, 1]: each row is a time step."""
     return images.astype(np.float32) * np.float32(PIXEL_SCALE)
+
+
+def augment(x: Any, seed: Any, cfg: LstmConfig) -> Any:
+    """(B, 28, 28) float32 digits → each moved by its own random affine map (bilinear, zero fill), in TensorFlow.
+
+    Shift up to `cfg.augment_shift` pixels each way, rotation up to `cfg.augment_rotate` degrees and scale
+    up to ±`cfg.augment_scale`, drawn uniformly from the stateless `seed` (2 ints): the same seed moves the
+    same batch the same way, on any worker and after a resume."""
+    tf = require("tensorflow", "train")
+    draws = tf.random.stateless_uniform((tf.shape(x)[0], 4), seed=seed, minval=-1.0, maxval=1.0)  # (B, 4)
+    angle = draws[:, 0] * np.float32(np.deg2rad(cfg.augment_rotate))
+    scale = 1.0 + draws[:, 1] * np.float32(cfg.augment_scale)
+    shift_x, shift_y = draws[:, 2] * np.float32(cfg.augment_shift), draws[:, 3] * np.float32(cfg.augment_shift)
+    # Output pixel (u, v) reads input pixel (cos·u − sin·v + a2, sin·u + cos·v + b2): the inverse map, rotated and
+    # scaled about the image centre (cx, cy) and shifted, so (cx + shift_x, cy + shift_y) reads the centre.
+    cos, sin = tf.cos(angle) / scale, tf.sin(angle) / scale
+    cx, cy = (cfg.features - 1) / 2, (cfg.timesteps - 1) / 2
+    a2 = cx - cos * (cx + shift_x) + sin * (cy + shift_y)
+    b2 = cy - sin * (cx + shift_x) - cos * (cy + shift_y)
+    zero = tf.zeros_like(angle)
+    transforms = tf.stack([cos, -sin, a2, sin, cos, b2, zero, zero], axis=1)  # (B, 8)
+    moved = tf.raw_ops.ImageProjectiveTransformV3(
+        images=x[..., None], transforms=transforms, output_shape=tf.shape(x)[1:3], fill_value=0.0,
+        interpolation="BILINEAR", fill_mode="CONSTANT",
+    )
+    return moved[..., 0]
 
 
 def preprocessing_spec(cfg: LstmConfig) -> dict[str, Any]:
@@ -132,70 +157,25 @@ def train(
 ) -> TrainResult:
     """Train on `digits.x_train`, validating on the held-out split; reproducible for a given seed.
 
-    With EMA on, the per-epoch val_accuracy is of the raw weights; fit() ends by swapping in the
-    averaged weights, which are what is saved and what `heldout_accuracy` measures. With `backup_dir`,
-    every epoch's weights, optimizer and epoch count are backed up there (keras BackupAndRestore) and
-    deleted when training ends; `resume` continues a killed run from its last finished epoch.
-
-    With a tf.distribute `strategy` (mirrored or multi-worker; `worker` is this process's index), training
-    runs `distribute.fit_classifier` instead of fit(): see `_train_distributed`.
+    One loop for every strategy: `distribute.fit_classifier` over `train_batches` (each epoch's shuffled,
+    augmented batches), in one process under TensorFlow's default strategy, or under a tf.distribute `strategy`
+    (mirrored or multi-worker; `worker` is this process's index) — see `_train_loop`. With EMA on, the
+    per-epoch val_accuracy is of the raw weights; the averaged weights are swapped in at the end and are what
+    is saved and what `heldout_accuracy` measures. With `backup_dir`, every epoch's weights, optimizer and
+    epoch count are backed up there and deleted when training ends; `resume` continues a killed run from its
+    last finished epoch.
     """
     if strategy is None and digits.train_images is not None:
         raise EdgeRnnError("streamed training images feed the tf.distribute loop only — pass a strategy (mirrored or multi-worker)")
-    if strategy is not None:
-        return _train_distributed(digits, cfg=cfg, strategy=strategy, worker=worker, on_epoch=on_epoch, backup_dir=backup_dir, resume=resume)
-    keras = require("keras", "train")
-    callbacks = []
-    if backup_dir is not None:
-        backup_dir = backup_path(Path(backup_dir).parent, resume=resume)
-        if not resume:
-            shutil.rmtree(backup_dir, ignore_errors=True)  # a fresh run must not pick up an old one's epochs
-        callbacks.append(keras.callbacks.BackupAndRestore(str(backup_dir)))
-    elif resume:
+    if backup_dir is None and resume:
         raise EdgeRnnError("resume needs the backup folder of the interrupted run")
+    if strategy is None and backup_dir is not None:
+        backup_dir = backup_path(Path(backup_dir).parent, resume=resume)
     tf = require("tensorflow", "train")
-    # Same seed → same weights, run after run on one host (hosts with other SIMD kernels round differently):
-    # deterministic kernels (measured here, 1k digits × 2 epochs on CPU:
-    # 4.4–6.6 s with, 4.5–5.2 s without — within the noise of a shared host).
-    tf.config.experimental.enable_op_determinism()
-    x_train, x_test = preprocess(digits.x_train), preprocess(digits.x_test)
-    y_train, y_test = digits.y_train.astype(np.int64), digits.y_test.astype(np.int64)
-    model = build_model(cfg, train_samples=len(x_train))
-
-    seconds: list[float] = []
-
-    class _Progress(keras.callbacks.Callback):
-        def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
-            self.started = time.perf_counter()
-
-        def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-            seconds.append(round(time.perf_counter() - self.started, 2))
-            logs = {k: float(v) for k, v in (logs or {}).items()}
-            if not np.isfinite(logs.get("loss", 0.0)):
-                self.model.stop_training = True
-            if on_epoch is not None:
-                on_epoch(epoch + 1, cfg.epochs, logs)
-
-    fit = model.fit(
-        x_train,
-        y_train,
-        epochs=cfg.epochs,
-        batch_size=cfg.batch_size,
-        validation_data=(x_test, y_test),
-        shuffle=True,
-        verbose=0,
-        callbacks=[*callbacks, _Progress()],
+    return _train_loop(
+        digits, cfg=cfg, strategy=strategy or tf.distribute.get_strategy(), default=strategy is None, worker=worker,
+        on_epoch=on_epoch, backup_dir=backup_dir, resume=resume,
     )
-    history = {k: [float(v) for v in vals] for k, vals in fit.history.items()}
-    if not np.isfinite(history["loss"][-1]):
-        raise EdgeRnnError(
-            f"training diverged (loss {history['loss'][-1]}) — relu LSTMs can blow up; retry with another --seed"
-        )
-    probs = model.predict(x_test, batch_size=256, verbose=0)
-    accuracy = float(np.mean(probs.argmax(axis=1) == y_test))
-    training = {"strategy": "default", "workers": 1, "replicas": 1, "global_batch": cfg.batch_size,
-                "learning_rate": learning_rate(cfg), "epoch_seconds": seconds}
-    return TrainResult(model, history, accuracy, training)
 
 
 def train_batches(digits: Digits, cfg: LstmConfig, global_batch: int):
@@ -222,26 +202,38 @@ def train_batches(digits: Digits, cfg: LstmConfig, global_batch: int):
     options = tf.data.Options()
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
 
+    moves = bool(cfg.augment_shift or cfg.augment_rotate or cfg.augment_scale)
+
     def batches(epoch: int):
-        shuffled = records.shuffle(buffer, seed=cfg.seed * 100_003 + epoch, reshuffle_each_iteration=False)
+        epoch_seed = cfg.seed * 100_003 + epoch
+        shuffled = records.shuffle(buffer, seed=epoch_seed, reshuffle_each_iteration=False)
         # drop_remainder: every worker runs the same number of steps (a last partial batch is left out).
         scaled = shuffled.batch(global_batch, drop_remainder=True).map(lambda x, y: (tf.cast(x, tf.float32) * PIXEL_SCALE, tf.cast(y, tf.int64)))
+        if moves:
+            # Batch i of this epoch is moved by the draws of seed (epoch_seed, i): the same on every worker. Plain
+            # TensorFlow ops, traced as they are (autograph would try to convert `require` and warn about it).
+            move = tf.autograph.experimental.do_not_convert(
+                lambda i, xy: (augment(xy[0], tf.stack([tf.constant(epoch_seed, tf.int64), i]), cfg), xy[1])
+            )
+            scaled = scaled.enumerate().map(move)
         return scaled.prefetch(2).with_options(options)
 
     return batches
 
 
-def _train_distributed(
+def _train_loop(
     digits: Digits,
     *,
     cfg: LstmConfig,
     strategy: Any,
+    default: bool,
     worker: int,
     on_epoch: EpochCallback | None,
     backup_dir: str | os.PathLike[str] | None,
     resume: bool,
 ) -> TrainResult:
-    """The same model, schedule and EMA as the single-process recipe, trained with `distribute.fit_classifier`.
+    """The model, schedule and EMA of the recipe, trained with `distribute.fit_classifier` under `strategy`
+    (TensorFlow's default strategy when `default`: one process, one replica).
 
     `cfg.batch_size` is the GLOBAL batch, split evenly over the replicas: with the same batch the steps per
     epoch, hence the step-anneal schedule, are the single-process ones step for step. Raising --batch-size
@@ -289,8 +281,12 @@ def _train_distributed(
         shutil.rmtree(backup.folder, ignore_errors=True)
         with contextlib.suppress(OSError):
             backup.folder.parent.rmdir()  # when the other workers' backups are gone too
+    if default:
+        name = "default"
+    else:
+        name = "multi-worker" if workers > 1 or "Collective" in type(strategy.extended).__name__ else "mirrored"
     training = {
-        "strategy": "multi-worker" if workers > 1 or "Collective" in type(strategy.extended).__name__ else "mirrored",
+        "strategy": name,
         "workers": workers,
         "replicas": replicas,
         "global_batch": cfg.batch_size,

@@ -177,3 +177,28 @@ def test_steps_per_execution_changes_no_weight(digits):
     assert len(weights[0]) == len(weights[1]) > 0
     for a, b in zip(*weights):
         np.testing.assert_array_equal(a, b)
+
+
+def test_augmented_batches_are_seeded_and_move_the_digits(digits):
+    """Each epoch's training batches are moved (shift, rotation, scale) by draws fixed by seed, epoch and batch:
+    the same batches twice, others the next epoch, the plain digits in the same order with augmentation off."""
+    import dataclasses
+
+    from edge_rnn.config import LstmConfig
+    from edge_rnn.data import Digits
+    from edge_rnn.lstm import train_batches
+
+    small = Digits("s", "s", digits.x_train[:256], digits.y_train[:256], digits.x_test[:32], digits.y_test[:32])
+    cfg = LstmConfig(seed=5)
+    plain_cfg = dataclasses.replace(cfg, augment_shift=0.0, augment_rotate=0.0, augment_scale=0.0)
+    moved = [list(train_batches(small, cfg, 64)(epoch).as_numpy_iterator()) for epoch in (0, 0, 1)]
+    plain = list(train_batches(small, plain_cfg, 64)(0).as_numpy_iterator())
+    assert len(moved[0]) == len(plain) == 4
+    for (xa, ya), (xb, yb), (xp, yp) in zip(moved[0], moved[1], plain):
+        assert np.array_equal(xa, xb) and np.array_equal(ya, yb)  # seeded
+        assert np.array_equal(ya, yp)  # the same digits in the same order, only moved
+        assert xa.dtype == np.float32 and xa.min() >= 0.0 and xa.max() <= 1.0
+        assert np.mean(np.abs(xa - xp).max(axis=(1, 2)) > 0.5) > 0.9  # (nearly) every digit moved
+        np.testing.assert_allclose(xa.sum(), xp.sum(), rtol=0.1)  # moved, not erased: the ink stays
+    assert not any(np.array_equal(xa, xb) for (xa, _), (xb, _) in zip(moved[0], moved[2]))  # each epoch its own
+    assert sorted(np.concatenate([y for _, y in plain]).tolist()) == sorted(small.y_train.tolist())
