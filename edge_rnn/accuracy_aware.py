@@ -142,14 +142,14 @@ class DataJudge:
                  metric: str | None = None, max_drop: float | None = None, max_rows: int = JUDGE_MAX_ROWS) -> None:
         from .device.runtime import _graph_dtypes
         from .device.session import load_model
-        from .evaluate import _targets_fit, open_for, output_kinds
+        from .evaluate import check_targets, open_for, output_kinds
 
         self.model_dir, self.manifest, self.max_drop = model_dir, manifest, max_drop
         self.fp32 = load_model(fp32_path, threads=1)
         self.data = open_for(manifest, data, dtypes=_graph_dtypes(self.fp32), need_targets=True, max_rows=max_rows)
         self.rows_in_file = len(next(iter(self.data.inputs.values())))
         self.kinds = output_kinds(manifest, self.data, metric=metric)
-        _targets_fit(self.kinds, self.data)
+        check_targets(self.kinds, self.data)
         self.kind = next((self.kinds[n] for n in self.kinds if n in self.data.targets), "linear")
         self._fp32_run = _memo(sequence_runner(self.fp32, batch=JUDGE_BATCH))
 

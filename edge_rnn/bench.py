@@ -765,11 +765,11 @@ MEASURES: dict[str, Callable[[_Row, BenchConfig], dict[str, Any]]] = {
 
 def _score_plan(manifest: dict[str, Any], data: Path, notes: list[str]) -> dict[str, Any]:
     """What every row needs to answer the user's data (row.extra["score"]), checked here, once, before any row runs."""
-    from .evaluate import _targets_fit, open_for, output_kinds
+    from .evaluate import check_targets, open_for, output_kinds
 
     dataset = open_for(manifest, data, need_targets=True, max_rows=BENCH_DATA_ROWS)
     kinds = output_kinds(manifest, dataset)
-    _targets_fit(kinds, dataset)
+    check_targets(kinds, dataset)
     total = len(next(iter(dataset.inputs.values())))
     if total > dataset.count:
         notes.append(f"{manifest['model']}: every row answers the first {dataset.count:,} of the {total:,} rows of {data.name} "

@@ -213,7 +213,7 @@ def _data_metrics(bundle: Bundle, data: Path, *, batch: int) -> dict[str, Any]:
     from .evaluate import evaluate_models
 
     models = {role: load_bundle_model(bundle.path, role=role, threads=1, bundle=bundle) for role in bundle.roles}
-    evaluation = evaluate_models(bundle.manifest, models, data=data, batch=batch)
+    evaluation = evaluate_models(bundle.manifest, models, data=data, batch=batch, need_targets=True)
     roles = {}
     for v in evaluation.variants:
         h = v.headline

@@ -144,7 +144,7 @@ def train_mnist_lstm(
     seed: int = typer.Option(LstmConfig.seed, help="Seed for weights, dropout and shuffling."),
     out_dir: Path = typer.Option(Path(DEFAULT_OUT) / MNIST_DIRNAME, "--out", help="Model folder to write."),
     resume: bool = typer.Option(False, "--resume", help="Continue a killed run from its last finished epoch (backed up in OUT/.train-backup)."),
-    strategy: str = typer.Option("default", help="default (Keras fit) | mirrored (this machine's devices) | multi-worker (TF_CONFIG or --workers/--index)."),
+    strategy: str = typer.Option("default", help="default (one process) | mirrored (this machine's devices) | multi-worker (TF_CONFIG or --workers/--index)."),
     workers: Optional[str] = typer.Option(None, help="multi-worker cluster instead of TF_CONFIG: host:port,host:port,… (the same list on every worker)."),
     index: Optional[int] = typer.Option(None, min=0, help="This worker's place in --workers; 0 is the chief, the only one that writes OUT."),
     connect_timeout: float = typer.Option(CONNECT_TIMEOUT_S, min=0.1, max=3600, help="Seconds a worker waits for every peer before giving up."),

@@ -14,9 +14,9 @@ from typing import Any, Callable
 import numpy as np
 
 from .device.dataset import Dataset, open_dataset
-from .device.evaluate import BASELINE, EXACT, Evaluation, Runner, evaluate_runners, promise_of, roles_in, sequence_runner, step_runner
+from .device.evaluate import EXACT, Evaluation, Runner, evaluate_runners, promise_of, roles_in, sequence_runner, step_runner
 from .device.metrics import KINDS, METRICS, output_kind
-from .errors import EdgeRnnError, InputError, MissingDependencyError
+from .errors import InputError, MissingDependencyError
 from .tolerances import KERAS_ONNX_ATOL
 
 # How a built-in task's first output is scored (a Keras model's manifest records its outputs' activations).
@@ -73,7 +73,7 @@ def output_kinds(manifest: dict[str, Any], data: Dataset, *, metric: str | None 
     return kinds
 
 
-def _targets_fit(kinds: dict[str, str], data: Dataset) -> None:
+def check_targets(kinds: dict[str, str], data: Dataset) -> None:
     for name, kind in kinds.items():
         target = data.targets.get(name)
         if target is None:
@@ -188,20 +188,12 @@ def evaluate(
                 runners.append(keras_runner)
     if not models:
         raise InputError(f"{path} holds no ONNX model to evaluate — run `edge-rnn export` first")
-    first = next(iter(models.values()))
-    from .device.runtime import _graph_dtypes
-
-    dataset = open_for(manifest, data, dtypes=_graph_dtypes(first))
-    kinds = output_kinds(manifest, dataset, metric=metric)
-    _targets_fit(kinds, dataset)
-    runners = [_runner_for(model, role, batch=batch) for role, model in models.items()] + runners
-    if not any(r.promise == BASELINE for r in runners) and "onnx" not in models:
+    if "onnx" not in models:
         notes.append("no fp32 sequence model here: variants are compared with the fp32 step model where there is one")
-    evaluation = evaluate_runners(dataset, runners, kinds=kinds, batch=batch, max_drop=max_drop,
-                                  source_role="keras" if any(r.role == "keras" for r in runners) else None, on_progress=on_progress)
+    evaluation = evaluate_models(manifest, models, data=data, batch=batch, metric=metric, max_drop=max_drop, extra=runners,
+                                 on_progress=on_progress)
     evaluation.notes = notes + evaluation.notes
     return evaluation
-
 
 
 def model_feeds(manifest: dict[str, Any], feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -216,15 +208,29 @@ def model_feeds(manifest: dict[str, Any], feeds: dict[str, np.ndarray]) -> dict[
     return full
 
 
-def evaluate_models(manifest: dict[str, Any], models: dict[str, Any], *, data: str | os.PathLike[str], batch: int = 1) -> Evaluation:
-    """Score loaded models (role → LoadedModel, e.g. a bundle's members before the bundle is written) on labelled
-    DATA at `batch`, each judged by its promise; the data must hold targets."""
+def evaluate_models(
+    manifest: dict[str, Any],
+    models: dict[str, Any],
+    *,
+    data: str | os.PathLike[str],
+    batch: int = 1,
+    metric: str | None = None,
+    max_drop: float | None = None,
+    extra: list[Runner] = (),
+    need_targets: bool = False,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> Evaluation:
+    """Score loaded models (role → LoadedModel: a folder's files, or a bundle's members before the bundle is
+    written) and `extra` runners (the Keras source) on DATA at `batch`, each judged by its promise."""
     from .device.runtime import _graph_dtypes
 
-    dataset = open_for(manifest, data, dtypes=_graph_dtypes(next(iter(models.values()))), need_targets=True)
-    kinds = output_kinds(manifest, dataset)
-    _targets_fit(kinds, dataset)
-    runners = [_runner_for(model, role, batch=batch) for role, model in models.items()]
-    return evaluate_runners(dataset, runners, kinds=kinds, batch=batch)
+    dataset = open_for(manifest, data, dtypes=_graph_dtypes(next(iter(models.values()))), need_targets=need_targets)
+    kinds = output_kinds(manifest, dataset, metric=metric)
+    check_targets(kinds, dataset)
+    runners = [_runner_for(model, role, batch=batch) for role, model in models.items()] + list(extra)
+    source_role = next((r.role for r in extra if r.role == "keras"), None)
+    return evaluate_runners(dataset, runners, kinds=kinds, batch=batch, max_drop=max_drop, source_role=source_role,
+                            on_progress=on_progress)
+
 
 __all__ = ["evaluate", "open_for", "output_kinds", "data_inputs", "data_outputs", "evaluate_models", "model_feeds", "KINDS"]

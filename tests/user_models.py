@@ -94,7 +94,7 @@ def make_user_models(root: Path) -> dict[str, tuple[Path, Path]]:
     made = {}
     digits = load_sample()
     model = build_digits(keras)
-    model.fit(digits.x_train.astype(np.float32) / 255, digits.y_train, epochs=6, batch_size=32, verbose=0)
+    model.fit(digits.x_train.astype(np.float32) / 255, digits.y_train, epochs=10, batch_size=32, verbose=0)
     data = root / "digits_test.npz"
     np.savez(data, x=digits.x_test.astype(np.float32) / 255, y=digits.y_test.astype(np.int64))
     made["digits"] = (_export(model, root / "digits.keras", export, quantize), data)
