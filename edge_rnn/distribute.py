@@ -171,9 +171,12 @@ class EpochBackup:
         self.folder = Path(folder) / f"worker-{worker}"
         if not resume:
             shutil.rmtree(self.folder, ignore_errors=True)  # a fresh run must not pick up an old one's epochs
-        # Every variable of the model by path: weights, and the dropout layers' seed-generator states, which a
-        # Checkpoint of the Keras 3 model object leaves out — without them a resumed run draws other dropout masks.
-        variables = {v.path.replace("/", "."): v.value for v in model.variables}
+        # Every variable of the model: weights, and the dropout layers' seed-generator states, which a Checkpoint of
+        # the Keras 3 model object leaves out — without them a resumed run draws other dropout masks. Keyed by their
+        # place in the model, not by path: Keras numbers auto-named objects per process (`seed_generator_4` in a
+        # fresh process is `seed_generator_22` in one that built models before), so paths differ between the run
+        # that was killed and the one that resumes it in a longer-lived process.
+        variables = {f"v{i:03d}": v.value for i, v in enumerate(model.variables)}
         self.checkpoint = tf.train.Checkpoint(optimizer=optimizer, model_variables=variables)
         self.manager = tf.train.CheckpointManager(self.checkpoint, str(self.folder), max_to_keep=BACKUPS_KEPT)
 

@@ -12,7 +12,9 @@ import pytest
 from edge_rnn.config import LstmConfig
 
 # Long enough that the model is a real digit classifier (~90% held-out), short enough for CI.
-TEST_LSTM = LstmConfig(epochs=6, batch_size=32, seed=0)
+# Augmentation off: the tests' tolerances were measured on this model as it was (the recipe's augmentation has
+# tests of its own, and needs more than 6 epochs to pay off).
+TEST_LSTM = LstmConfig(epochs=6, batch_size=32, seed=0, augment_shift=0.0, augment_rotate=0.0, augment_scale=0.0)
 
 
 @pytest.fixture(scope="session")
