@@ -517,8 +517,11 @@ def _recorded_metrics_table(opened) -> Table | None:
     from .device.bundle import recorded_metrics
 
     recorded = recorded_metrics(opened)
-    if recorded is None:
-        return None
+    return None if recorded is None else _metrics_table(recorded)
+
+
+def _metrics_table(recorded) -> Table:
+    """RecordedMetrics as a table: one row per bundled model."""
     table = Table(title=f"recorded at bundling on {escape(recorded.data)}: {recorded.examples:,} examples, batch {recorded.batch}")
     for column in ("role", "output", "metric", "value", "95% interval", "promise"):
         table.add_column(column, justify="right" if column in ("value", "95% interval") else "left")
@@ -539,18 +542,17 @@ def verify_cmd(
 
     Example: edge-rnn verify mnist.tar.gz --run
     """
-    from .device.bundle import open_bundle, self_test, verify
+    from .device.api import verify_bundle
 
-    opened = open_bundle(bundle)
-    for line in verify(opened):
+    checked = verify_bundle(bundle, run=run)
+    for line in checked.lines:
         out.print(f"  {line}", highlight=False)
     out.print(f"{bundle}: every member matches its manifest", highlight=False)
-    metrics_table = _recorded_metrics_table(opened)
-    if metrics_table is not None:
-        out.print(metrics_table)
-    if not run:
+    if checked.metrics is not None:
+        out.print(_metrics_table(checked.metrics))
+    report = checked.self_test
+    if report is None:
         return
-    report = self_test(opened)
     table = Table(title=f"self-test: {report.count} reference inputs, source {report.source}")
     for column in ("role", "output", "max |Δ|", "tolerance", "top-1 (sure)", "result"):
         table.add_column(column, justify="left" if column in ("role", "output", "result") else "right")
@@ -558,9 +560,8 @@ def verify_cmd(
         top1 = "" if r.agreement is None else f"{r.agreement:.0%} of {r.sure}"
         table.add_row(r.role, r.output, f"{r.max_abs_diff:.2e}", f"{r.atol:.2e}", top1, "ok" if r.ok else f"FAIL {r.failure}".strip())
     out.print(table)
-    if not report.ok:
-        failed = sorted({r.role for r in report.results if not r.ok})
-        raise EdgeRnnError(f"self-test failed for {', '.join(failed)}: this machine's answers differ from the source model's beyond the stored tolerance")
+    if not checked.ok:
+        raise EdgeRnnError(checked.failure)
 
 
 @app.command("sample")

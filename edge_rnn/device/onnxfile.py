@@ -161,3 +161,31 @@ def check_onnx_file(path: object) -> None:
         raise ModelFileError(f"{path} is {size:,} bytes, over the {MAX_ONNX_BYTES:,}-byte cap for a model file")
     with open(path, "rb") as f:
         check_onnx_bytes(f.read(), where=path)
+
+
+_NODE_OP_TYPE = 4
+
+
+def _count_ops(data: memoryview, span: tuple[int, int], node_field: int, counts: dict[str, int], depth: int) -> None:
+    if depth > MAX_GRAPH_DEPTH:
+        raise _Corrupt(span[0])
+    for _, node in _submessages(data, span, {node_field: "node"}):
+        for number, wire, value in _fields(data, *node):
+            if number == _NODE_OP_TYPE and wire == 2:
+                op = _text(data, value)
+                counts[op] = counts.get(op, 0) + 1
+            elif number == _NODE_ATTRIBUTE and wire == 2:
+                for _, graph in _submessages(data, value, {_ATTR_G: "g", _ATTR_GRAPHS: "g"}):
+                    _count_ops(data, graph, _GRAPH_NODE, counts, depth + 1)
+
+
+def op_counts(data: bytes | memoryview, *, where: object) -> dict[str, int]:
+    """{op type: number of nodes} of an ONNX model's bytes, over its graph, subgraphs and functions (no onnx package)."""
+    view = memoryview(data)
+    counts: dict[str, int] = {}
+    try:
+        for kind, span in _submessages(view, (0, len(view)), {_MODEL_GRAPH: "graph", _MODEL_FUNCTIONS: "function"}):
+            _count_ops(view, span, _GRAPH_NODE if kind == "graph" else _FUNCTION_NODE, counts, 1)
+    except _Corrupt as exc:
+        raise ModelFileError(f"{where} is not an ONNX model (malformed or truncated protobuf near byte {exc.args[0]}) — re-export it") from None
+    return counts

@@ -1,27 +1,31 @@
-"""Run exported models with onnxruntime: infer (any model), stream (step models), generate (char RNN).
+"""The CLI's device commands over files: infer (any model), stream (step models), generate (char RNN).
 
 Device path: imports numpy, onnxruntime, Pillow (for images) and this package's device modules only —
-never tensorflow, tf2onnx or onnx. Sessions live in session.py, input readers in inputs.py, the state
-machinery in stepper.py; the names other modules import from here are re-exported.
+never tensorflow, tf2onnx or onnx. Each command reads its files and runs the model through the public API
+(api.py: `load`, `Model.predict`, `Stream.step`), so the CLI and a user's program share one path. Sessions
+live in session.py, input readers in inputs.py, the state machinery in stepper.py; the names other modules
+import from here are re-exported.
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import numpy.typing as npt
 
 from ..errors import InputError
 from .inputs import (
-    MASKS, ORT_DTYPES, check_post_padded, convert_array, json_rows, load_images, parse_input_specs, preprocess_pixels, read_feeds,
-    read_npy,
+    ORT_DTYPES, check_post_padded, convert_array, json_rows, load_images, parse_input_specs, preprocess_pixels, read_feeds, read_npy,
 )
 from .sampling import StepFn
 from .session import ORT_ERRORS, LoadedModel, create_session, load_model, require_command, session_options
 from .stepper import TIME_DIM, Stepper
+
+if TYPE_CHECKING:
+    from .api import Stream
 
 __all__ = [
     "ORT_ERRORS", "LoadedModel", "Prediction", "Inference", "Stepper", "create_session", "generate", "infer", "iter_generate",
@@ -86,12 +90,16 @@ def infer(
     threads: int | None = None,
     role: str | None = None,
 ) -> Inference:
-    """Run MODEL.onnx (or a bundle's `role`) on files: images for image classifiers, else one .npy per input (`NAME=FILE.npy` in `named`).
+    """Run MODEL.onnx (or a bundle's `role`, or a folder's onnx file) on files: images for image classifiers, else one .npy
+    per input (`NAME=FILE.npy` in `named`), through Model.predict's path (dynamic int8: each row alone).
 
     State inputs of a step model start at zeros. Every output is returned, (N, …) each; labels and top-k
     where the manifest has labels and the first output is (N, classes).
     """
-    model = load_model(model_path, threads=threads, role=role)
+    from .api import load
+
+    api_model = load(model_path, threads=threads, role=role)
+    model = api_model.loaded
     require_command(model, "infer")
     labels = model.manifest.get("labels")
     if labels is not None and not 1 <= top_k <= len(labels):
@@ -101,7 +109,9 @@ def infer(
         if named:
             raise InputError(f"{model.path.name} reads images: pass them as arguments, not with --input")
         x, rows = load_images(inputs, preprocessing=pre)
-        return Inference(rows, predictions=_top_k(predict_probs(model, x), rows, labels=labels, top_k=top_k))
+        zeros = {s["input"]: np.zeros((len(x), s["shape"][1]), np.float32) for s in model.state}
+        first = api_model._run({model.io["inputs"][0]["name"]: x, **zeros})[api_model.outputs[0].name]
+        return Inference(rows, predictions=_top_k(first, rows, labels=labels, top_k=top_k))
 
     state = {s["input"]: s for s in model.state}
     model_inputs = [s for s in model.io["inputs"] if s["name"] not in state]
@@ -113,15 +123,9 @@ def infer(
     n = next(iter(feeds.values())).shape[0]
     first_file = parse_input_specs(specs, names=[s["name"] for s in model_inputs])[model_inputs[0]["name"]]
     rows = _row_names(first_file.name, n)
-    out_names = [o.name for o in model.session.get_outputs()]
-    chunks: dict[str, list[np.ndarray]] = {name: [] for name in out_names}
-    for i in range(0, n, INFER_BATCH):
-        batch = {name: x[i : i + INFER_BATCH] for name, x in feeds.items()}
-        zeros = {name: np.zeros((len(next(iter(batch.values()))), s["shape"][1]), np.float32) for name, s in state.items()}
-        for name, y in zip(out_names, model.run({**batch, **zeros})):
-            chunks[name].append(y)
-    outputs = {name: np.concatenate(ys) for name, ys in chunks.items()}
-    first = outputs[out_names[0]]
+    zeros = {name: np.zeros((n, s["shape"][1]), np.float32) for name, s in state.items()}
+    outputs = api_model._run({**feeds, **zeros})
+    first = outputs[api_model.outputs[0].name]
     predictions = _top_k(first, rows, labels=labels, top_k=top_k) if labels and first.ndim == 2 else []
     return Inference(rows, outputs, predictions)
 
@@ -135,54 +139,47 @@ def _sequence_spec(spec: dict[str, Any]) -> dict[str, Any]:
     return {**spec, "shape": [spec["shape"][0], TIME_DIM, *spec["shape"][2:]]}
 
 
-def _row_spec(spec: dict[str, Any]) -> dict[str, Any]:
-    """A step input's spec for one JSON row: no time axis (the stream adds it)."""
-    return {**spec, "shape": [spec["shape"][0], *spec["shape"][2:]]}
-
-
-def _file_sequences(stepper: Stepper, specs: Sequence[str | os.PathLike[str]]) -> dict[str, np.ndarray]:
+def _file_sequences(stream_: Stream, specs: Sequence[str | os.PathLike[str]]) -> dict[str, np.ndarray]:
     """`NAME=FILE.npy` (or FILE.npy for one input) → {input: (1, T, …) for sequences, (1, …) otherwise}, checked."""
-    files = parse_input_specs(specs, names=[s["name"] for s in stepper.input_specs])
-    dtypes = _graph_dtypes(stepper.model)
+    from .api import _image_input
+
+    temporal = stream_._stepper.temporal
+    files = parse_input_specs(specs, names=[s["name"] for s in stream_._specs])
     sequences = {}
-    for spec in stepper.input_specs:
+    for spec in stream_._specs:
         name, path = spec["name"], files[spec["name"]]
-        x = convert_array(read_npy(path), spec=_sequence_spec(spec) if name in stepper.temporal else spec, dtype=dtypes[name], where=str(path))
+        shown = _sequence_spec(spec) if name in temporal else spec
+        if stream_._image is not None:  # pixels: uint8 scaled as the manifest says, or floats in [0, 1]
+            x = _image_input(read_npy(path), spec=shown, preprocessing=stream_._image, where=str(path))
+        else:
+            x = convert_array(read_npy(path), spec=shown, dtype=stream_._dtypes[name], where=str(path))
         if x.shape[0] != 1:
             raise InputError(f"{path} holds a batch of {x.shape[0]} sequences; `stream` takes one — use `edge-rnn infer` for batches")
         sequences[name] = x
-    for m in stepper.model.manifest.get("masking", []):
-        if m["input"] in stepper.temporal and m["input"] in sequences:
+    for m in stream_.loaded.manifest.get("masking", []):
+        if m["input"] in temporal and m["input"] in sequences:
             check_post_padded(sequences[m["input"]], kind=m["kind"], value=m.get("value", 0.0), where=str(files[m["input"]]))
     return sequences
 
 
-def _json_steps(stepper: Stepper, lines: Iterable[str]) -> Iterator[dict[str, np.ndarray]]:
-    """JSON lines → one step's feeds {input: (1, 1, …) or (1, …)} each, checked as they arrive (post-padding too)."""
-    dtypes = _graph_dtypes(stepper.model)
-    masking = [m for m in stepper.model.manifest.get("masking", []) if m["input"] in stepper.temporal]
-    padded: set[str] = set()
-    for number, row in enumerate(json_rows(lines, names=[s["name"] for s in stepper.input_specs]), start=1):
-        feeds = {}
-        for spec in stepper.input_specs:
-            name = spec["name"]
-            where = f"stdin line {number}"
-            if name in stepper.temporal:
-                feeds[name] = convert_array(row[name], spec=_row_spec(spec), dtype=dtypes[name], where=where)[:, None]
-            else:
-                feeds[name] = convert_array(row[name], spec=spec, dtype=dtypes[name], where=where)
-            if feeds[name].shape[0] != 1:
-                raise InputError(f"{where} (input {name!r}) holds {feeds[name].shape[0]} examples; a stream row is one step of one sequence")
-        for m in masking:
-            real = bool(MASKS[m["kind"]](feeds[m["input"]], m.get("value", 0.0)).all())
-            if real and m["input"] in padded:
-                raise InputError(
-                    f"stdin line {number} (input {m['input']!r}) is a real step after padding — masked inputs must be post-padded "
-                    "(real steps first, padding at the end), as the whole-sequence model would differ from Keras otherwise"
-                )
-            if not real:
-                padded.add(m["input"])
-        yield feeds
+def _sequence_steps(stream_: Stream, sequences: Mapping[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
+    """{input: (1, T, …) or (1, …)} → one Stream.step per time step (inputs without a time axis repeat each step)."""
+    temporal = {n for n in sequences if n in stream_._stepper.temporal}
+    lengths = {sequences[n].shape[1] for n in temporal}
+    if len(lengths) > 1:
+        raise InputError(f"the sequences have different lengths {sorted(lengths)}; give every sequence input the same number of steps")
+    steps = lengths.pop() if lengths else 1
+    for t in range(steps):
+        feeds = stream_._convert((), {n: x[:, t] if n in temporal else x for n, x in sequences.items()}, rows=None, where=f"step {t}")
+        yield stream_._step_converted(feeds, rows=None, where=f"step {t}")
+
+
+def _json_steps(stream_: Stream, lines: Iterable[str]) -> Iterator[dict[str, np.ndarray]]:
+    """JSON lines → one Stream step each, every row checked as it arrives (post-padding too)."""
+    for number, row in enumerate(json_rows(lines, names=[s["name"] for s in stream_._specs]), start=1):
+        where = f"stdin line {number}"
+        feeds = stream_._convert((), row, rows=None, where=where)
+        yield stream_._step_converted(feeds, rows=None, where=where)
 
 
 def stream(
@@ -195,22 +192,26 @@ def stream(
     threads: int | None = None,
     role: str | None = None,
 ) -> Iterator[dict[str, np.ndarray]]:
-    """Feed a step model one time step at a time, carrying its state; yield {output: array (1, …)} per step.
+    """Feed a step model one time step at a time through a one-stream `Stream`; yield {output: array (1, …)} per step.
 
     The source is one of: `sequences` {input: (1, T, …)} already converted, `inputs` (`NAME=FILE.npy`, or
     FILE.npy for a one-input model; a sequence is (T, …) or (1, T, …)), or `lines` of JSON (one step each:
     an array for a one-input model, {"NAME": array, …} otherwise). Files are checked before the first step;
     JSON rows as they arrive.
     """
+    from .api import Stream, load_stream
+
     if max_steps is not None and max_steps < 1:
         raise InputError(f"--max-steps must be at least 1, got {max_steps}")
-    model = model_path if isinstance(model_path, LoadedModel) else load_model(model_path, threads=threads, role=role, step=True)
-    stepper = Stepper(model, threads=threads)
-    require_command(stepper.model, "stream")
-    if lines is not None:
-        steps: Iterator[dict[str, np.ndarray]] = (stepper.step(feeds) for feeds in _json_steps(stepper, lines))
+    if isinstance(model_path, LoadedModel):
+        stream_ = Stream(model_path)
     else:
-        steps = stepper.run_sequence(dict(sequences) if sequences is not None else _file_sequences(stepper, inputs))
+        stream_ = load_stream(model_path, threads=threads, role=role)
+    require_command(stream_.loaded, "stream")
+    if lines is not None:
+        steps = _json_steps(stream_, lines)
+    else:
+        steps = _sequence_steps(stream_, dict(sequences) if sequences is not None else _file_sequences(stream_, inputs))
     for t, outputs in enumerate(steps):
         if max_steps is not None and t >= max_steps:
             return
@@ -267,9 +268,10 @@ def iter_generate(
     The model and the arguments are checked at the call; memory stays flat however long the text.
     Same seed → same text as NumPy.
     """
+    from .api import load
     from .sampling import generation_h0, iter_sample
 
-    model = load_model(model_path, threads=threads, role=role)
+    model = load(model_path, threads=threads, role=role).loaded
     require_command(model, "generate")
     hidden = int(model.manifest["config"]["hidden"])
     h0 = generation_h0(model.manifest, hidden=hidden)

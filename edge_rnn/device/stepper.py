@@ -9,6 +9,12 @@ preallocated state buffers and two IOBindings that read one set and write the ot
 one copy of each input into its bound buffer, one `run_with_iobinding` and a copy of each output —
 no per-call conversion of inputs and outputs, no rebinding, no state copies. Shapes the buffers do not
 fit (another batch size, several time steps at once where the graph allows it) go through session.run.
+
+Rows of the batch are independent streams: `step(feeds, rows=…)` steps only those rows (their state gathered,
+run as a sub-batch, scattered back; every other row's state is not touched), and `reset`, `state_rows` and
+`set_rows` work per row. With `rows_alone`, every row runs in a call of its own (batch 1): a dynamically
+quantized graph (DynamicQuantizeLinear, DynamicQuantizeLSTM) computes one activation scale over its whole
+batch, so a row stepped beside others would answer differently than alone.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import os
 from typing import Any, Iterator
 
 import numpy as np
+import numpy.typing as npt
 import onnxruntime as ort
 
 from ..errors import InputError, ModelFileError
@@ -51,12 +58,16 @@ class Stepper:
         batch: int = 1,
         threads: int | None = None,
         initial_state: dict[str, np.ndarray] | None = None,
+        rows_alone: bool = False,
     ) -> None:
         self.model = model if isinstance(model, LoadedModel) else load_model(model, threads=threads)
         check_steppable(self.model)
         if batch < 1:
             raise InputError(f"batch must be at least 1, got {batch}")
         self.batch = batch
+        self.rows_alone = rows_alone
+        # rows_alone: the batch-1 Stepper every row runs through, its state loaded from the row and stored back.
+        self._single = Stepper(self.model) if rows_alone and batch > 1 else None
         session = self.model.session
         state_in = {s["input"] for s in self.model.state}
         state_out = {s["output"] for s in self.model.state}
@@ -115,16 +126,39 @@ class Stepper:
             if s["input"] in values:
                 np.copyto(self._states[self._cur][s["input"]], self._state_array(s, values[s["input"]]))
 
-    def reset(self) -> None:
-        """Back to the initial state (zeros unless given)."""
+    def reset(self, rows: npt.NDArray[np.intp] | None = None) -> None:
+        """Back to the initial state (zeros unless given): every row, or only `rows`."""
         for name, value in self._initial.items():
-            np.copyto(self._states[self._cur][name], value)
+            if rows is None:
+                np.copyto(self._states[self._cur][name], value)
+            else:
+                self._states[self._cur][name][rows] = value[rows]
 
-    def step(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """One step: {input: (batch, 1, …) or (batch, …)} → {output: array} (the caller's own), state carried."""
+    def state_rows(self, rows: npt.NDArray[np.intp] | None = None) -> dict[str, np.ndarray]:
+        """{state input name: float32 (len(rows), units)}: copies of the state of `rows` (every row when None)."""
+        return {name: (buf.copy() if rows is None else buf[rows]) for name, buf in self._states[self._cur].items()}
+
+    def set_rows(self, values: dict[str, np.ndarray], rows: npt.NDArray[np.intp] | None = None) -> None:
+        """Set the state of `rows` (every row when None) from {state input name: (len(rows), units)}, already checked."""
+        for name, value in values.items():
+            if rows is None:
+                np.copyto(self._states[self._cur][name], value)
+            else:
+                self._states[self._cur][name][rows] = value
+
+    def step(self, feeds: dict[str, np.ndarray], *, rows: npt.NDArray[np.intp] | None = None) -> dict[str, np.ndarray]:
+        """One step: {input: (n, 1, …) or (n, …)} → {output: (n, …)} (the caller's own), state carried.
+
+        n is the batch, or len(rows) when only `rows` (distinct row indices, in the order of the feeds) are stepped:
+        the other rows' state is left exactly as it was.
+        """
         missing = [s["name"] for s in self.input_specs if s["name"] not in feeds]
         if missing:
             raise InputError(f"no value for input {', '.join(missing)} of {self.model.path.name}")
+        if self.rows_alone and self._single is not None:
+            return self._step_alone(feeds, rows)
+        if rows is not None:
+            return self._run(feeds, rows=rows)
         if self._bindings and all(feeds[n].shape == buf.shape for n, buf in self._inputs.items()):
             for name, buf in self._inputs.items():
                 try:
@@ -139,17 +173,39 @@ class Stepper:
             return {name: buf.copy() for name, buf in self._outputs.items()}
         return self._run(feeds)
 
-    def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """The same step through session.run, for shapes the bound buffers do not fit."""
+    def _run(self, feeds: dict[str, np.ndarray], *, rows: npt.NDArray[np.intp] | None = None) -> dict[str, np.ndarray]:
+        """The same step through session.run, for shapes the bound buffers do not fit and for some rows only
+        (their state gathered into a sub-batch, and the new state scattered back)."""
         state = self._states[self._cur]
+        size = self.batch if rows is None else len(rows)
         batches = {n: feeds[n].shape[0] for n in (s["name"] for s in self.input_specs) if np.ndim(feeds[n])}
-        if any(b != self.batch for b in batches.values()):
-            raise InputError(f"the stepper runs a batch of {self.batch}; the inputs hold {batches}")
+        if any(b != size for b in batches.values()):
+            raise InputError(f"the stepper runs a batch of {size}; the inputs hold {batches}")
         model_feeds = {s["name"]: np.asarray(feeds[s["name"]], dtype=self.dtypes[s["name"]]) for s in self.input_specs}
-        results = dict(zip((o.name for o in self.model.session.get_outputs()), self.model.run({**model_feeds, **state})))
+        state_feeds = state if rows is None else {name: buf[rows] for name, buf in state.items()}
+        results = dict(zip((o.name for o in self.model.session.get_outputs()), self.model.run({**model_feeds, **state_feeds})))
         for s in self.model.state:
-            np.copyto(state[s["input"]], results[s["output"]])
+            if rows is None:
+                np.copyto(state[s["input"]], results[s["output"]])
+            else:
+                state[s["input"]][rows] = results[s["output"]]
         return {name: results[name] for name in self.output_names}
+
+    def _step_alone(self, feeds: dict[str, np.ndarray], rows: npt.NDArray[np.intp] | None) -> dict[str, np.ndarray]:
+        """Each row in a call of its own through the batch-1 Stepper: its state in, one step, its new state back."""
+        single = self._single
+        state = self._states[self._cur]
+        order = range(self.batch) if rows is None else rows
+        answers: list[dict[str, np.ndarray]] = []
+        for i, row in enumerate(order):
+            inner = single._states[single._cur]
+            for name, buf in state.items():
+                inner[name][0] = buf[row]
+            answers.append(single.step({s["name"]: feeds[s["name"]][i : i + 1] for s in self.input_specs}))
+            inner = single._states[single._cur]
+            for name, buf in state.items():
+                buf[row] = inner[name][0]
+        return {name: np.concatenate([a[name] for a in answers]) for name in self.output_names}
 
     def run_sequence(self, x_by_input: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
         """Sequences {input: (batch, T, …)} → one {output: array} per step; inputs without a time axis repeat each step.
