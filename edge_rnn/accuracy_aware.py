@@ -258,7 +258,7 @@ def keep_float(
 
     `start`: nodes to try first as a whole (the sequence model's choice, for its step model); kept if they suffice,
     else the search goes on from them."""
-    from .export import op_counts
+    from .export.graphs import op_counts
 
     onnx = require("onnx", "train")
     control = Control(before, before, [], list(candidates))

@@ -14,7 +14,6 @@ from __future__ import annotations
 import copy
 import gzip
 import hashlib
-import importlib.util
 import io
 import json
 import os
@@ -28,10 +27,8 @@ import numpy as np
 
 from . import __version__
 from .config import BundleConfig
-from .device.bundle import (
-    BUNDLE_FORMAT, BUNDLE_SUFFIX, DATA_METRICS, FP32_ROLES, ORT_SUFFIX, REFERENCE_NAME, REFERENCE_ROLE, VARIANT_ROLES, Bundle,
-    load_bundle_model, steppable_role,
-)
+from .device.bundle import BUNDLE_FORMAT, BUNDLE_SUFFIX, DATA_METRICS, FP32_ROLES, ORT_SUFFIX, REFERENCE_NAME, REFERENCE_ROLE, VARIANT_ROLES, Bundle, steppable_role
+from .device.session import load_bundle_model
 from .device.dataset import Dataset
 from .device.metrics import class_targets
 from .device.manifest import MANIFEST_NAME, atomic_path, load_manifest, verified_file
@@ -177,7 +174,7 @@ def _stable_rows(candidates: Bundle, inputs: dict[str, np.ndarray], outputs: dic
     A self-test proves that a device computes what this host computed; a row on which a quantized model already
     flips the source's answer here (a rare near-decision, counted in the data metrics) would fail on every
     device and prove nothing, so such rows are not made reference vectors."""
-    from .device.bundle import _answers
+    from .device.selftest import _answers
 
     ok = np.ones(len(next(iter(inputs.values()))), bool)
     for role in candidates.roles:
@@ -224,10 +221,8 @@ def _data_metrics(bundle: Bundle, data: Path, *, batch: int) -> dict[str, Any]:
 
 
 def _to_ort(model_path: Path, out_dir: Path) -> tuple[Path, Path]:
-    """The .ort form of a model and its required_operators.config, by edge_rnn.ort_format where this edge-rnn has it."""
-    if importlib.util.find_spec("edge_rnn.ort_format") is None:
-        raise EdgeRnnError("--ort needs edge_rnn.ort_format, which this edge-rnn does not have yet — bundle without --ort")
-    from .ort_format import to_ort
+    """The .ort form of a model and its required_operators.config (edge_rnn.export.ort_format)."""
+    from .export.ort_format import to_ort
 
     return to_ort(model_path, out_dir)
 

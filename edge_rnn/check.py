@@ -37,11 +37,12 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .device.bundle import _top1, is_bundle
+from .device.selftest import _top1
+from .device.bundle import is_bundle
 from .device.hostinfo import cpu_features, describe
 from .device.manifest import load_manifest, verified_file
 from .errors import EdgeRnnError, InputError, MissingDependencyError
-from .runtimes import RUNTIMES, Arrays, open_runtime, run_in_child, runtime
+from .bench.runtimes import RUNTIMES, Arrays, open_runtime, run_in_child, runtime
 
 # Real inputs with the source model's answers (the reference vectors).
 REFERENCE_COUNT = 8

@@ -157,9 +157,9 @@ def train_mnist_lstm(
     On two machines: edge-rnn train mnist-lstm --strategy multi-worker --workers 10.0.0.1:12345,10.0.0.2:12345 --index 0
     (and --index 1 on the second). --batch-size is the global batch, split over all replicas.
     """
-    from .data import load_digits
-    from .distribute import STRATEGIES, PeerLostError, make_strategy, resolve_cluster
-    from .lstm import BACKUP_DIR, backup_path, save_trained, train
+    from .train.data import load_digits
+    from .train.distribute import STRATEGIES, PeerLostError, make_strategy, resolve_cluster
+    from .train.lstm import BACKUP_DIR, backup_path, save_trained, train
 
     if strategy not in STRATEGIES:
         raise EdgeRnnError(f"--strategy {strategy!r}: choose {' | '.join(STRATEGIES)}")
@@ -228,8 +228,8 @@ def train_char_rnn(
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from .char_rnn import load_trained, save_trained, train
-    from .data import load_text
+    from .train.char_rnn import load_trained, save_trained, train
+    from .train.data import load_text
 
     cfg = CharRnnConfig(hidden=hidden, seq_length=seq_length, learning_rate=learning_rate, iters=iters, seed=seed)
     corpus = load_text(text)
@@ -279,7 +279,7 @@ def export(
 
     Example: edge-rnn export my_model.keras --out models/my_model --labels labels.txt --data test.npz
     """
-    from .export import export as run_export
+    from .exporter import export as run_export
 
     report = run_export(model, cfg=ExportConfig(opset=opset), out=out_dir, labels=labels, fail_on_loop=fail_on_loop, trust_h5=trust_h5,
                         data=data)
@@ -369,7 +369,7 @@ def ort_format(
 
     Example: edge-rnn ort artifacts/mnist-lstm --variant int8
     """
-    from .ort_format import ORT_OPTIMIZATION, add_ort
+    from .export.ort_format import ORT_OPTIMIZATION, add_ort
 
     for role, name in add_ort(model_dir, variants=variants).items():
         print(f"{role:20s} {model_dir / name}")
@@ -577,7 +577,7 @@ def sample_numpy(
 
     Example: edge-rnn sample artifacts/char-rnn --prime "ROMEO:" --length 300 --seed 1
     """
-    from .char_rnn import load_trained, numpy_step
+    from .train.char_rnn import load_trained, numpy_step
     from .device.sampling import generation_h0, iter_sample
 
     checkpoint, manifest = load_trained(model_dir)
@@ -592,7 +592,7 @@ def sample_numpy(
 def _bench_tables(report) -> list[Table]:
     """The measurements, the quantization coverage of each variant, and the targets as ratios."""
     m = report.machine
-    from .bench import accuracy_text, max_abs_diff_text
+    from .bench.report import accuracy_text, max_abs_diff_text
     from .device.hostinfo import describe
 
     scored = report.config.get("data")
@@ -647,10 +647,11 @@ def bench(
 
     Example: edge-rnn bench models/my_model --data test.npz --json bench.json --plot bench.png
     """
-    from .bench import BenchConfig, check_plot_path, default_model_dirs
-    from .bench import bench as run_bench
-    from .bench import plot as draw_plot
-    from .bench import write_json
+    from .bench.harness import BenchConfig, default_model_dirs
+    from .bench.report import check_plot_path
+    from .bench.harness import bench as run_bench
+    from .bench.report import plot as draw_plot
+    from .bench.report import write_json
 
     cfg = BenchConfig(threads=threads, opt_level=opt_level, runs=runs, calibration=calibration, rounds=rounds, time_steps=time_steps)
     if plot is not None:

@@ -152,7 +152,8 @@ def evaluate(
 
     Quantized forms run at `batch` (the deployed batch size); every form is judged by its promise.
     """
-    from .device.bundle import is_bundle, load_bundle_model, open_bundle
+    from .device.bundle import is_bundle, open_bundle
+    from .device.session import load_bundle_model
     from .device.manifest import load_manifest, role_of
 
     if not 1 <= batch <= MAX_EVAL_BATCH:

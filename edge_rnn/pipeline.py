@@ -66,7 +66,7 @@ def _is_fp32(role: str) -> bool:
 def classifier_probs(model_dir: Path, manifest: dict[str, Any], role: str, x: np.ndarray) -> np.ndarray:
     """(N, classes) probabilities of one ONNX file: whole sequences at once, or a step model fed row by row."""
     from .device.runtime import load_model, predict_probs
-    from .validate import run_steps, session
+    from .export.validate import run_steps, session
 
     path = _size(model_dir, manifest, role)[0]
     if _whole_sequence_role(role):
@@ -82,7 +82,7 @@ def check_classifier(
 ) -> tuple[list[Row], list[ParityReport], list[QuantGate]]:
     """Keras vs every fp32 ONNX file (whole-sequence and step model: max |Δprob|, argmax), every quantized
     file vs the fp32 export (the quantization promise); accuracies into the manifest."""
-    from .lstm import load_keras_model, preprocess
+    from .train.lstm import load_keras_model, preprocess
 
     model_dir = Path(model_dir)
     keras_model, manifest = load_keras_model(model_dir)
@@ -136,9 +136,9 @@ def gate_classifier(reports: list[ParityReport], gates: list[QuantGate]) -> list
 def run_mnist(
     *, data: str, out_dir: Path, cfg: LstmConfig, export_cfg: ExportConfig, on_step: StepCallback, on_epoch=None
 ) -> PipelineResult:
-    from .data import load_digits
-    from .export import export
-    from .lstm import save_trained, train
+    from .train.data import load_digits
+    from .exporter import export
+    from .train.lstm import save_trained, train
     from .quantize import quantize
 
     result = PipelineResult()
@@ -188,7 +188,7 @@ def check_char_rnn(
 
     Returns the table rows, the parity reports and the failed gates (empty when all hold).
     """
-    from .char_rnn import cross_entropy, encode, forward, heldout_text, load_trained, sample
+    from .train.char_rnn import cross_entropy, encode, forward, heldout_text, load_trained, sample
     from .device.sampling import generation_h0
     from .device.runtime import generate
     from .tolerances import FP32_LOGIT_ATOL, LOSS_RTOL, QUANT_MAX_NATS_INCREASE
@@ -240,9 +240,9 @@ def check_char_rnn(
 
 
 def run_char_rnn(*, text: Path | None, out_dir: Path, cfg: CharRnnConfig, export_cfg: ExportConfig, on_step: StepCallback) -> PipelineResult:
-    from .char_rnn import save_trained, train
-    from .data import load_text
-    from .export import export
+    from .train.char_rnn import save_trained, train
+    from .train.data import load_text
+    from .exporter import export
     from .quantize import quantize
 
     result = PipelineResult()

@@ -41,7 +41,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 
 from .errors import EdgeRnnError, require
-from .export import op_counts
+from .export.graphs import op_counts
 from .device.hostinfo import cpu_features
 from .device.manifest import atomic_path, folder_lock, load_manifest, record_file, save_manifest, verified_file
 
@@ -554,7 +554,7 @@ def quantize(
     from .accuracy_aware import JUDGE_MAX_ROWS, DataJudge, require_data_for
     from .device.metrics import METRICS
     from .models import adapter_for
-    from .validate import drift
+    from .export.validate import drift
 
     onnx = require("onnx", "train")
     model_dir = Path(model_dir)

@@ -6,11 +6,11 @@ Every comparison runs both sides in the same process, alternating round by round
 other jobs on the machine hits both alike, and prints the best and the median round of each and
 their ratios (best/best and median/median). Parts:
 
-- training iterations/s: min-char-rnn's lossFun + Adagrad as written vs edge_rnn.char_rnn.train,
+- training iterations/s: min-char-rnn's lossFun + Adagrad as written vs edge_rnn.train.char_rnn.train,
   same model size (the CharRnnConfig defaults), same data;
 - generation chars/s: the shared sampler (sampling.sample_with) driven by the NumPy model and by
   runtime.onnx_step over an onnxruntime session (one intra-op thread) of
-  edge_rnn.graphs.char_rnn_model, plus the bare step times behind them, whether the texts agree,
+  edge_rnn.export.graphs.char_rnn_model, plus the bare step times behind them, whether the texts agree,
   and the ONNX-vs-NumPy logit difference on real text;
 - scoring chars/s: one call over 5,000 characters, batch 1 and batch 64.
 
@@ -27,9 +27,9 @@ from typing import Callable
 
 import numpy as np
 
-from edge_rnn import char_rnn
+from edge_rnn.train import char_rnn
 from edge_rnn.device import sampling
-from edge_rnn.data import load_text
+from edge_rnn.train.data import load_text
 from edge_rnn.config import CharRnnConfig
 
 
@@ -84,7 +84,7 @@ def one_hot_loop(data: list[int], *, vocab_size: int, iters: int, config: CharRn
 
 
 def vectorised_loop(text: str, *, iters: int, config: CharRnnConfig) -> float:
-    """edge_rnn.char_rnn.train for `iters` steps (no validation cost counted); returns iters/s."""
+    """edge_rnn.train.char_rnn.train for `iters` steps (no validation cost counted); returns iters/s."""
     result = char_rnn.train(text, config=CharRnnConfig(**{**config.__dict__, "iters": iters}))
     return result.steps / result.seconds
 
@@ -122,7 +122,7 @@ def generation(checkpoint: char_rnn.Checkpoint, *, chars: int, rounds: int) -> N
     """Chars/s of sample_with over the NumPy model and over onnxruntime, their step times, and their agreement."""
     import onnxruntime as ort
 
-    from edge_rnn.graphs import char_rnn_model
+    from edge_rnn.export.graphs import char_rnn_model
     from edge_rnn.device.runtime import LoadedModel, onnx_step, session_options
 
     model = char_rnn_model(checkpoint.params, vocab=checkpoint.vocab)
@@ -229,7 +229,7 @@ def main() -> None:
     rates = interleaved(
         {
             "one-hot min-char-rnn loop": lambda: one_hot_loop(data, vocab_size=len(vocab), iters=args.iters, config=config),
-            "edge_rnn.char_rnn.train": lambda: vectorised_loop(text, iters=args.iters, config=config),
+            "edge_rnn.train.char_rnn.train": lambda: vectorised_loop(text, iters=args.iters, config=config),
         },
         rounds=args.rounds,
     )

@@ -1,4 +1,4 @@
-"""Benchmark a GRU(128) model exported by tf2onnx (Loop under Keras 3) against edge_rnn.keras_onnx (fused GRU).
+"""Benchmark a GRU(128) model exported by tf2onnx (Loop under Keras 3) against edge_rnn.export.keras_onnx (fused GRU).
 
 Usage: python scripts/bench_fused_gru.py [--rounds 9] [--iters 200]
 
@@ -7,8 +7,8 @@ The model is the MNIST-row shape: (28, 28) input → GRU(128) → Dense(10, soft
 
 - tf2onnx: edge_rnn.export.keras_to_onnx (tf2onnx.convert.from_function on a tf.function with an
   input_signature), as the pipeline exports;
-- tf2onnx + cleanup: the same after edge_rnn.optimize.clean_recurrent_graph, what the pipeline ships;
-- keras_onnx: edge_rnn.keras_onnx.convert.
+- tf2onnx + cleanup: the same after edge_rnn.export.optimize.clean_recurrent_graph, what the pipeline ships;
+- keras_onnx: edge_rnn.export.keras_onnx.convert.
 
 Rounds alternate between the graphs so load from other jobs hits all alike; each round times `iters`
 calls; the script prints per-call medians over rounds, the best rounds, the ratios, each graph's op
@@ -75,9 +75,9 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=200)
     args = parser.parse_args()
 
-    from edge_rnn.export import keras_to_onnx
-    from edge_rnn.keras_onnx import convert
-    from edge_rnn.optimize import clean_recurrent_graph
+    from edge_rnn.export.tf2onnx_fallback import keras_to_onnx
+    from edge_rnn.export.keras_onnx import convert
+    from edge_rnn.export.optimize import clean_recurrent_graph
 
     keras_model = build_model()
     io = {"inputs": [{"name": "pixels", "dtype": "float32", "shape": ["batch", 28, 28]}],

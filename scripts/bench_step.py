@@ -30,7 +30,7 @@ def mnist_folder(folder: Path, *, seed: int) -> None:
     import onnx
 
     from edge_rnn.device.manifest import record_file, save_manifest
-    from edge_rnn.keras_onnx import convert
+    from edge_rnn.export.keras_onnx import convert
 
     keras.utils.set_random_seed(seed)
     layers = keras.layers

@@ -12,7 +12,7 @@ import sys
 
 import numpy as np
 
-from edge_rnn.data import DEBIAN_FASHION_DIR, FASHION_LABELS, load_digits
+from edge_rnn.train.data import DEBIAN_FASHION_DIR, FASHION_LABELS, load_digits
 
 
 def main() -> int:

@@ -18,7 +18,7 @@ import numpy as np
 
 
 def main(path: str) -> None:
-    from edge_rnn.data import load_sample
+    from edge_rnn.train.data import load_sample
     from edge_rnn.errors import require
 
     keras = require("keras", "train")  # imported quietly: TensorFlow's C++ start-up lines go to /dev/null

@@ -19,7 +19,7 @@ TEST_LSTM = LstmConfig(epochs=6, batch_size=32, seed=0, augment_shift=0.0, augme
 
 @pytest.fixture(scope="session")
 def digits():
-    from edge_rnn.data import load_sample
+    from edge_rnn.train.data import load_sample
 
     return load_sample()
 
@@ -27,8 +27,8 @@ def digits():
 @pytest.fixture(scope="session")
 def mnist_dir(tmp_path_factory, digits):
     """A trained, exported and int8-quantized mnist-lstm folder (read-only for tests: copy to modify)."""
-    from edge_rnn.export import export
-    from edge_rnn.lstm import save_trained, train
+    from edge_rnn.exporter import export
+    from edge_rnn.train.lstm import save_trained, train
     from edge_rnn.quantize import quantize
 
     out = tmp_path_factory.mktemp("mnist-lstm")
@@ -87,10 +87,10 @@ def damage_scale(src, dst, *, factor: float, which: str) -> str:
 @pytest.fixture(scope="session")
 def char_dir(tmp_path_factory):
     """A briefly trained, exported and int8-quantized char-rnn folder on the real Shakespeare text."""
-    from edge_rnn.char_rnn import save_trained, train
+    from edge_rnn.train.char_rnn import save_trained, train
     from edge_rnn.config import CharRnnConfig
-    from edge_rnn.data import load_text
-    from edge_rnn.export import export
+    from edge_rnn.train.data import load_text
+    from edge_rnn.exporter import export
     from edge_rnn.quantize import quantize
 
     out = tmp_path_factory.mktemp("char-rnn")

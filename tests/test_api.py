@@ -337,7 +337,7 @@ def test_readme_python_examples_run(tmp_path, monkeypatch, capsys):
     """A sensor classifier (LSTM over 6 channels → walk/run/sit) bundled as sensor.tar.gz in a temporary folder: the
     README's blocks are executed there, in order, in one namespace."""
     keras = pytest.importorskip("keras")
-    from edge_rnn.export import export
+    from edge_rnn.exporter import export
     from edge_rnn.quantize import quantize
 
     keras.utils.set_random_seed(0)

@@ -11,7 +11,8 @@ import math
 import pytest
 from typer.testing import CliRunner
 
-from edge_rnn.bench import BenchConfig, bench, markdown, plot, write_json
+from edge_rnn.bench.harness import BenchConfig, bench
+from edge_rnn.bench.report import markdown, plot, write_json
 from edge_rnn.cli import app
 
 # Few runs and no throughput time budget: the test checks the report, not the speed.
@@ -163,7 +164,7 @@ def test_cli_rejects_bad_options(mnist_dir):
 
 
 def test_rounds_take_the_median_timing_and_keep_every_run():
-    from edge_rnn.bench import _median_of_rounds
+    from edge_rnn.bench.harness import _median_of_rounds
 
     def out(p50, load, rss):
         return {"load_ms": load, "latency_ms": {"p50": p50, "p90": 2 * p50, "p99": 3 * p50}, "throughput_per_s": {"64": 1 / p50},
@@ -270,7 +271,7 @@ def test_cli_rejects_zero_time_steps(tmp_path):
 
 
 def test_fixed_time_axis_keeps_its_length():
-    from edge_rnn.bench import _time_steps
+    from edge_rnn.bench.harness import _time_steps
     from edge_rnn.models.keras_model import KerasAdapter
 
     spec = {"name": "pixels", "dtype": "float32"}

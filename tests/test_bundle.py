@@ -17,7 +17,8 @@ from typer.testing import CliRunner
 
 from edge_rnn.config import BundleConfig
 from edge_rnn.cli import app
-from edge_rnn.device.bundle import MAX_TOTAL_BYTES, open_bundle, self_test
+from edge_rnn.device.bundle import MAX_TOTAL_BYTES, open_bundle
+from edge_rnn.device.selftest import self_test
 from edge_rnn.tolerances import BUNDLE_QUANT_MEAN_PROB_DIFF, BUNDLE_QUANT_PROB_ATOL
 
 from conftest import damage_scale

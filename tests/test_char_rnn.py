@@ -7,9 +7,9 @@ import pickle
 import numpy as np
 import pytest
 
-from edge_rnn import char_rnn
-from edge_rnn.data import load_text
-from edge_rnn.char_rnn import PARAM_NAMES, loss_and_grads
+from edge_rnn.train import char_rnn
+from edge_rnn.train.data import load_text
+from edge_rnn.train.char_rnn import PARAM_NAMES, loss_and_grads
 from edge_rnn.config import CharRnnConfig
 from edge_rnn.errors import InputError, ModelFileError
 from edge_rnn.tolerances import GRADCHECK_MAX_REL_ERROR

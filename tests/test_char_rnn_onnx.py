@@ -9,11 +9,11 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from edge_rnn import char_rnn
+from edge_rnn.train import char_rnn
 from edge_rnn.device import sampling
-from edge_rnn.data import load_text
+from edge_rnn.train.data import load_text
 from edge_rnn.config import CharRnnConfig
-from edge_rnn.graphs import char_rnn_model
+from edge_rnn.export.graphs import char_rnn_model
 from edge_rnn.tolerances import FP32_LOGIT_ATOL, LOSS_RTOL
 
 HIDDEN = 32

@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 
 from edge_rnn.config import BundleConfig
 from edge_rnn.cli import app
-from edge_rnn.runtimes import RUNTIMES
+from edge_rnn.bench.runtimes import RUNTIMES
 from edge_rnn.tolerances import KERAS_ONNX_ATOL
 
 # Small batches keep onnx.reference (pure NumPy) and the spawned processes quick.
@@ -262,7 +262,7 @@ def test_a_role_the_bundle_does_not_hold_is_refused_in_one_line(mnist_bundle, pr
 @pytest.mark.parametrize("name", ["openvino", "tract"])
 def test_bench_measures_optional_runtimes_where_installed(mnist_dir, gru_dir, name, tmp_path):
     """Runs only where the `[runtimes]` extra is installed; elsewhere bench's plan notes the row as missing."""
-    from edge_rnn.bench import BenchConfig, _measure_classifier, _measure_outputs, _onnx_runtime_rows, _Row
+    from edge_rnn.bench.harness import BenchConfig, _measure_classifier, _measure_outputs, _onnx_runtime_rows, _Row
     from edge_rnn.device.manifest import load_manifest
     from edge_rnn.models import adapter_for
 

@@ -10,7 +10,7 @@ import struct
 import numpy as np
 import pytest
 
-from edge_rnn.data import load_digits, load_idx_folder, load_npz, load_text, read_idx
+from edge_rnn.train.data import load_digits, load_idx_folder, load_npz, load_text, read_idx
 from edge_rnn.errors import DataError
 
 

@@ -15,11 +15,11 @@ from onnx import helper, numpy_helper
 from typer.testing import CliRunner
 
 from conftest import one_line_error
-from edge_rnn.bench import BENCH_DATA_ROWS, BenchConfig, bench
+from edge_rnn.bench.harness import BENCH_DATA_ROWS, BenchConfig, bench
 from edge_rnn.cli import app
 from edge_rnn.device.manifest import load_manifest
 from edge_rnn.device.metrics import wilson
-from edge_rnn.export import DATA_PARITY_ROWS
+from edge_rnn.exporter import DATA_PARITY_ROWS
 
 runner = CliRunner()
 # Few runs, no time budgets, small batches: the test checks the figures, not the speed.
@@ -88,7 +88,7 @@ def _clip_inputs(model: onnx.ModelProto, name: str, bound: float) -> None:
 def test_export_on_the_users_data_finds_what_random_inputs_miss(user_models, tmp_path, monkeypatch):
     """A conversion that clips its input at ±8 passes on N(0, 1) validation inputs; the user's raw 0–255 pixels show
     it, in one line naming the data, and the folder keeps its files."""
-    import edge_rnn.keras_onnx as keras_onnx
+    import edge_rnn.export.keras_onnx as keras_onnx
 
     folder, data = user_models["digits"]
     folder = _copy(folder, tmp_path)
@@ -244,7 +244,7 @@ def test_bench_rows_answer_the_data_with_an_interval(digits_bench, user_models):
 def test_bench_table_and_markdown_show_the_interval(digits_bench):
     from rich.console import Console
 
-    from edge_rnn.bench import markdown
+    from edge_rnn.bench.report import markdown
     from edge_rnn.cli import _bench_tables
 
     _, report = digits_bench

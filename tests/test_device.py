@@ -106,5 +106,5 @@ def test_device_modules_import_nothing_from_the_training_side():
 
 def test_the_boundary_check_sees_a_forbidden_import(tmp_path):
     bad = tmp_path / "bad.py"
-    bad.write_text("def f():\n    from ..lstm import train\n    import tensorflow\n", encoding="utf-8")
-    assert {"edge_rnn.lstm", "tensorflow"} <= _imports(bad)
+    bad.write_text("def f():\n    from ..train.lstm import train\n    import tensorflow\n", encoding="utf-8")
+    assert {"edge_rnn.train.lstm", "tensorflow"} <= _imports(bad)

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from edge_rnn.device.runtime import generate, infer
-from edge_rnn.ort_format import add_ort
+from edge_rnn.export.ort_format import add_ort
 
 ROOT = Path(__file__).resolve().parents[1]
 # Building the venv and installing the wheels: generous for a slow host, far below CI's budget.

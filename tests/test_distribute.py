@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from edge_rnn.distribute import Cluster, resolve_cluster, tf_config, wait_for_peers
+from edge_rnn.train.distribute import Cluster, resolve_cluster, tf_config, wait_for_peers
 from edge_rnn.errors import EdgeRnnError
 
 

@@ -318,7 +318,7 @@ def test_a_damaged_conversion_fails_parity_and_keeps_the_previous_files(files, e
     reported in one line, and the folder keeps the files of the last good export."""
     from onnx import numpy_helper
 
-    import edge_rnn.keras_onnx as keras_onnx
+    import edge_rnn.export.keras_onnx as keras_onnx
 
     dirs, _ = exported
     folder = dirs["gru_stack"]

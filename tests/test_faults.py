@@ -162,7 +162,7 @@ def test_quantize_refuses_to_overwrite_its_source(mnist_copy):
 
 def test_same_seed_same_char_rnn_weights(tmp_path):
     """The Keras twin is tests/test_mnist_lstm.py::test_training_is_reproducible (op determinism on in lstm.train)."""
-    from edge_rnn.data import load_text
+    from edge_rnn.train.data import load_text
 
     text = tmp_path / "text.txt"
     text.write_text(load_text(None)[:5_000], encoding="utf-8")
@@ -231,7 +231,7 @@ def test_two_processes_quantizing_one_folder_leave_a_true_manifest(mnist_copy):
 
 KILLED_TRAINER = """
 import os, sys
-from edge_rnn import lstm
+from edge_rnn.train import lstm
 from edge_rnn.cli import app
 
 real_train = lstm.train

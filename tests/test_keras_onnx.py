@@ -17,7 +17,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from edge_rnn.keras_onnx import Conversion, NotStreamableError, UnsupportedLayerError, convert
+from edge_rnn.export.keras_onnx import Conversion, NotStreamableError, UnsupportedLayerError, convert
 from edge_rnn.tolerances import KERAS_ONNX_ATOL, KERAS_ONNX_RTOL, KERAS_TEST_ORACLE_TOL, STEP_SEQUENCE_ATOL
 
 keras = pytest.importorskip("keras")

@@ -8,8 +8,8 @@ import numpy as np
 import onnx
 import pytest
 
-from edge_rnn.export import op_counts
-from edge_rnn.lstm import load_keras_model, preprocess
+from edge_rnn.export.graphs import op_counts
+from edge_rnn.train.lstm import load_keras_model, preprocess
 from edge_rnn.device.manifest import load_manifest, sha256_file
 from edge_rnn.device.runtime import load_model, predict_probs
 from edge_rnn.device.parity import quant_gate
@@ -136,8 +136,8 @@ def test_manifest_describes_every_file(mnist_dir):
 
 def test_training_is_reproducible(digits):
     from edge_rnn.config import LstmConfig
-    from edge_rnn.data import Digits
-    from edge_rnn.lstm import train
+    from edge_rnn.train.data import Digits
+    from edge_rnn.train.lstm import train
 
     small = Digits("s", "s", digits.x_train[:256], digits.y_train[:256], digits.x_test[:64], digits.y_test[:64])
     cfg = LstmConfig(epochs=1, batch_size=64, seed=3)
@@ -168,8 +168,8 @@ def test_steps_per_execution_changes_no_weight(digits):
     import dataclasses
 
     from edge_rnn.config import LstmConfig
-    from edge_rnn.data import Digits
-    from edge_rnn.lstm import train
+    from edge_rnn.train.data import Digits
+    from edge_rnn.train.lstm import train
 
     small = Digits("s", "s", digits.x_train[:320], digits.y_train[:320], digits.x_test[:32], digits.y_test[:32])
     weights = [train(small, cfg=dataclasses.replace(LstmConfig(), epochs=2, steps_per_execution=spe)).model.get_weights()
@@ -185,8 +185,8 @@ def test_augmented_batches_are_seeded_and_move_the_digits(digits):
     import dataclasses
 
     from edge_rnn.config import LstmConfig
-    from edge_rnn.data import Digits
-    from edge_rnn.lstm import train_batches
+    from edge_rnn.train.data import Digits
+    from edge_rnn.train.lstm import train_batches
 
     small = Digits("s", "s", digits.x_train[:256], digits.y_train[:256], digits.x_test[:32], digits.y_test[:32])
     cfg = LstmConfig(seed=5)

@@ -240,9 +240,9 @@ import tensorflow as tf
 cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
 from edge_rnn.config import LstmConfig
-from edge_rnn.data import load_sample
-from edge_rnn.distribute import fit_classifier
-from edge_rnn.lstm import train_batches, build_model, preprocess
+from edge_rnn.train.data import load_sample
+from edge_rnn.train.distribute import fit_classifier
+from edge_rnn.train.lstm import train_batches, build_model, preprocess
 
 digits = load_sample()
 digits.x_train, digits.y_train = digits.x_train[:512], digits.y_train[:512]
@@ -301,8 +301,8 @@ def test_streamed_batches_are_the_in_memory_batches(tmp_path, digits, source):
     and each epoch's batches equal the in-memory pipeline's: same records, same seeded order while the set fits
     the shuffle buffer."""
     from edge_rnn.config import LstmConfig
-    from edge_rnn.data import load_digits
-    from edge_rnn.lstm import train_batches
+    from edge_rnn.train.data import load_digits
+    from edge_rnn.train.lstm import train_batches
 
     if source == "npz":
         data = tmp_path / "mnist.npz"
@@ -327,7 +327,7 @@ def test_streamed_batches_are_the_in_memory_batches(tmp_path, digits, source):
 
 
 def test_an_npz_that_cannot_stream_says_why(tmp_path, digits):
-    from edge_rnn.data import load_digits
+    from edge_rnn.train.data import load_digits
     from edge_rnn.errors import DataError
 
     arrays = {"x_train": digits.x_train[:64], "y_train": digits.y_train[:64], "x_test": digits.x_test[:8], "y_test": digits.y_test[:8]}
@@ -371,7 +371,7 @@ def test_mirrored_training_streams_an_idx_folder_end_to_end(tmp_path, digits):
 
 def test_the_learning_rate_is_square_root_scaled_with_the_global_batch():
     from edge_rnn.config import LstmConfig
-    from edge_rnn.lstm import learning_rate
+    from edge_rnn.train.lstm import learning_rate
 
     assert learning_rate(LstmConfig()) == pytest.approx(1e-3)
     assert learning_rate(LstmConfig(batch_size=64)) == pytest.approx(1e-3 * 2**0.5)
@@ -380,9 +380,9 @@ def test_the_learning_rate_is_square_root_scaled_with_the_global_batch():
 
 def test_epoch_backups_restore_what_was_saved_and_refuse_a_missing_epoch(tmp_path):
     from edge_rnn.config import LstmConfig
-    from edge_rnn.distribute import EpochBackup
+    from edge_rnn.train.distribute import EpochBackup
     from edge_rnn.errors import EdgeRnnError
-    from edge_rnn.lstm import build_model
+    from edge_rnn.train.lstm import build_model
 
     cfg = LstmConfig(units=8, dense=4)
     model = build_model(cfg, train_samples=64)

@@ -15,7 +15,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from edge_rnn.optimize import clean_recurrent_graph
+from edge_rnn.export.optimize import clean_recurrent_graph
 from edge_rnn.tolerances import CLEAN_FP32_ATOL
 
 SAMPLE = Path(__file__).resolve().parents[1] / "edge_rnn" / "data" / "mnist_sample_5k.npz"

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from edge_rnn.cli import app
 from edge_rnn.device.session import load_model
 from edge_rnn.device.stepper import Stepper
-from edge_rnn.ort_format import CONFIG_NAME, ORT_OPTIMIZATION, add_ort
+from edge_rnn.export.ort_format import CONFIG_NAME, ORT_OPTIMIZATION, add_ort
 from edge_rnn.tolerances import ORT_FORMAT_ATOL
 
 runner = CliRunner()
@@ -148,8 +148,8 @@ def test_a_re_export_drops_the_ort_and_quantized_records(tmp_path, mnist_dir):
     import shutil
 
     from edge_rnn.device.manifest import load_manifest
-    from edge_rnn.export import export
-    from edge_rnn.ort_format import CONFIG_ROLE, add_ort
+    from edge_rnn.exporter import export
+    from edge_rnn.export.ort_format import CONFIG_ROLE, add_ort
 
     folder = shutil.copytree(mnist_dir, tmp_path / "m")
     add_ort(folder, variants=("fp32",))

@@ -7,8 +7,8 @@ import onnx
 import pytest
 
 from edge_rnn.errors import EdgeRnnError
-from edge_rnn.export import op_counts
-from edge_rnn.lstm import preprocess
+from edge_rnn.export.graphs import op_counts
+from edge_rnn.train.lstm import preprocess
 from edge_rnn.device.manifest import load_manifest
 from edge_rnn.models.mnist_lstm import MnistLstmAdapter, classifier_inputs
 from edge_rnn.quantize import quantize, weight_bytes

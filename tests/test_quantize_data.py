@@ -232,7 +232,7 @@ def test_judgement_options_need_data_and_int8(user_models, tmp_path, args, fragm
 
 
 def test_a_builtin_model_is_judged_on_raw_pixels(mnist_dir, digits, tmp_path):
-    from edge_rnn.lstm import preprocess
+    from edge_rnn.train.lstm import preprocess
 
     folder = shutil.copytree(mnist_dir, tmp_path / "mnist")
     data = tmp_path / "digits.npz"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import time
 
-from edge_rnn.runtimes import THREAD_ENV, run_in_child
+from edge_rnn.bench.runtimes import THREAD_ENV, run_in_child
 
 
 def _answer(value, queue) -> None:

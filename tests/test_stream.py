@@ -45,7 +45,7 @@ def export_folder(folder, model, *, labels=None, vocab=None):
     """model.onnx (+ model.step.onnx) and a manifest in the exporter's schema; returns the folder."""
     import onnx
 
-    from edge_rnn.keras_onnx import NotStreamableError, convert
+    from edge_rnn.export.keras_onnx import NotStreamableError, convert
 
     folder.mkdir(parents=True)
     sequence = convert(model)

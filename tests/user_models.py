@@ -86,8 +86,8 @@ def make_user_models(root: Path) -> dict[str, tuple[Path, Path]]:
     {name: (model folder, data .npz)}."""
     import keras
 
-    from edge_rnn.data import load_sample, load_text
-    from edge_rnn.export import export
+    from edge_rnn.train.data import load_sample, load_text
+    from edge_rnn.exporter import export
     from edge_rnn.quantize import quantize
 
     keras.utils.set_random_seed(0)

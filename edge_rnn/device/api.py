@@ -35,7 +35,8 @@ from .session import LoadedModel, load_model
 from .stepper import Stepper, check_steppable, step_role_of
 
 if TYPE_CHECKING:  # the bundle reader (tarfile, gzip) is imported only when a bundle is opened
-    from .bundle import Bundle, RecordedMetrics, SelfTest
+    from .bundle import Bundle, RecordedMetrics
+    from .selftest import SelfTest
 
 __all__ = ["BATCH_COUPLED_OPS", "Model", "Stream", "TensorInfo", "Verification", "load", "load_stream", "verify_bundle"]
 
@@ -264,7 +265,7 @@ class Model:
             if role not in self.roles:
                 raise InputError(f"{self.loaded.model_dir} holds no {role!r} model — choose a role from {self.roles}")
             if self._bundle is not None:
-                from .bundle import load_bundle_model
+                from .session import load_bundle_model
 
                 loaded = load_bundle_model(self._bundle.path, role=role, threads=self.threads, bundle=self._bundle)
             else:
@@ -289,7 +290,7 @@ class Model:
                 f"{self.loaded.model_dir} is a model folder: a self-test needs a bundle's reference answers — make one with "
                 f"`edge-rnn bundle {self.loaded.model_dir}` and load the .tar.gz (or run `edge-rnn check` on the workstation)"
             )
-        from .bundle import self_test
+        from .selftest import self_test
 
         return self_test(self._bundle, threads=self.threads)
 
@@ -471,7 +472,8 @@ def load(path: str | os.PathLike[str], *, role: str | None = None, threads: int 
     `threads`: onnxruntime intra-op threads (None: onnxruntime's default). Raises an EdgeRnnError subclass, one line."""
     path = Path(path)
     if path.name.endswith(BUNDLE_SUFFIX):
-        from .bundle import load_bundle_model, open_bundle
+        from .session import load_bundle_model
+        from .bundle import open_bundle
 
         bundle = open_bundle(path)
         return Model(load_bundle_model(path, role=role, threads=threads, bundle=bundle), threads=threads, bundle=bundle)
@@ -493,7 +495,8 @@ def load_stream(path: str | os.PathLike[str], *, streams: int = 1, role: str | N
     model (what `edge-rnn stream` runs)."""
     path = Path(path)
     if path.name.endswith(BUNDLE_SUFFIX):
-        from .bundle import load_bundle_model, open_bundle
+        from .session import load_bundle_model
+        from .bundle import open_bundle
 
         bundle = open_bundle(path)
         loaded = load_bundle_model(path, role=role, step=True, threads=threads, bundle=bundle)
@@ -534,7 +537,8 @@ class Verification:
 def verify_bundle(path: str | os.PathLike[str], *, run: bool = False, threads: int | None = 1) -> Verification:
     """Every member of a bundle against its manifest (sha256, size, reference block, recorded metrics); with `run`,
     the self-test too (see Model.self_test). Integrity failures raise ModelFileError; a failed self-test is reported."""
-    from .bundle import open_bundle, recorded_metrics, self_test, verify
+    from .bundle import open_bundle, recorded_metrics, verify
+    from .selftest import self_test
 
     opened = open_bundle(path)
     checked = Verification(Path(path), verify(opened), recorded_metrics(opened))

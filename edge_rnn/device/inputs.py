@@ -6,7 +6,7 @@ ids, ids outside the vocabulary), and says which input and which row is wrong.
 
 Masked inputs (the manifest's `masking`) must be post-padded: onnxruntime runs a masked recurrent
 layer over the first `sequence_lens` steps of each row, which equals Keras only when every real step
-comes before every padding step (see edge_rnn/keras_onnx.py).
+comes before every padding step (see edge_rnn/export/keras_onnx.py).
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import onnxruntime as ort
@@ -24,6 +24,9 @@ from onnxruntime.capi import onnxruntime_pybind11_state as _ort_state
 
 from ..errors import InputError, ModelFileError
 from .manifest import BUNDLE_SUFFIX, load_manifest, role_of, verified_file
+
+if TYPE_CHECKING:  # the bundle reader (tarfile, gzip) is imported when a bundle is opened, not by every load
+    from .bundle import Bundle
 
 # Every error onnxruntime raises derives straight from Exception; these are the ones it defines.
 ORT_ERRORS = tuple(
@@ -155,8 +158,6 @@ def load_model(
     path = Path(model_path)
     # Checked by suffix here: importing the bundle reader (tarfile, gzip) costs ~5 ms of a plain file's start.
     if path.name.endswith(BUNDLE_SUFFIX):
-        from .bundle import load_bundle_model
-
         return load_bundle_model(path, role=role, step=step, threads=threads, opt_level=opt_level)
     if role is not None:
         raise InputError(f"--role picks a file inside a bundle; {path} is a model file — drop --role")
@@ -291,3 +292,17 @@ def require_command(model: LoadedModel, command: str) -> None:
     commands = TASKS[model.manifest["task"]].commands
     if command not in commands:
         raise InputError(f"{model.path} is a {model.manifest['task']!r} model — use `edge-rnn {commands[0]}` for it")
+
+
+def load_bundle_model(path: str | os.PathLike[str], *, role: str | None = None, step: bool = False,
+                      threads: int | None = None, opt_level: str = "all", bundle: Bundle | None = None):
+    """A LoadedModel for one role of a bundle (default: see `default_role`), every member verified before loading."""
+    from .bundle import default_role, open_bundle
+
+    bundle = bundle or open_bundle(path)
+    role = role or default_role(bundle, step=step)
+    if role not in bundle.roles:
+        raise InputError(f"{bundle.path} holds no {role!r} model — choose --role from {bundle.roles}")
+    name = bundle.manifest["files"][role]["path"]
+    return model_from_bytes(bundle.data(role), where=bundle.path / name, model_dir=bundle.path, role=role,
+                            manifest=bundle.manifest, threads=threads, opt_level=opt_level)

@@ -23,7 +23,7 @@ H0_SCALE = 0.5
 
 def text_ids(manifest: dict[str, Any], *, split: str) -> npt.NDArray[np.int64]:
     """Char ids (N,) int64 of the model's training text ('train') or its held-out tail ('heldout')."""
-    from ..char_rnn import encode, text_split
+    from ..train.char_rnn import encode, text_split
 
     train, val = text_split(manifest)
     return encode(train if split == "train" else val, vocab="".join(manifest["vocab"]))
@@ -50,7 +50,7 @@ class CharRnnAdapter(Adapter):
     needs_calibration_data = False  # its own training text calibrates it
 
     def load(self, model_dir: Path, manifest: dict[str, Any]):
-        from ..char_rnn import load_checkpoint
+        from ..train.char_rnn import load_checkpoint
         from ..device.manifest import verified_file
 
         checkpoint = load_checkpoint(verified_file(manifest, model_dir, "checkpoint"))
@@ -59,8 +59,8 @@ class CharRnnAdapter(Adapter):
         return checkpoint
 
     def export(self, source, manifest: dict[str, Any], *, opset: int, fail_on_loop: bool = False) -> Exported:
-        from ..char_rnn import io_spec
-        from ..graphs import char_rnn_model
+        from ..train.char_rnn import io_spec
+        from ..export.graphs import char_rnn_model
 
         model = char_rnn_model(source.params, vocab=source.vocab, opset=opset)
         io = io_spec(hidden=source.hidden, vocab_size=len(source.vocab))
@@ -94,7 +94,7 @@ class CharRnnAdapter(Adapter):
         return {ids: text_ids(manifest, split="train")[None, :steps]}
 
     def reference(self, source, inputs: Arrays, *, io: dict[str, Any]) -> Arrays:
-        from ..char_rnn import forward
+        from ..train.char_rnn import forward
 
         (ids, h0), (logits, h) = [s["name"] for s in io["inputs"]], [s["name"] for s in io["outputs"]]
         rows = [forward(source.params, ids=row, h_prev=h_row[:, None]) for row, h_row in zip(inputs[ids], inputs[h0])]

@@ -207,7 +207,7 @@ def fixed_time_steps(manifest: dict[str, Any]) -> int | None:
 
 def _keras_io(keras_model) -> dict[str, Any]:
     """io block for the tf2onnx path, named and shaped as keras_onnx names them."""
-    from ..keras_onnx import _sanitise, output_names
+    from ..export.keras_onnx import _sanitise, output_names
 
     def dims(kt) -> list:
         return ["batch" if a == 0 else ("time" if a == 1 else f"dim{a}") if d is None else int(d) for a, d in enumerate(kt.shape)]
@@ -222,7 +222,7 @@ def _keras_io(keras_model) -> dict[str, Any]:
 def _state_from_a_layer(keras_model) -> str | None:
     """Why no step model can stand for the whole model: a recurrent layer starts from another layer's final
     state (an encoder–decoder), which the step model would replace by zeros. None when there is none."""
-    from ..keras_onnx import _functional
+    from ..export.keras_onnx import _functional
 
     graph = _functional(keras_model)
     inputs = {id(kt) for kt in graph.inputs}
@@ -242,8 +242,8 @@ def _state_from_a_layer(keras_model) -> str | None:
 
 def _fallback(keras_model, refused, *, opset: int) -> Exported:
     """The whole model through tf2onnx (the graph cleanup after it), with an audit that says so."""
-    from ..export import keras_to_onnx
-    from ..optimize import clean_recurrent_graph
+    from ..export.tf2onnx_fallback import keras_to_onnx
+    from ..export.optimize import clean_recurrent_graph
 
     io = _keras_io(keras_model)
     model, _ = clean_recurrent_graph(keras_to_onnx(keras_model, io=io, opset=opset))
@@ -286,8 +286,8 @@ class KerasAdapter(Adapter):
         return load_keras_file(verified_file(manifest, model_dir, "keras"))
 
     def export(self, source, manifest: dict[str, Any], *, opset: int, fail_on_loop: bool = False) -> Exported:
-        from ..keras_onnx import NotStreamableError, UnsupportedLayerError, convert
-        from ..lstm import versions
+        from ..export.keras_onnx import NotStreamableError, UnsupportedLayerError, convert
+        from ..train.lstm import versions
 
         try:
             conversion = convert(source, opset=opset)
@@ -335,7 +335,7 @@ class KerasAdapter(Adapter):
                            seed=seed, temporal=temporal_inputs(manifest), padded=False)
 
     def reference(self, source, inputs: Arrays, *, io: dict[str, Any]) -> Arrays:
-        from ..keras_onnx import _sanitise
+        from ..export.keras_onnx import _sanitise
 
         keras = require("keras", "train")
         batch = len(next(iter(inputs.values())))

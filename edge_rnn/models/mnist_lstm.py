@@ -18,7 +18,7 @@ from .keras_model import KerasAdapter
 
 
 def _digit_images(manifest: dict[str, Any], *, split: str) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.uint8]]:
-    from ..data import KERAS_SETS, load_digits
+    from ..train.data import KERAS_SETS, load_digits
 
     data = manifest.get("data", {})
     name, source = data.get("name"), data.get("source")
@@ -57,7 +57,7 @@ class MnistLstmAdapter(KerasAdapter):
     needs_calibration_data = False  # its own training digits calibrate it
 
     def load(self, model_dir: Path, manifest: dict[str, Any]):
-        from ..lstm import load_keras_model
+        from ..train.lstm import load_keras_model
 
         return load_keras_model(model_dir)[0]
 

@@ -21,7 +21,7 @@ from typing import Any, Callable
 import numpy as np
 import numpy.typing as npt
 
-from .errors import EdgeRnnError
+from ..errors import EdgeRnnError
 
 KERAS_LSTM_GATES = "ifco"
 ONNX_LSTM_GATES = "iofc"

@@ -14,10 +14,10 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from .config import LstmConfig
+from ..config import LstmConfig
 from .data import Digits
-from .errors import EdgeRnnError, ModelFileError, require
-from .device.manifest import atomic_path, load_manifest, record_file, save_manifest
+from ..errors import EdgeRnnError, ModelFileError, require
+from ..device.manifest import atomic_path, load_manifest, record_file, save_manifest
 from .distribute import EpochCallback
 
 MODEL_NAME = "mnist-lstm"
@@ -342,7 +342,7 @@ def save_trained(result: TrainResult, digits: Digits, out_dir: str | os.PathLike
 
 def load_keras_model(model_dir: str | os.PathLike[str]):
     """Load DIR/model.keras after verifying it against the manifest."""
-    from .device.manifest import verified_file
+    from ..device.manifest import verified_file
 
     keras = require("keras", "train")
     manifest = load_manifest(model_dir)

@@ -26,11 +26,11 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 import numpy.typing as npt
 
-from .config import CharRnnConfig
+from ..config import CharRnnConfig
 from .data import load_text
-from .device.sampling import StepFn, sample_with
-from .errors import DataError, InputError, ModelFileError
-from .device.manifest import atomic_path
+from ..device.sampling import StepFn, sample_with
+from ..errors import DataError, InputError, ModelFileError
+from ..device.manifest import atomic_path
 
 PARAM_NAMES = ("Wxh", "Whh", "Why", "bh", "by")
 # Adagrad's guard against dividing by zero, as in min-char-rnn.
@@ -512,7 +512,7 @@ def save_trained(result: TrainResult, *, out_dir: str | Path, text: str, text_so
     """Write OUT/checkpoint.npz and a fresh OUT/manifest.json (both atomically); return the checkpoint path."""
     import dataclasses
 
-    from .device.manifest import record_file, save_manifest
+    from ..device.manifest import record_file, save_manifest
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -549,7 +549,7 @@ def save_trained(result: TrainResult, *, out_dir: str | Path, text: str, text_so
 
 def load_trained(model_dir: str | Path) -> tuple[Checkpoint, dict]:
     """The checkpoint of a char-rnn folder, verified against its manifest, and the manifest."""
-    from .device.manifest import load_manifest, verified_file
+    from ..device.manifest import load_manifest, verified_file
 
     manifest = load_manifest(model_dir)
     return load_checkpoint(verified_file(manifest, model_dir, "checkpoint")), manifest

@@ -31,7 +31,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import numpy.typing as npt
 
-from .errors import EdgeRnnError
+from ..errors import EdgeRnnError
 
 Arrays = dict[str, npt.NDArray]
 # run(feeds: input name → array) → output name → array.
@@ -71,7 +71,7 @@ def _first_line(exc: BaseException) -> str:
 
 
 def _open_onnxruntime(path: str, threads: int) -> Run:
-    from .device.session import ORT_ERRORS, create_session
+    from ..device.session import ORT_ERRORS, create_session
 
     session = create_session(path, threads=threads)
     names = [o.name for o in session.get_outputs()]
@@ -111,7 +111,7 @@ TRACT_DTYPES = {"float32": "f32", "float16": "f16", "float64": "f64", "int64": "
 
 def _graph_output_names(path: str) -> list[str]:
     """The ONNX graph's output names in order, read by onnxruntime (always installed) without optimising."""
-    from .device.session import create_session
+    from ..device.session import create_session
 
     return [o.name for o in create_session(path, threads=1, opt_level="disable").get_outputs()]
 

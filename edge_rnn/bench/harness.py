@@ -20,7 +20,7 @@ Rows per model folder (when the model and the installed extras have them):
   that the converter needs at a static shape, and XNNPACK cannot resize it, so each batch size is its own
   conversion of the same weights; the batch-1 file is the one whose size is reported.
 - char RNN: the NumPy (float64) reference.
-- openvino and tract (`[runtimes]` extra, `edge_rnn.runtimes`) running the same fp32 `model.onnx` as
+- openvino and tract (`[runtimes]` extra, `edge_rnn.bench.runtimes`) running the same fp32 `model.onnx` as
   onnxruntime, for the kinds whose rows feed whole inputs (classify, outputs): their accuracy, top-1
   agreement and max |Δ| against onnxruntime fp32 show a runtime that answers differently (`edge-rnn check`
   judges that against the source model).
@@ -65,11 +65,11 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from .config import CHAR_RNN_DIRNAME, DEFAULT_OUT, MNIST_DIRNAME
-from .errors import EdgeRnnError, ModelFileError, require
+from ..config import CHAR_RNN_DIRNAME, DEFAULT_OUT, MNIST_DIRNAME
+from ..errors import EdgeRnnError, ModelFileError, require
+from ..device.hostinfo import cpu_features
+from ..device.manifest import load_manifest, verified_file
 from .runtimes import run_in_child
-from .device.hostinfo import cpu_features, describe
-from .device.manifest import atomic_path, load_manifest, verified_file
 
 # The issue asks for percentiles over at least this many timed runs (fewer only when asked for fewer).
 MIN_LATENCY_RUNS = 200
@@ -83,7 +83,7 @@ DEFAULT_TIME_STEPS = 32
 # Ops counted in every onnxruntime row's graph (top level): what decides fused vs loop and int8 coverage.
 RECURRENT_OPS = ("LSTM", "GRU", "RNN", "DynamicQuantizeLSTM", "Loop", "Scan")
 LIBRARIES = ("numpy", "onnxruntime", "onnx", "tensorflow", "keras", "tf2onnx", "ai-edge-litert", "matplotlib", "openvino", "tract")
-# Runtimes besides onnxruntime that run the fp32 ONNX file (edge_rnn.runtimes), where installed.
+# Runtimes besides onnxruntime that run the fp32 ONNX file (edge_rnn.bench.runtimes), where installed.
 ONNX_RUNTIMES = ("openvino", "tract")
 # Rows of the user's data (--data) each row answers, at batch 1: ~0.1–1 s per row for an edge-sized recurrent
 # model, whichever runtime; `edge-rnn evaluate` scores all of the data.
@@ -241,7 +241,7 @@ def _batched(x: np.ndarray, batch: int) -> np.ndarray:
 
 
 def _ort_session(path: str, cfg: BenchConfig):
-    from .device.runtime import create_session
+    from ..device.runtime import create_session
 
     return create_session(path, threads=cfg.threads, opt_level=cfg.opt_level)
 
@@ -341,8 +341,8 @@ def _classifier_predict(row: _Row, cfg: BenchConfig) -> tuple[Callable[[np.ndarr
 def _data_scores(row: _Row, answer: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]], *, batch: int) -> dict[str, Any]:
     """The row's answers to the user's data (row.extra["score"]), `batch` rows per call: the first scored output's
     headline metric with its 95% interval (edge_rnn.device.metrics), and the answers {output: (N, …)}."""
-    from .device.metrics import Tally, figures, score_batch
-    from .evaluate import open_for
+    from ..device.metrics import Tally, figures, score_batch
+    from ..evaluate import open_for
 
     score = row.extra["score"]
     dataset = open_for(score["manifest"], score["data"], need_targets=True, max_rows=score["rows"])
@@ -402,7 +402,7 @@ def _generator_step(row: _Row, cfg: BenchConfig) -> tuple[Callable, float]:
 
         return step, load_ms
     if row.runtime == "numpy":
-        from .char_rnn import forward, load_checkpoint
+        from ..train.char_rnn import forward, load_checkpoint
 
         t0 = time.perf_counter()
         params = load_checkpoint(row.path).params
@@ -418,7 +418,7 @@ def _generator_step(row: _Row, cfg: BenchConfig) -> tuple[Callable, float]:
 
 
 def _measure_generator(row: _Row, cfg: BenchConfig) -> dict[str, Any]:
-    from .char_rnn import cross_entropy
+    from ..train.char_rnn import cross_entropy
 
     with np.load(row.data) as d:
         ids = d["ids"]
@@ -541,9 +541,9 @@ def _stepped(outs: list[dict[str, np.ndarray]], sequence: dict[str, np.ndarray])
 def _measure_step(row: _Row, cfg: BenchConfig) -> dict[str, Any]:
     """A step row: one step at batch 1 through the Stepper, T-step sequences per second, T steps vs one
     sequence call at batch 1, and the stepped outputs vs the fp32 sequence model on the same stream."""
-    from .device.inputs import ORT_DTYPES
-    from .device.session import load_model
-    from .device.stepper import Stepper
+    from ..device.inputs import ORT_DTYPES
+    from ..device.session import load_model
+    from ..device.stepper import Stepper
 
     with np.load(row.data) as d:
         stream = {name: d[name] for name in d.files}  # step input → (1, T, …) (or (1, …) without a time axis)
@@ -591,7 +591,7 @@ def _measure_step(row: _Row, cfg: BenchConfig) -> dict[str, Any]:
            "accuracy": None, "metric": "max_abs_diff", "max_abs_diff": diffs,
            "stepping": {"time_steps": T, "steps_ms": steps_ms, "sequence_ms": sequence_ms}}
     if "score" in row.extra:
-        from .device.evaluate import step_runner
+        from ..device.evaluate import step_runner
 
         # step_runner feeds every row from the zero state, one step and one row (batch 1) at a time.
         scores = _data_scores(row, step_runner(model, batch=1), batch=DATA_CHUNK)
@@ -639,7 +639,7 @@ def _run_row(row: _Row, cfg: BenchConfig) -> dict[str, Any] | str:
 
 def _ensure_variants(model_dir: Path, manifest: dict[str, Any], adapter, cfg: BenchConfig, notes: list[str]) -> dict[str, Any]:
     """Make the missing quantized variants this kind can have (see the module docstring); return the manifest."""
-    from .quantize import VARIANTS, quantize
+    from ..quantize import VARIANTS, quantize
 
     name = manifest["model"]
     missing = [v for v, (role, _) in VARIANTS.items() if role not in manifest["files"]]
@@ -663,7 +663,7 @@ def _plain_baselines(keras_model, manifest: dict[str, Any], work: Path, opset: i
     """The plain tf2onnx export (no cleanup) and, if `int8`, it through plain quantize_dynamic (no pre-processing)."""
     onnx = require("onnx", "train")
     quantization = require("onnxruntime.quantization", "train")
-    from .export import keras_to_onnx
+    from ..export.tf2onnx_fallback import keras_to_onnx
 
     plain = {"fp32-plain": work / "plain.onnx"}
     onnx.save(keras_to_onnx(keras_model, io=manifest["io"], opset=opset), str(plain["fp32-plain"]))
@@ -710,7 +710,7 @@ def _recurrent_ops(model) -> dict[str, int]:
 def _time_steps(manifest: dict[str, Any], cfg: BenchConfig, notes: list[str]) -> int:
     """T for the model's inputs: its fixed time axis if it has one (a --time-steps is then ignored, with a note),
     else cfg.time_steps or DEFAULT_TIME_STEPS."""
-    from .models.keras_model import fixed_time_steps
+    from ..models.keras_model import fixed_time_steps
 
     fixed = fixed_time_steps(manifest)
     if fixed is not None:
@@ -721,14 +721,14 @@ def _time_steps(manifest: dict[str, Any], cfg: BenchConfig, notes: list[str]) ->
 
 
 def _classify_data(manifest: dict[str, Any], adapter, *, time_steps: int, cfg: BenchConfig) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    from .models.mnist_lstm import classifier_inputs
+    from ..models.mnist_lstm import classifier_inputs
 
     x, y = classifier_inputs(manifest, split="heldout")
     return {"x": x, "y": y}, {"io": manifest["io"]}
 
 
 def _generate_data(manifest: dict[str, Any], adapter, *, time_steps: int, cfg: BenchConfig) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    from .models.char_rnn import text_ids
+    from ..models.char_rnn import text_ids
 
     ids = text_ids(manifest, split="heldout")[: cfg.text_chars + 1]
     return {"ids": ids}, {"seq_length": manifest["config"]["seq_length"], "hidden": manifest["config"]["hidden"]}
@@ -765,7 +765,7 @@ MEASURES: dict[str, Callable[[_Row, BenchConfig], dict[str, Any]]] = {
 
 def _score_plan(manifest: dict[str, Any], data: Path, notes: list[str]) -> dict[str, Any]:
     """What every row needs to answer the user's data (row.extra["score"]), checked here, once, before any row runs."""
-    from .evaluate import check_targets, open_for, output_kinds
+    from ..evaluate import check_targets, open_for, output_kinds
 
     dataset = open_for(manifest, data, need_targets=True, max_rows=BENCH_DATA_ROWS)
     kinds = output_kinds(manifest, dataset)
@@ -780,7 +780,7 @@ def _score_plan(manifest: dict[str, Any], data: Path, notes: list[str]) -> dict[
 def _step_row(model_dir: Path, manifest: dict[str, Any], adapter, work: Path, *, time_steps: int, notes: list[str],
               score: dict[str, Any] | None = None) -> _Row | None:
     """The step row of a folder with a steppable file (model.step.onnx, or a model.onnx that carries its state)."""
-    from .device.session import load_model
+    from ..device.session import load_model
 
     name = manifest["model"]
     for role in ("onnx_step", "onnx"):
@@ -815,11 +815,11 @@ def _plan_model(
 ) -> tuple[list[_Row], dict[str, dict], dict[str, dict[str, int]]]:
     """Rows to measure for one model folder (each answering `data` too, where given), the coverage report of each
     quantized variant and each ONNX row's recurrent ops."""
-    from .models import adapter_for
+    from ..models import adapter_for
 
     onnx = require("onnx", "train")
-    from .quantize import coverage as coverage_of
-    from .quantize import runtime_op_counts
+    from ..quantize import coverage as coverage_of
+    from ..quantize import runtime_op_counts
 
     manifest = load_manifest(model_dir)
     verified_file(manifest, model_dir, "onnx")
@@ -1027,7 +1027,7 @@ def bench(
     (.npz or a folder of .npy, one model folder), every row also answers its first BENCH_DATA_ROWS rows at batch 1."""
     if cfg.opt_level not in OPT_LEVELS:
         raise EdgeRnnError(f"unknown --opt-level {cfg.opt_level!r}; choose from {list(OPT_LEVELS)}")
-    from .quantize import CALIBRATION_METHODS
+    from ..quantize import CALIBRATION_METHODS
 
     if cfg.calibration not in CALIBRATION_METHODS:
         raise EdgeRnnError(f"unknown --calibration {cfg.calibration!r}; choose from {list(CALIBRATION_METHODS)}")
@@ -1085,128 +1085,3 @@ def bench(
         config["data"] = {"file": Path(data).name, "max_rows": BENCH_DATA_ROWS, "batch": 1}
     report = BenchReport(results, machine_info(threads=cfg.threads), config, targets(results), notes)
     return report
-
-
-def write_json(report: BenchReport, *, path: str | os.PathLike[str]) -> None:
-    """Write the report as JSON (atomically)."""
-    from .device.manifest import atomic_write_json
-
-    atomic_write_json(path, report.to_json())
-
-
-RUNTIME_MARKERS = {"onnxruntime": "o", "litert": "s", "keras-predict": "^", "tf.function": "v", "numpy": "D", "openvino": "P", "tract": "X"}
-
-
-PLOT_FORMATS = ("png", "svg", "pdf")
-
-
-def check_plot_path(path: str | os.PathLike[str]) -> None:
-    """Fail before measuring, not after: the plot needs matplotlib and a .png, .svg or .pdf name."""
-    if Path(path).suffix[1:].lower() not in PLOT_FORMATS:
-        raise EdgeRnnError(f"--plot {path}: give a file name ending in {', '.join('.' + f for f in PLOT_FORMATS)}")
-    require("matplotlib", "bench")
-
-
-def accuracy_text(metric: str, accuracy: float | None, interval: Sequence[float | None] | None = None) -> str:
-    """The accuracy column: held-out accuracy, nats/char, a metric on the user's data with its 95% interval, or —
-    for rows scored by max |Δ|."""
-    if accuracy is None:
-        return "—"
-    if metric.endswith("accuracy"):
-        text, bound = f"{accuracy:.2%}", "{:.1%}"
-    elif "nats" in metric:
-        text, bound = f"{accuracy:.4f} nats/char", "{:.4f}"
-    else:
-        text, bound = f"{metric} {accuracy:.4g}", "{:.3g}"
-    if interval is None or None in interval:
-        return text
-    low, high = interval
-    return f"{text} ({bound.format(low)}–{bound.format(high)})"
-
-
-def max_abs_diff_text(max_abs_diff: dict[str, float] | None) -> str:
-    """The max |Δ| column: the largest over the row's outputs (each one is in the JSON), or —."""
-    return f"{max(max_abs_diff.values()):.1e}" if max_abs_diff else "—"
-
-
-def plot(report: BenchReport, *, path: str | os.PathLike[str]) -> None:
-    """Latency (batch-1 p50) vs file size, log-log, one panel per model, a marker per runtime, accuracy annotated."""
-    matplotlib = require("matplotlib", "bench")
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from matplotlib.lines import Line2D
-    from matplotlib.ticker import FuncFormatter, NullFormatter
-
-    models = list(dict.fromkeys(r.model for r in report.results))
-    fig, axes = plt.subplots(1, len(models), figsize=(6.5 * len(models), 5.5), squeeze=False)
-    colours = dict(zip(models, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
-    for ax, model in zip(axes[0], models):
-        rows = [r for r in report.results if r.model == model]
-        placed: list[tuple[float, float]] = []
-        # Top to bottom, so a label that steps down to clear a neighbour's stays in the same order as the points.
-        for r in sorted(rows, key=lambda r: -r.latency_ms["p50"]):
-            x, y = r.size_bytes / 1024, r.latency_ms["p50"]
-            ax.scatter(x, y, marker=RUNTIME_MARKERS.get(r.runtime, "x"), color=colours[model], s=60, edgecolors="black", linewidths=0.5)
-            near = sum(abs(np.log10(x / px)) < 0.15 and abs(np.log10(y / py)) < 0.06 for px, py in placed)
-            placed.append((x, y))
-            acc = accuracy_text(r.metric, r.accuracy, r.accuracy_interval) if r.accuracy is not None else f"max|Δ| {max_abs_diff_text(r.max_abs_diff)}"
-            label = f"{r.variant} {acc}" if r.runtime == "onnxruntime" else f"{r.runtime} {r.variant} {acc}"
-            ax.annotate(label, (x, y), fontsize=7, textcoords="offset points", xytext=(6, -9 * near), va="center")
-        for values, set_scale, axis in (
-            ([p[0] for p in placed], ax.set_xscale, ax.xaxis),
-            ([p[1] for p in placed], ax.set_yscale, ax.yaxis),
-        ):
-            # Log scale where the values span a decade or more; a narrower span reads better linear.
-            if max(values) >= 10 * min(values):
-                set_scale("log")
-                axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-                axis.set_minor_formatter(NullFormatter())
-        ax.set_xlabel("file size (KiB)")
-        ax.set_ylabel("latency, batch 1, p50 (ms)")
-        ax.set_title(model, fontsize=10)
-        ax.set_ylim(bottom=0 if ax.get_yscale() == "linear" else None)
-        ax.grid(True, which="both", alpha=0.3)
-        ax.margins(x=0.25, y=0.15)
-    runtimes = list(dict.fromkeys(r.runtime for r in report.results))
-    fig.legend(
-        [Line2D([], [], marker=RUNTIME_MARKERS.get(rt, "x"), color="grey", linestyle="") for rt in runtimes], runtimes,
-        title="runtime", fontsize=8, loc="lower center", ncol=len(runtimes),
-    )
-    m = report.machine
-    fig.suptitle(f"edge-rnn bench — {m['cpu']}, {m['threads']} thread(s); labels: held-out accuracy, validation nats/char or max |Δ| vs ONNX fp32", fontsize=9)
-    fig.tight_layout(rect=(0, 0.08, 1, 0.97))
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=120, format=Path(path).suffix[1:].lower())
-    plt.close(fig)
-
-
-def markdown(doc: dict[str, Any]) -> str:
-    """A `--json` document as Markdown: the machine, the results table and the targets (for the README)."""
-    m = doc["machine"]
-    libs = ", ".join(f"{k} {v}" for k, v in m["libraries"].items())
-    batches = [str(b) for b in doc["config"]["batch_sizes"]]
-    diffs = any(r.get("max_abs_diff") for r in doc["results"])
-    lines = [
-        f"Machine: {describe(m['cpu_features']) if 'cpu_features' in m else m['cpu']}, {m['platform']}, Python {m['python']}; {libs}.",
-        f"Threads {m['threads']}, onnxruntime opt level `{doc['config']['opt_level']}`; latency p50/p90/p99 at batch 1 over "
-        f"≥ {min(doc['config']['runs'], MIN_LATENCY_RUNS)} runs after warm-up (at least {doc['config']['runs']} and "
-        f"{doc['config']['min_seconds']:g} s unless a row takes over {doc['config']['max_seconds']:g} s; counts in the JSON).",
-        "",
-        "| model | variant | runtime | size KiB | load ms | p50 ms | p90 ms | p99 ms | "
-        + " | ".join(f"/s @{b}" for b in batches) + " | peak MB | accuracy |" + (" max\\|Δ\\| fp32 |" if diffs else "") + " agree fp32 |",
-        "|" + "---|" * (11 + diffs + len(batches)),
-    ]
-    for r in doc["results"]:
-        acc = accuracy_text(r["metric"], r["accuracy"], r.get("accuracy_interval")) + (f" | {max_abs_diff_text(r.get('max_abs_diff'))}" if diffs else "")
-        agree = "—" if r["agreement_with_fp32"] is None else f"{r['agreement_with_fp32']:.2%}"
-        lat = r["latency_ms"]
-        lines.append(
-            f"| {r['model']} | {r['variant']} | {r['runtime']} | {r['size_bytes'] / 1024:,.0f} | {r['load_ms']:.1f} | "
-            f"{lat['p50']:.3f} | {lat['p90']:.3f} | {lat['p99']:.3f} | "
-            + " | ".join(f"{r['throughput_per_s'][b]:,.0f}" for b in batches)
-            + f" | {r['peak_rss_mb']:.0f} | {acc} | {agree} |"
-        )
-    lines += ["", "| target | measured | goal | met |", "|---|---|---|---|"]
-    lines += [f"| {t['name']} | {t['ratio']:.3g} | {t['goal']} | {'yes' if t['met'] else '**no**'} |" for t in doc["targets"]]
-    return "\n".join(lines) + "\n"

@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
-from .config import SampleSplit
-from .errors import DataError, MissingDependencyError
+from ..config import SampleSplit
+from ..errors import DataError, MissingDependencyError
 
 SAMPLE_FILE = "mnist_sample_5k.npz"
 SHAKESPEARE_FILE = "tinyshakespeare.txt"
@@ -249,7 +249,7 @@ def load_idx_folder(folder: Path, *, stream: bool = False) -> Digits:
 
 def load_keras(name: str) -> Digits:
     """Download (or read from ~/.keras/datasets) MNIST or Fashion-MNIST through keras.datasets."""
-    from .errors import require
+    from ..errors import require
 
     datasets = require("keras.datasets", "train")
     loader = datasets.mnist if name == "mnist" else datasets.fashion_mnist

@@ -37,8 +37,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
-from .device.manifest import atomic_path, folder_lock, load_manifest, record_file, save_manifest, verified_file
-from .errors import EdgeRnnError, ModelFileError
+from ..device.manifest import atomic_path, folder_lock, load_manifest, record_file, save_manifest, verified_file
+from ..errors import EdgeRnnError, ModelFileError
 
 ORT_OPTIMIZATION = "basic"
 CONFIG_NAME = "required_operators.config"

@@ -27,6 +27,7 @@ Why this shape:
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Mapping
 
 import numpy as np
@@ -106,3 +107,8 @@ def char_rnn_model(
     model.ir_version = 8
     helper.set_model_props(model, {"vocab": vocab, "hidden": str(H), "vocab_size": str(V), "model": "char-rnn"})
     return model
+
+
+def op_counts(model) -> dict[str, int]:
+    """Count nodes by op type in the main graph of an onnx.ModelProto."""
+    return dict(sorted(Counter(node.op_type for node in model.graph.node).items()))

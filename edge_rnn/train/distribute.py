@@ -24,8 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from .config import CONNECT_TIMEOUT_S
-from .errors import EdgeRnnError, require
+from ..config import CONNECT_TIMEOUT_S
+from ..errors import EdgeRnnError, require
 
 STRATEGIES = ("default", "mirrored", "multi-worker")
 
@@ -200,7 +200,7 @@ class EpochBackup:
             raise EdgeRnnError(f"{self.folder / 'history.json'} is missing or broken ({exc}) — train again without --resume") from exc
 
     def save(self, epoch: int, history: dict[str, list[float]]) -> None:
-        from .device.manifest import atomic_path
+        from ..device.manifest import atomic_path
 
         # History first: a worker killed between the two writes has history for an epoch it has no checkpoint
         # of, which restore() cuts off — never a checkpoint without its history.

@@ -13,7 +13,7 @@ from typing import Any, Callable
 import numpy as np
 import numpy.typing as npt
 
-from .device.parity import OutputCheck, ParityReport
+from ..device.parity import OutputCheck, ParityReport
 
 Arrays = dict[str, npt.NDArray]
 # (output name, reference array) → (max |Δ| allowed, the tolerance as text)

@@ -18,7 +18,6 @@ import contextlib
 import json
 import os
 import shutil
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,7 +27,8 @@ import numpy as np
 from .config import ExportConfig
 from .errors import EdgeRnnError, ModelFileError, require
 from .device.manifest import SCHEMA_VERSION, atomic_path, folder_lock, load_manifest, record_file, save_manifest, sha256_file
-from .validate import Validation, check, run_steps, session, stepped_outputs
+from .export.graphs import op_counts
+from .export.validate import Validation, check, run_steps, session, stepped_outputs
 
 ONNX_FILE = "model.onnx"
 KERAS_FILE = "model.keras"
@@ -69,11 +69,6 @@ class ExportReport:
     data_validations: list[Validation] = field(default_factory=list)
 
 
-def op_counts(model) -> dict[str, int]:
-    """Count nodes by op type in the main graph of an onnx.ModelProto."""
-    return dict(sorted(Counter(node.op_type for node in model.graph.node).items()))
-
-
 def _set_metadata(model, props: dict[str, Any]) -> None:
     """Add (or replace) metadata_props; keys already there and not in `props` stay."""
     kept = [(p.key, p.value) for p in model.metadata_props if p.key not in props]
@@ -82,40 +77,6 @@ def _set_metadata(model, props: dict[str, Any]) -> None:
         entry = model.metadata_props.add()
         entry.key = key
         entry.value = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
-
-
-def _name_batch_axis(model) -> None:
-    """tf2onnx names the dynamic batch axis `unk__N`; call it `batch` on every graph input and output."""
-    for value in list(model.graph.input) + list(model.graph.output):
-        dims = value.type.tensor_type.shape.dim
-        if dims and not dims[0].dim_value:
-            dims[0].dim_param = BATCH_DIM
-
-
-def keras_to_onnx(keras_model, *, io: dict[str, Any], opset: int):
-    """Keras 3 model → onnx.ModelProto with fused recurrent ops, via tf2onnx.convert.from_function.
-
-    (tf2onnx.convert.from_keras fails under Keras 3; a tf.function with an input_signature works.)
-    """
-    tf = require("tensorflow", "train")
-    tf2onnx = require("tf2onnx", "train")
-    specs = [
-        tf.TensorSpec([None if isinstance(d, str) else d for d in spec["shape"]], spec["dtype"], name=spec["name"])
-        for spec in io["inputs"]
-    ]
-    output_names = [spec["name"] for spec in io["outputs"]]
-
-    @tf.function(input_signature=specs)
-    def serve(*inputs):
-        outputs = keras_model(inputs[0] if len(inputs) == 1 else list(inputs), training=False)
-        outputs = outputs if isinstance(outputs, (list, tuple)) else [outputs]
-        return dict(zip(output_names, outputs))
-
-    model, _ = tf2onnx.convert.from_function(serve, input_signature=specs, opset=opset)
-    _name_batch_axis(model)
-    return model
-
-
 
 
 def read_labels(path: str | os.PathLike[str]) -> list[str]:
@@ -261,7 +222,7 @@ def _export(source: Path, *, cfg: ExportConfig, out, labels, fail_on_loop: bool,
         raise
 
     # Variants derived from older files (quantized, .ort, their operator config) no longer describe these ones.
-    from .ort_format import CONFIG_ROLE
+    from .export.ort_format import CONFIG_ROLE
 
     new["files"] = {r: e for r, e in new.get("files", {}).items() if not r.startswith("onnx") and r != CONFIG_ROLE}
     for block in ("quantization", "ort"):

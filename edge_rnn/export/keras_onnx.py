@@ -48,7 +48,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from .cells import CELL_CONVERTERS, STATE_NAMES, CellWeights, UnsupportedCellError
-from .errors import EdgeRnnError, require
+from ..errors import EdgeRnnError, require
 
 PRODUCER = "edge-rnn.keras_onnx"
 BATCH_DIM = "batch"
