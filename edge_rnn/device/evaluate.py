@@ -215,7 +215,8 @@ def _compare(kind: str, base: np.ndarray, got: np.ndarray, valid: np.ndarray | N
         seq = False
     if seq:
         return agree[valid], sure[valid], per[valid]
-    return agree.reshape(-1), sure.reshape(-1), per.reshape(len(base), -1).max(-1) if kind in ("softmax", "logits") and per.ndim > 1 else per.reshape(-1)
+    # Agreement per decision (an example, or each label / value); max |Δ| per example, over all its values.
+    return agree.reshape(-1), sure.reshape(-1), per.reshape(len(base), -1).max(-1)
 
 
 def _drop(figure: Figure, base: Figure) -> float:
