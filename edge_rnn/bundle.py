@@ -116,7 +116,7 @@ def _class_ids(manifest: dict[str, Any], dataset: Dataset, kinds: dict[str, str]
         target = np.asarray(dataset.targets[name][: dataset.count])  # (N, …)
         classes = shapes[name][-1] if shapes[name] else 1
         if kind == "softmax" and isinstance(classes, int) and classes > 1:
-            ids = class_targets(target, classes)
+            ids = class_targets(target, classes, ndim=len(shapes[name]))
         elif kind == "sigmoid" and target.reshape(len(target), -1).shape[1] == 1:
             ids = (target.reshape(-1) >= 0.5).astype(np.int64)
         else:

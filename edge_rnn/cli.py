@@ -766,7 +766,7 @@ def _evaluate_table(evaluation) -> Table:
 def evaluate(
     target: Path = typer.Argument(..., help="A model folder, a model file with its manifest.json beside it, or a bundle (.tar.gz)."),
     data: Path = typer.Option(..., "--data", help="Labelled data: FILE.npz (np.savez) or a folder of .npy files — one array per input (x for one), targets named after the outputs (y for one)."),
-    batch: int = typer.Option(1, "--batch", min=1, max=65_536, help="Batch size each variant runs at: the one the device runs (int8 answers depend on their batch)."),
+    batch: int = typer.Option(1, "--batch", min=1, max=65_536, help="Batch each variant runs at. Default 1: how edge-rnn's API and CLI run int8 (one row per call); a larger batch shows what a program calling onnxruntime itself with that batch gets (int8 answers depend on it)."),
     metric: Optional[str] = typer.Option(None, "--metric", help="accuracy | binary-accuracy | mae | nats (default: from the model's output layer)."),
     max_drop: Optional[float] = typer.Option(None, "--max-drop", min=0.0, max=1000.0, help="Budget of a quantized variant's metric vs fp32: pp for accuracy (default 1), % for errors (default 2)."),
     threads: int = typer.Option(1, min=0, max=256, help="onnxruntime intra-op threads (0 = onnxruntime's default)."),

@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .device.dataset import Dataset, open_dataset
+from .device.dataset import CHECK_ROWS, Dataset, open_dataset
 from .device.evaluate import EXACT, Evaluation, Runner, evaluate_runners, promise_of, roles_in, sequence_runner, step_runner
 from .device.metrics import KINDS, METRICS, output_kind
 from .errors import InputError, MissingDependencyError
@@ -64,23 +64,42 @@ def output_kinds(manifest: dict[str, Any], data: Dataset, *, metric: str | None 
     kinds = {}
     for i, spec in enumerate(outputs):
         name = spec["name"]
+        activation = task_kind if (i == 0 and task_kind) else recorded.get(name)
         if metric is not None and (name in data.targets or not data.targets):
+            if METRICS[metric] == "logits" and activation == "softmax":
+                raise InputError(f"--metric {metric} scores logits, but the output {name!r} ends in softmax (probabilities) — "
+                                 "use --metric accuracy")
             kinds[name] = METRICS[metric]
             continue
-        activation = task_kind if (i == 0 and task_kind) else recorded.get(name)
         target = data.targets.get(name)
         kinds[name] = output_kind(activation, output_shape=tuple(spec.get("shape", [])), target=target if target is not None else np.zeros(0, np.float32))
     return kinds
 
 
 def check_targets(kinds: dict[str, str], data: Dataset) -> None:
+    """Each target fits the metric its output is scored by, checked before any model runs (one line each)."""
     for name, kind in kinds.items():
         target = data.targets.get(name)
         if target is None:
             continue
-        if kind == "sigmoid" and target.size and not np.all(np.isin(np.asarray(target[: min(len(target), 4096)]), (0, 1))):
-            raise InputError(f"{data.source}: target {name!r} is scored as yes/no (sigmoid output) but holds values other than 0 and 1 — "
-                             "give 0/1 labels, or --metric mae to score it as a regression")
+        shape = data.output_specs.get(name, {}).get("shape", [])
+        classes = shape[-1] if shape else None
+        where = f"{data.source}: target {name!r}"
+        if kind in ("softmax", "logits"):
+            if not (isinstance(classes, int) and classes > 1):
+                raise InputError(f"{where}: {kind} metrics score classes, but the output {name!r} holds {classes} value(s) per "
+                                 "example — score it with --metric mae (or binary-accuracy for 0/1 targets)")
+            if target.ndim not in (len(shape) - 1, len(shape)):
+                raise InputError(f"{where} has shape {target.shape}; give class ids {tuple(shape[:-1])} or one-hot rows {tuple(shape)}")
+            continue
+        if not (target.ndim == len(shape) or (classes == 1 and target.ndim == len(shape) - 1)):
+            raise InputError(f"{where} has shape {target.shape} but the output {name!r} is {tuple(shape)} — "
+                             + ("class ids are scored with --metric accuracy" if target.ndim == len(shape) - 1 else "give one target per output value"))
+        if kind == "sigmoid":
+            for start in range(0, data.count, CHECK_ROWS):
+                if not np.all(np.isin(np.asarray(target[start : start + CHECK_ROWS]), (0, 1))):
+                    raise InputError(f"{where} is scored as yes/no (sigmoid output) but holds values other than 0 and 1 — "
+                                     "give 0/1 labels, or --metric mae to score it as a regression")
 
 
 def _preprocess(manifest: dict[str, Any]) -> Callable[[str, np.ndarray], np.ndarray] | None:
@@ -133,7 +152,7 @@ def _source_runner(model_dir: Path, manifest: dict[str, Any], notes: list[str]) 
     def run(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return adapter.reference(source, feeds, io=io)
 
-    return Runner("keras", run, EXACT, KERAS_ONNX_ATOL, batch_independent=True)
+    return Runner("keras", run, EXACT, KERAS_ONNX_ATOL)
 
 
 def evaluate(

@@ -12,6 +12,7 @@ import numpy as np
 
 from .config import CHAR_RNN_DIRNAME, MNIST_DIRNAME, CharRnnConfig, ExportConfig, LstmConfig
 from .device.manifest import check_writable_dir, update_manifest
+from .device.runtime import INFER_BATCH
 from .device.parity import ParityReport, QuantGate, compare, quant_gate
 from .tolerances import FP32_PROB_ATOL
 
@@ -64,17 +65,18 @@ def _is_fp32(role: str) -> bool:
 
 
 def classifier_probs(model_dir: Path, manifest: dict[str, Any], role: str, x: np.ndarray) -> np.ndarray:
-    """(N, classes) probabilities of one ONNX file: whole sequences at once, or a step model fed row by row."""
-    from .device.runtime import load_model, predict_probs
-    from .export.validate import run_steps, session
+    """(N, classes) probabilities of one ONNX file: whole sequences, or a step model fed row by row. A quantized file
+    answers one digit per call, as a device runs it (a dynamic int8 model's activation scale spans its batch)."""
+    from .device.evaluate import sequence_runner, step_runner
+    from .device.runtime import load_model
 
-    path = _size(model_dir, manifest, role)[0]
+    model = load_model(_size(model_dir, manifest, role)[0])  # verified against the manifest before it is run
+    batch = INFER_BATCH if _is_fp32(role) else 1
     if _whole_sequence_role(role):
-        return predict_probs(load_model(path), x)
-    load_model(path)  # verifies the file against the manifest before it is run
-    name = manifest["step"]["inputs"][0]["name"]
-    steps = run_steps(session(path), manifest["step"], {name: x})
-    return steps[-1][manifest["step"]["outputs"][0]["name"]]
+        run, outputs = sequence_runner(model, batch=batch), model.io["outputs"]
+    else:
+        run, outputs = step_runner(model, batch=batch), manifest["step"]["outputs"]
+    return run({model.io["inputs"][0]["name"]: x})[outputs[0]["name"]]
 
 
 def check_classifier(

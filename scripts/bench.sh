@@ -16,5 +16,5 @@ edge-rnn export "$OUT/gru-mnist.keras" --out "$OUT/gru-mnist"
 edge-rnn bench "$OUT/mnist-lstm" "$OUT/char-rnn" "$OUT/gru-mnist" --threads 1 --opt-level all --runs 1000 --rounds 3 \
   --json "$OUT/bench.json" --plot "$OUT/bench.png"
 # The README's tables, from the JSON.
-python -c "import json, sys; from edge_rnn.bench import markdown; print(markdown(json.load(open(sys.argv[1]))), end='')" \
+python -c "import json, sys; from edge_rnn.bench.report import markdown; print(markdown(json.load(open(sys.argv[1]))), end='')" \
   "$OUT/bench.json" > "$OUT/bench.md"

@@ -273,3 +273,27 @@ def test_check_runs_the_users_rows_as_one_more_set(user_models):
     assert report.sets["data"] == 40
     (result,) = report.results
     assert result.status == "ok" and result.max_abs_diff["data"]["next_week"] < 1e-5
+
+
+def test_a_compressed_npz_reads_like_an_uncompressed_one(user_models, tmp_path):
+    folder, data = user_models["co2"]
+    with np.load(data) as d:
+        np.savez_compressed(tmp_path / "co2.npz", x=d["x"], y=d["y"])
+    plain = evaluate(folder, data=data, roles=["onnx"], source=False).variant("onnx").headline
+    packed = evaluate(folder, data=tmp_path / "co2.npz", roles=["onnx"], source=False).variant("onnx").headline
+    assert packed.value == plain.value and (packed.low, packed.high) == (plain.low, plain.high)
+
+
+@pytest.mark.parametrize("model, extra, fragment", [
+    ("digits", ["--metric", "mae"], "class ids are scored with --metric accuracy"),
+    ("digits", ["--metric", "nats"], "ends in softmax"),
+    ("co2", ["--metric", "accuracy"], "holds 1 value(s) per example"),
+    ("text", ["SHORT"], "has 40 time steps, the inputs 48"),
+])
+def test_a_metric_or_target_that_does_not_fit_is_one_line(user_models, tmp_path, model, extra, fragment):
+    folder, data = user_models[model]
+    if extra == ["SHORT"]:  # next-character targets for only the first 40 of 48 steps
+        with np.load(data) as d:
+            np.savez(tmp_path / "short.npz", ids=d["ids"][:20], next_char=d["next_char"][:20, :40])
+        data, extra = tmp_path / "short.npz", []
+    one_line_error(run("evaluate", folder, "--data", data, *extra), fragment)

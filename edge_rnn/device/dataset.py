@@ -50,6 +50,8 @@ class Dataset:
     specs: dict[str, dict[str, Any]] = field(default_factory=dict)
     dtypes: dict[str, Any] = field(default_factory=dict)
     masking: list[dict[str, Any]] = field(default_factory=list)
+    # The model outputs targets may score, by name (name, dtype, shape), for checks against the metric.
+    output_specs: dict[str, dict[str, Any]] = field(default_factory=dict)
     # Applied to each input's raw rows before conversion (an image model scales uint8 pixels as `infer` does).
     transform: Callable[[str, np.ndarray], np.ndarray] | None = None
 
@@ -139,11 +141,13 @@ def _read_npz(path: Path) -> dict[str, np.ndarray]:
                                         f"{MAX_COMPRESSED_MEMBER_BYTES // 2**20} MiB cap — save it with np.savez (uncompressed, memory-mapped) "
                                         "or as a folder of .npy files")
                     with archive.open(info) as member:
-                        shape, dtype, _, offset = _npy_header(member, where=where)
-                        if offset + math.prod(shape) * dtype.itemsize != info.file_size:
+                        shape, dtype, fortran, offset = _npy_header(member, where=where)
+                        size = math.prod(shape) * dtype.itemsize
+                        if offset + size != info.file_size:
                             raise DataError(f"{where} declares shape {shape} of {dtype} but its member holds "
                                             f"{info.file_size - offset:,} bytes — save the data again with np.savez")
-                        arrays[name] = np.lib.format.read_array(member, allow_pickle=False)
+                        data = member.read(size)  # inflated up to the declared (and capped) size, no further
+                        arrays[name] = np.frombuffer(data, dtype=dtype).reshape(shape, order="F" if fortran else "C")
             except (ValueError, OSError, EOFError, zipfile.BadZipFile, struct.error) as exc:
                 raise DataError(f"cannot read {where} ({str(exc).splitlines()[0]}) — save the data with np.savez") from exc
     return arrays
@@ -259,8 +263,16 @@ def open_dataset(
             shape = by_output[name].get("shape", [])
             raise DataError(f"{source}: target {name!r} has shape {target.shape}; the output is {tuple(shape)} — give one target per "
                             "output value, or class ids (one axis fewer) for a classifier")
+    # A free time axis of a target (a sequence output) must be as long as the inputs' time axis.
+    steps = {arrays[s["name"]].shape[1] for s in inputs if len(s.get("shape", [])) > 1 and isinstance(s["shape"][1], str)
+             and arrays[s["name"]].ndim > 1}
+    for name, target in targets.items():
+        shape = by_output[name].get("shape", [])
+        if len(shape) > 2 and isinstance(shape[1], str) and target.ndim > 1 and steps and target.shape[1] not in steps:
+            raise DataError(f"{source}: target {name!r} has {target.shape[1]} time steps, the inputs {sorted(steps)[0]} — "
+                            "give one target per input step")
     data = Dataset(source, {n: arrays[n] for n in input_names}, targets, count, specs=specs, dtypes=dict(dtypes or {}),
-                   masking=[m for m in masking if m.get("input") in specs], transform=transform)
+                   masking=[m for m in masking if m.get("input") in specs], output_specs=by_output, transform=transform)
     # Every row checked before any work: converted chunk by chunk (ids, finiteness, shape) and targets finite.
     for start in range(0, count, CHECK_ROWS):
         stop = min(start + CHECK_ROWS, count)

@@ -30,7 +30,7 @@ from ..tolerances import (
     QUANT_MAX_MEAN_PROB_DIFF, QUANT_MIN_CONFIDENT_AGREEMENT, STEP_SEQUENCE_ATOL,
 )
 from .dataset import Dataset
-from .metrics import Figure, Tally, class_targets, figures, score_batch
+from .metrics import Figure, Tally, figures, score_batch
 from .stepper import Stepper
 
 # Rows read from the data per chunk; each variant then answers the chunk in batches of the deployed size.
@@ -51,7 +51,6 @@ class Runner:
     run: Callable[[dict[str, np.ndarray]], Outputs]
     promise: str  # QUANTIZED | EXACT | BASELINE
     atol: float | None = None  # EXACT: the float32 tolerance at output scale ~1 (scaled up for large outputs)
-    batch_independent: bool = False  # answers a whole chunk at once (float32 models: no per-batch scale)
 
 
 @dataclass
@@ -185,38 +184,45 @@ def promise_of(role: str) -> tuple[str, float | None]:
 
 @dataclass
 class _Against:
-    """Per-example comparison of one variant with fp32 on one output."""
+    """Per-example comparison of one variant with fp32 on one output: counts of decisions (an example, a label, or a
+    real step of a sequence), of those that agree, of those fp32 is sure of and of those kept, and the example's
+    max |Δ| over all its values (real steps only)."""
 
-    agree: list[np.ndarray] = field(default_factory=list)
-    sure: list[np.ndarray] = field(default_factory=list)
-    max_diff: list[np.ndarray] = field(default_factory=list)
+    parts: dict[str, list[np.ndarray]] = field(default_factory=dict)
+
+    def add(self, **arrays: np.ndarray) -> None:
+        for key, value in arrays.items():
+            self.parts.setdefault(key, []).append(np.asarray(value, np.float64))
+
+    def total(self, key: str) -> float:
+        return float(sum(a.sum() for a in self.parts.get(key, [])))
+
+    def max_diff(self) -> np.ndarray:
+        return np.concatenate(self.parts["max_diff"]) if "max_diff" in self.parts else np.zeros(0)
 
 
-def _compare(kind: str, base: np.ndarray, got: np.ndarray, valid: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(agree, sure, max |Δ|) per decision: an example, or each real step of a sequence output."""
+def _compare(kind: str, base: np.ndarray, got: np.ndarray, valid: np.ndarray | None) -> dict[str, np.ndarray]:
+    """Per example: decisions, agreements, sure decisions, sure ones kept, and max |Δ| (padding steps left out)."""
     base, got = np.asarray(base, np.float64), np.asarray(got, np.float64)
+    n = len(base)
     diff = np.abs(base - got)
-    seq = base.ndim == 3 and valid is not None and valid.shape == base.shape[:2]
     if kind in ("softmax", "logits") and base.shape[-1] > 1:
         agree = base.argmax(-1) == got.argmax(-1)
         top2 = np.sort(base, axis=-1)[..., -2:]
-        margin = top2[..., 1] - top2[..., 0]
-        sure = margin >= QUANT_CONFIDENT_MARGIN if kind == "softmax" else np.zeros(margin.shape, bool)
-        per = diff.max(-1)
-    elif kind == "sigmoid":
-        agree = ((base >= 0.5) == (got >= 0.5)).reshape(len(base), -1)
-        sure = (np.abs(2 * base - 1) >= QUANT_CONFIDENT_MARGIN).reshape(len(base), -1)
-        per = diff.reshape(len(base), -1)
-        seq = False
+        sure = (top2[..., 1] - top2[..., 0]) >= QUANT_CONFIDENT_MARGIN if kind == "softmax" else np.zeros(agree.shape, bool)
+        per = diff.max(-1)  # per decision
     else:
-        agree = (np.sign(base) == np.sign(got)).reshape(len(base), -1)
-        sure = np.zeros(agree.shape, bool)
-        per = diff.reshape(len(base), -1)
-        seq = False
-    if seq:
-        return agree[valid], sure[valid], per[valid]
-    # Agreement per decision (an example, or each label / value); max |Δ| per example, over all its values.
-    return agree.reshape(-1), sure.reshape(-1), per.reshape(len(base), -1).max(-1)
+        agree = (base >= 0.5) == (got >= 0.5) if kind == "sigmoid" else np.sign(base) == np.sign(got)
+        sure = np.abs(2 * base - 1) >= QUANT_CONFIDENT_MARGIN if kind == "sigmoid" else np.zeros(agree.shape, bool)
+        per = diff
+    real = np.ones(agree.shape, bool)
+    if valid is not None and agree.ndim >= 2 and valid.shape == agree.shape[:2]:
+        real = np.broadcast_to(valid.reshape(valid.shape + (1,) * (agree.ndim - 2)), agree.shape)
+    flat = lambda a: a.reshape(n, -1)  # noqa: E731
+    return {
+        "decisions": flat(real).sum(1), "agree": flat(agree & real).sum(1), "sure": flat(sure & real).sum(1),
+        "sure_agree": flat(sure & agree & real).sum(1), "max_diff": flat(np.where(real, per, 0.0)).max(1),
+    }
 
 
 def _drop(figure: Figure, base: Figure) -> float:
@@ -275,7 +281,7 @@ def evaluate_runners(
     if not runners:
         raise InputError("nothing to evaluate: no model files")
     scored = [name for name in kinds if name in data.targets]
-    compared = list(kinds)
+    compared = scored + [name for name in kinds if name not in scored]  # the headline output first
     baseline = next((r.role for r in runners if r.promise == BASELINE), None)
     if baseline is None:
         baseline = next((r.role for r in runners if r.role in FP32_BASELINES), None)
@@ -301,10 +307,7 @@ def evaluate_runners(
                 for name in compared:
                     base = answers[baseline][name]
                     scale = max(scale, float(np.max(np.abs(base))) if base.size else 0.0)
-                    a, s, d = _compare(kinds[name], base, out[name], valid)
-                    against[r.role][name].agree.append(a)
-                    against[r.role][name].sure.append(s)
-                    against[r.role][name].max_diff.append(d)
+                    against[r.role][name].add(**_compare(kinds[name], base, out[name], valid))
         if on_progress is not None:
             on_progress(min(start + CHUNK_ROWS, data.count), data.count)
     scores = []
@@ -312,12 +315,13 @@ def evaluate_runners(
         score = VariantScore(r.role, r.promise, {name: figures(tallies[r.role][name]) for name in scored}, seconds=seconds[r.role])
         if baseline is not None and compared:
             first = against[r.role][compared[0]]
-            agree, sure, diff = np.concatenate(first.agree), np.concatenate(first.sure), np.concatenate(first.max_diff)
-            score.agreement = float(agree.mean()) if agree.size else None
-            score.sure_count = int(sure.sum())
-            score.sure_agreement = float(agree[sure].mean()) if sure.any() else None
+            decisions, sure = first.total("decisions"), first.total("sure")
+            score.agreement = first.total("agree") / decisions if decisions else None
+            score.sure_count = int(sure)
+            score.sure_agreement = first.total("sure_agree") / sure if sure else None
+            diff = first.max_diff()
             score.mean_max_abs_diff = float(diff.mean()) if diff.size else None
-            score.max_abs_diff = max(float(np.concatenate(against[r.role][n].max_diff).max(initial=0.0)) for n in compared)
+            score.max_abs_diff = max(float(against[r.role][n].max_diff().max(initial=0.0)) for n in compared)
         scores.append(score)
     by_role = {s.role: s for s in scores}
     base_score = by_role.get(baseline) if baseline else None
@@ -335,11 +339,6 @@ def evaluate_runners(
     if not scored:
         notes.append("no targets in the data: variants are compared with fp32 only (add an array named after an output to score them)")
     return Evaluation(data.source, data.count, batch, {n: kinds[n] for n in compared}, baseline, scores, budget, notes)
-
-
-def class_ids(target: np.ndarray, classes: int) -> np.ndarray:
-    """Re-exported for callers that stratify by class."""
-    return class_targets(target, classes)
 
 
 def roles_in(files: Iterable[str]) -> list[str]:

@@ -26,8 +26,10 @@ import numpy.typing as npt
 Z95 = 1.959963984540054
 BOOTSTRAP_RESAMPLES = 1000
 BOOTSTRAP_SEED = 0
-# Resamples are drawn in blocks of this many so that a large data set's bootstrap stays within memory.
+# Resamples are drawn in blocks of at most this many, and of at most BOOTSTRAP_BLOCK_ITEMS picks (8 bytes each,
+# three arrays of them: ~50 MB), so that a large data set's bootstrap stays within memory.
 BOOTSTRAP_BLOCK = 50
+BOOTSTRAP_BLOCK_ITEMS = 2_000_000
 # The k of top-k accuracy, reported beside top-1 where a classifier has more than k classes.
 TOP_K = 5
 KINDS = ("softmax", "sigmoid", "linear", "logits")
@@ -67,8 +69,10 @@ def bootstrap_ratio(num: npt.NDArray[np.float64], den: npt.NDArray[np.float64], 
         return (float("nan"), float("nan"))
     rng = np.random.default_rng(BOOTSTRAP_SEED)
     stats = []
-    for start in range(0, BOOTSTRAP_RESAMPLES, BOOTSTRAP_BLOCK):
-        size = min(BOOTSTRAP_BLOCK, BOOTSTRAP_RESAMPLES - start)
+    # Resamples per block: BOOTSTRAP_BLOCK, fewer for big data so a block's picks stay within BOOTSTRAP_BLOCK_ITEMS.
+    block = max(1, min(BOOTSTRAP_BLOCK, BOOTSTRAP_BLOCK_ITEMS // n))
+    for start in range(0, BOOTSTRAP_RESAMPLES, block):
+        size = min(block, BOOTSTRAP_RESAMPLES - start)
         picks = rng.integers(0, n, size=(size, n))
         ratio = num[picks].sum(axis=1) / np.maximum(den[picks].sum(axis=1), 1e-300)
         stats.append(ratio)
@@ -100,9 +104,10 @@ class Tally:
         return np.concatenate(self.parts[key]) if key in self.parts else np.zeros(0)
 
 
-def class_targets(target: np.ndarray, classes: int) -> np.ndarray:
-    """Class ids from ids or one-hot/probability targets (…, C)."""
-    if target.ndim >= 1 and target.shape[-1] == classes and classes > 1 and target.dtype.kind == "f" and target.ndim > 1:
+def class_targets(target: np.ndarray, classes: int, *, ndim: int) -> np.ndarray:
+    """Class ids from targets for an output of `ndim` axes scoring `classes`: ids (one axis fewer), or one-hot /
+    probability rows (the output's own shape)."""
+    if target.ndim == ndim and classes > 1:
         return target.argmax(axis=-1)
     return target.astype(np.int64)
 
@@ -118,7 +123,7 @@ def score_batch(tally: Tally, output: np.ndarray, target: np.ndarray, *, valid: 
     output = np.asarray(output, np.float64)
     if tally.kind in ("softmax", "logits"):
         classes = output.shape[-1]
-        ids = class_targets(target, classes)
+        ids = class_targets(target, classes, ndim=output.ndim)
         seq = output.ndim == 3
         ok = _valid(valid if seq else None, ids.shape)
         if tally.kind == "logits":
@@ -136,7 +141,10 @@ def score_batch(tally: Tally, output: np.ndarray, target: np.ndarray, *, valid: 
     elif tally.kind == "sigmoid":
         target = target.reshape(output.shape).astype(np.float64)
         right = (output >= 0.5) == (target >= 0.5)
-        tally.add(hits=right.reshape(n, -1).sum(1), trials=np.full(n, right[0].size))
+        ok = np.ones(right.shape, bool)
+        if valid is not None and output.ndim >= 3 and valid.shape == output.shape[:2]:
+            ok = np.broadcast_to(valid.reshape(valid.shape + (1,) * (output.ndim - 2)), right.shape)
+        tally.add(hits=(right & ok).reshape(n, -1).sum(1), trials=ok.reshape(n, -1).sum(1))
     else:
         target = np.asarray(target, np.float64).reshape(output.shape)
         err = np.abs(output - target)
