@@ -108,3 +108,15 @@ def test_the_boundary_check_sees_a_forbidden_import(tmp_path):
     bad = tmp_path / "bad.py"
     bad.write_text("def f():\n    from ..train.lstm import train\n    import tensorflow\n", encoding="utf-8")
     assert {"edge_rnn.train.lstm", "tensorflow"} <= _imports(bad)
+
+
+def test_evaluate_a_users_folder_without_tensorflow(user_models):
+    # On a device: every ONNX variant scored on the user's data; the Keras source is left out, and the table says so.
+    folder, data = user_models["digits"]
+    proc = subprocess.run([sys.executable, "-c", BLOCKER, "evaluate", str(folder), "--data", str(data), "--json"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "HEAVY_MODULES=\n" in proc.stderr
+    doc = json.loads(proc.stdout)
+    assert [v["role"] for v in doc["variants"]] == ["onnx", "onnx_int8", "onnx_step", "onnx_step_int8"]
+    assert any("Keras is not installed" in note for note in doc["notes"])
