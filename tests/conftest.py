@@ -124,3 +124,16 @@ def user_models(tmp_path_factory):
     from user_models import make_user_models
 
     return make_user_models(tmp_path_factory.mktemp("user-models"))
+
+
+def ort_answers(path, x, *, batch: int = 1) -> np.ndarray:
+    """The first output of a plain onnxruntime session (one thread), `batch` rows per call; `x` is the array for the
+    model's first input, or {input name: array}. The tests' independent check of what edge-rnn reports."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    feeds = x if isinstance(x, dict) else {session.get_inputs()[0].name: x}
+    n = len(next(iter(feeds.values())))
+    return np.concatenate([session.run(None, {k: v[i : i + batch] for k, v in feeds.items()})[0] for i in range(0, n, batch)])

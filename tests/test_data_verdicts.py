@@ -9,12 +9,11 @@ import tarfile
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 from onnx import helper, numpy_helper
 from typer.testing import CliRunner
 
-from conftest import one_line_error
+from conftest import one_line_error, ort_answers
 from edge_rnn.bench.harness import BENCH_DATA_ROWS, BenchConfig, bench
 from edge_rnn.cli import app
 from edge_rnn.device.manifest import load_manifest
@@ -32,15 +31,6 @@ def run(*args):
 
 def _copy(folder, tmp_path):
     return shutil.copytree(folder, tmp_path / folder.name)
-
-
-def _batch1_answers(path, x: np.ndarray) -> np.ndarray:
-    """onnxruntime on one input at a time (the batch bench and bundle score at), one thread."""
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    name = session.get_inputs()[0].name
-    return np.concatenate([session.run(None, {name: x[i : i + 1]})[0] for i in range(len(x))])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -153,7 +143,7 @@ def test_bundle_records_each_models_metric_as_computed_independently(digits_bund
     assert block["data"] == data.name and block["examples"] == len(y) and block["batch"] == 1
     assert set(block["roles"]) == {"onnx", "onnx_int8"}
     for role, file in (("onnx", "model.onnx"), ("onnx_int8", "model.int8.onnx")):
-        hits = int(np.sum(_batch1_answers(folder / file, x).argmax(-1) == y))
+        hits = int(np.sum(ort_answers(folder / file, x).argmax(-1) == y))
         entry = block["roles"][role]
         assert entry["metric"] == "accuracy" and entry["output"] == "digit"
         assert entry["value"] == hits / len(y), role
@@ -226,7 +216,7 @@ def test_bench_rows_answer_the_data_with_an_interval(digits_bench, user_models):
         low, high = r.accuracy_interval
         assert r.metric == "accuracy" and 0.7 < low <= r.accuracy <= high < 1.0, key
     # onnxruntime fp32 at batch 1, computed here: exactly bench's figure and its Wilson interval.
-    hits = int(np.sum(_batch1_answers(work / "model.onnx", x).argmax(-1) == y))
+    hits = int(np.sum(ort_answers(work / "model.onnx", x).argmax(-1) == y))
     fp32 = rows[("fp32", "onnxruntime")]
     assert fp32.accuracy == hits / len(y)
     assert fp32.accuracy_interval == pytest.approx(list(wilson(hits, len(y))), abs=1e-12)
@@ -234,7 +224,7 @@ def test_bench_rows_answer_the_data_with_an_interval(digits_bench, user_models):
     for key in (("step", "onnxruntime"), ("fp32-plain", "onnxruntime"), ("fp32", "tf.function")):
         assert fp32.accuracy_interval[0] <= rows[key].accuracy <= fp32.accuracy_interval[1], key
     int8 = rows[("int8", "onnxruntime")]
-    int8_hits = int(np.sum(_batch1_answers(work / "model.int8.onnx", x).argmax(-1) == y))
+    int8_hits = int(np.sum(ort_answers(work / "model.int8.onnx", x).argmax(-1) == y))
     assert int8.accuracy == int8_hits / len(y)
     # Agreement with fp32 is on the data's rows too.
     assert rows[("fp32", "tf.function")].agreement_with_fp32 > 0.99

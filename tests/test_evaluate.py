@@ -15,7 +15,7 @@ import onnxruntime as ort
 import pytest
 from typer.testing import CliRunner
 
-from conftest import damage_scale, one_line_error
+from conftest import damage_scale, one_line_error, ort_answers
 from edge_rnn.cli import app
 from edge_rnn.device.dataset import open_dataset, read_arrays
 from edge_rnn.device.manifest import load_manifest, record_file, save_manifest
@@ -28,15 +28,6 @@ runner = CliRunner()
 
 def run(*args):
     return runner.invoke(app, [str(a) for a in args])
-
-
-def ort_answers(path, feeds: dict[str, np.ndarray], *, batch: int = 1) -> np.ndarray:
-    """The first output of a plain onnxruntime session, one batch of `batch` rows per call (1 thread)."""
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    session = ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
-    n = len(next(iter(feeds.values())))
-    return np.concatenate([session.run(None, {k: v[i : i + batch] for k, v in feeds.items()})[0] for i in range(0, n, batch)])
 
 
 # --- metrics ------------------------------------------------------------------------------------------

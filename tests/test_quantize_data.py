@@ -8,12 +8,11 @@ from collections import Counter
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 from typer.testing import CliRunner
 
 import edge_rnn.quantize as quantize_module
-from conftest import damage_scale, one_line_error
+from conftest import damage_scale, one_line_error, ort_answers
 from edge_rnn.cli import app
 from edge_rnn.device.manifest import load_manifest, sha256_file
 
@@ -32,35 +31,32 @@ def copy(user_models, name: str, tmp_path):
     return shutil.copytree(folder, tmp_path / name), data
 
 
-def answers(path, x: np.ndarray) -> np.ndarray:
-    """The model's first output for each row of `x`, one row per call (batch 1, one thread), by plain onnxruntime."""
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    name = session.get_inputs()[0].name
-    return np.concatenate([session.run(None, {name: x[i : i + 1]})[0] for i in range(len(x))])
-
-
 def ops(path) -> Counter:
     return Counter(node.op_type for node in onnx.load(str(path)).graph.node)
 
 
 def mae(path, x: np.ndarray, y: np.ndarray) -> float:
-    return float(np.abs(answers(path, x).astype(np.float64) - y.astype(np.float64).reshape(len(y), -1)).mean())
+    return float(np.abs(ort_answers(path, x).astype(np.float64) - y.astype(np.float64).reshape(len(y), -1)).mean())
 
 
-@pytest.fixture()
-def broken_lstm_scale(monkeypatch):
-    """int8 that multiplies the LSTM's W scale by 4 wherever it quantizes the LSTM (a broken quantizer)."""
+def break_int8(monkeypatch, *, op: str, which: str) -> None:
+    """Make int8 multiply one weight scale by 4 (conftest.damage_scale's `which`) wherever its graph holds `op`:
+    a broken quantizer, as accuracy control re-quantizes the model many times."""
     make = quantize_module._MAKERS["int8"]
 
     def broken(pre, dst, **kwargs):
         settings = make(pre, dst, **kwargs)
-        if ops(dst)["DynamicQuantizeLSTM"]:
-            damage_scale(dst, dst, factor=4.0, which="lstm W")
+        if ops(dst)[op]:
+            damage_scale(dst, dst, factor=4.0, which=which)
         return settings
 
     monkeypatch.setitem(quantize_module._MAKERS, "int8", broken)
+
+
+@pytest.fixture()
+def broken_lstm_scale(monkeypatch):
+    """int8 with the LSTM's W scale ×4 wherever it quantizes the LSTM."""
+    break_int8(monkeypatch, op="DynamicQuantizeLSTM", which="lstm W")
 
 
 def test_data_judgement_is_recorded_and_matches_an_independent_count(user_models, tmp_path):
@@ -75,8 +71,8 @@ def test_data_judgement_is_recorded_and_matches_an_independent_count(user_models
     assert record["judged_on"]["metric"] == "accuracy"
     arrays = np.load(data)
     x, y = arrays["x"][:ROWS], arrays["y"][:ROWS]
-    fp32 = float((answers(folder / "model.onnx", x).argmax(1) == y).mean())
-    int8 = float((answers(folder / "model.int8.onnx", x).argmax(1) == y).mean())
+    fp32 = float((ort_answers(folder / "model.onnx", x).argmax(1) == y).mean())
+    int8 = float((ort_answers(folder / "model.int8.onnx", x).argmax(1) == y).mean())
     verdict = record["verdict"]
     assert (verdict["fp32"], verdict["value"]) == (fp32, int8)
     assert verdict["drop"] == pytest.approx(100 * (fp32 - int8))
@@ -113,24 +109,16 @@ def test_accuracy_aware_keeps_a_broken_lstm_float(user_models, tmp_path, broken_
     assert counts["LSTM"] == 1 and counts["DynamicQuantizeLSTM"] == 0 and counts["MatMulInteger"] == 1
     arrays = np.load(data)
     x, y = arrays["x"][:ROWS], arrays["y"][:ROWS]
-    fp32 = float((answers(folder / "model.onnx", x).argmax(1) == y).mean())
-    after = float((answers(folder / "model.int8.onnx", x).argmax(1) == y).mean())
+    fp32 = float((ort_answers(folder / "model.onnx", x).argmax(1) == y).mean())
+    after = float((ort_answers(folder / "model.int8.onnx", x).argmax(1) == y).mean())
     assert after == control["after"]["value"] and 100 * (fp32 - after) <= 1.0
 
 
 @pytest.fixture()
 def broken_dense_scale(monkeypatch):
-    """int8 that multiplies the output layer's weight scale by 4 wherever it quantizes that MatMul (a broken quantizer:
-    on AVX2 hosts full-range int8 weights did the like by saturating, which 7-bit weights now avoid)."""
-    make = quantize_module._MAKERS["int8"]
-
-    def broken(pre, dst, **kwargs):
-        settings = make(pre, dst, **kwargs)
-        if ops(dst)["MatMulInteger"]:
-            damage_scale(dst, dst, factor=4.0, which="dense")
-        return settings
-
-    monkeypatch.setitem(quantize_module._MAKERS, "int8", broken)
+    """int8 with the output layer's weight scale ×4 wherever it quantizes that MatMul (on AVX2 hosts full-range int8
+    weights did the like by saturating, which 7-bit weights now avoid)."""
+    break_int8(monkeypatch, op="MatMulInteger", which="dense")
 
 
 def test_accuracy_aware_brings_the_co2_forecaster_inside_its_budget(user_models, tmp_path, broken_dense_scale):
@@ -239,6 +227,6 @@ def test_a_builtin_model_is_judged_on_raw_pixels(mnist_dir, digits, tmp_path):
     np.savez(data, x=digits.x_test[:ROWS], y=digits.y_test[:ROWS])  # uint8 pixels, scaled as the manifest says
     (report, *_) = quantize_module.quantize(folder, data=data)
     x = preprocess(digits.x_test[:ROWS])
-    int8 = float((answers(folder / "model.int8.onnx", x).argmax(1) == digits.y_test[:ROWS]).mean())
+    int8 = float((ort_answers(folder / "model.int8.onnx", x).argmax(1) == digits.y_test[:ROWS]).mean())
     assert report.verdict["value"] == int8 and report.ok
     assert report.judged_on["examples"] == ROWS
