@@ -3,7 +3,7 @@
 Built and trained with plain Keras (no edge-rnn code), saved as a .keras file, so that `edge-rnn export`,
 `quantize` and `bench` meet it the way they meet any user's model:
 
-    python scripts/demo_gru.py OUT/gru-mnist.keras      # ~30 s on 2 cores
+    python scripts/demo_gru.py OUT/gru-mnist.keras [EPOCHS]     # ~30 s on 2 cores for the default 8 epochs
     edge-rnn export OUT/gru-mnist.keras --out OUT/gru-mnist
     edge-rnn bench OUT/gru-mnist --threads 1
 
@@ -17,7 +17,7 @@ import sys
 import numpy as np
 
 
-def main(path: str) -> None:
+def main(path: str, epochs: int = 8) -> None:
     from edge_rnn.train.data import load_sample
     from edge_rnn.errors import require
 
@@ -36,11 +36,11 @@ def main(path: str) -> None:
     model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="sparse_categorical_crossentropy", metrics=["accuracy"],
                   steps_per_execution=32)
     x_train, x_test = digits.x_train.astype(np.float32) / 255.0, digits.x_test.astype(np.float32) / 255.0
-    model.fit(x_train, digits.y_train, epochs=8, batch_size=32, verbose=0)
+    model.fit(x_train, digits.y_train, epochs=epochs, batch_size=32, verbose=0)
     _, accuracy = model.evaluate(x_test, digits.y_test, verbose=0)
     model.save(path)
     print(f"{path}: held-out accuracy {accuracy:.2%} on {len(x_test)} real digits")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "gru-mnist.keras")
+    main(sys.argv[1] if len(sys.argv) > 1 else "gru-mnist.keras", int(sys.argv[2]) if len(sys.argv) > 2 else 8)

@@ -38,3 +38,12 @@ def test_ci_runs_the_readme_test_command_verbatim():
     test_command = next(b for b in blocks if "pytest" in b)
     assert "sudo" not in test_command and "apt-get" not in test_command
     assert test_command in (ROOT / ".ci" / "run").read_text(encoding="utf-8")
+
+
+def test_ci_runs_the_readme_arm_check_verbatim():
+    """Issue 19: the ARM check is its own README command, and CI runs exactly that command after the tests."""
+    blocks = re.findall(r"```bash\n(.*?)\n```", README, flags=re.S)
+    arm_command = next(b for b in blocks if "arm64_check.sh" in b and "demo-broken" not in b)
+    ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
+    assert arm_command in ci
+    assert ci.index(arm_command) > ci.index("python -m pytest"), "the ARM check runs after the tests"

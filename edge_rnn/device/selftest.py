@@ -59,6 +59,17 @@ class SelfTest:
     count: int
     source: str
     results: list[OutputResult] = field(default_factory=list)
+    # What the answers were computed with: int8 answers change with the thread count and the CPU's int8 path, so a
+    # self-test says both (the ARM check compares ARM and x86 at equal thread counts).
+    threads: int | None = 1
+    host: str = ""
+    onnxruntime: str = ""
+
+    @property
+    def ran_with(self) -> str:
+        """'1 thread, onnxruntime 1.32.0, <host>' — printed with the verdict."""
+        threads = "onnxruntime's default threads" if self.threads is None else f"{self.threads} thread{'s' if self.threads != 1 else ''}"
+        return ", ".join(p for p in (threads, f"onnxruntime {self.onnxruntime}" if self.onnxruntime else "", self.host) if p)
 
     @property
     def ok(self) -> bool:
@@ -111,7 +122,12 @@ def self_test(bundle: Bundle, *, roles: list[str] | None = None, threads: int | 
     each output against the source model's answers and the tolerance stored for that role."""
     ref_block = bundle.manifest["reference"]
     inputs, reference = bundle.reference()
-    report = SelfTest(bundle.path, int(ref_block.get("count", 0)), str(ref_block.get("source", "")))
+    import onnxruntime
+
+    from .hostinfo import cpu_features, describe
+
+    report = SelfTest(bundle.path, int(ref_block.get("count", 0)), str(ref_block.get("source", "")), threads=threads,
+                      host=describe(cpu_features()), onnxruntime=onnxruntime.__version__)
     for role in roles or [r for r in bundle.roles if not r.endswith("_config")]:
         tolerances = ref_block["tolerances"].get(role, {})
         try:
