@@ -20,6 +20,9 @@ Rows per model folder (when the model and the installed extras have them):
   that the converter needs at a static shape, and XNNPACK cannot resize it, so each batch size is its own
   conversion of the same weights; the batch-1 file is the one whose size is reported.
 - char RNN: the NumPy (float64) reference.
+- the per-step budget of every step model (`edge_rnn.bench.budget`, BenchConfig.budget): state bytes per stream,
+  weights bytes, peak memory and step latency at one stream, each file in a fresh process that imports only the
+  device path — the rows `bench --budget` measures alone, on a board too.
 - openvino and tract (`[runtimes]` extra, `edge_rnn.bench.runtimes`) running the same fp32 `model.onnx` as
   onnxruntime, for the kinds whose rows feed whole inputs (classify, outputs): their accuracy, top-1
   agreement and max |Δ| against onnxruntime fp32 show a runtime that answers differently (`edge-rnn check`
@@ -53,9 +56,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import importlib.metadata
 import os
-import platform
 import resource
 import tempfile
 import time
@@ -67,13 +68,13 @@ import numpy as np
 
 from ..config import CHAR_RNN_DIRNAME, DEFAULT_OUT, MNIST_DIRNAME
 from ..errors import EdgeRnnError, ModelFileError, require
-from ..device.hostinfo import cpu_features
 from ..device.manifest import load_manifest, verified_file
+from .budget import BudgetConfig, BudgetReport
+from .machine import OPT_LEVELS, machine_info
 from .runtimes import run_in_child
 
 # The issue asks for percentiles over at least this many timed runs (fewer only when asked for fewer).
 MIN_LATENCY_RUNS = 200
-OPT_LEVELS = ("disable", "basic", "extended", "all")
 # Reference row for agreement: onnxruntime running the fp32 export.
 FP32_REFERENCE = ("fp32", "onnxruntime")
 # Manifest role → bench variant name, for the onnxruntime rows.
@@ -82,7 +83,6 @@ ONNX_ROLES = {"onnx": "fp32", "onnx_int8": "int8", "onnx_int8_static": "int8-sta
 DEFAULT_TIME_STEPS = 32
 # Ops counted in every onnxruntime row's graph (top level): what decides fused vs loop and int8 coverage.
 RECURRENT_OPS = ("LSTM", "GRU", "RNN", "DynamicQuantizeLSTM", "Loop", "Scan")
-LIBRARIES = ("numpy", "onnxruntime", "onnx", "tensorflow", "keras", "tf2onnx", "ai-edge-litert", "matplotlib", "openvino", "tract")
 # Runtimes besides onnxruntime that run the fp32 ONNX file (edge_rnn.bench.runtimes), where installed.
 ONNX_RUNTIMES = ("openvino", "tract")
 # Rows of the user's data (--data) each row answers, at batch 1: ~0.1–1 s per row for an edge-sized recurrent
@@ -116,6 +116,9 @@ class BenchConfig:
     rounds: int = 3
     # Time steps for models with a dynamic time axis (None: DEFAULT_TIME_STEPS); a fixed axis keeps its length.
     time_steps: int | None = None
+    # Add each step model's per-step budget (edge_rnn.bench.budget, with its own step counts) at these threads,
+    # opt level and rounds: a few seconds a model.
+    budget: bool = True
 
 
 @dataclass
@@ -165,15 +168,19 @@ class BenchReport:
     config: dict[str, Any]
     targets: list[Target] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    budget: BudgetReport | None = None  # the step models' per-step budget (BenchConfig.budget)
 
     def to_json(self) -> dict[str, Any]:
-        """The `--json` document: results, machine, config, targets, notes."""
+        """The `--json` document: results, machine, config (its `budget` block: how the budget was measured),
+        targets, notes, and the budget rows."""
+        config = self.config if self.budget is None else {**self.config, "budget": self.budget.config}
         return {
             "results": [dataclasses.asdict(r) for r in self.results],
             "machine": self.machine,
-            "config": self.config,
+            "config": config,
             "targets": [dataclasses.asdict(t) for t in self.targets],
             "notes": self.notes,
+            "budget": [] if self.budget is None else self.budget.to_json()["budget"],
         }
 
 
@@ -628,6 +635,8 @@ def _run_row(row: _Row, cfg: BenchConfig) -> dict[str, Any] | str:
     got = run_in_child(_child, (row, cfg), threads=cfg.threads, timeout_s=cfg.row_timeout, poll_s=1.0)
     if got.timed_out:
         return f"no result within {cfg.row_timeout:.0f} s"
+    if got.error is not None:
+        return got.error
     if got.died is not None:
         return f"the measuring process died (exit code {got.died}) — see its stderr above"
     return got.value
@@ -897,29 +906,6 @@ def _plan_model(
 # Machine, targets, the public entry points
 
 
-def machine_info(*, threads: int) -> dict[str, Any]:
-    """CPU model and int8-relevant features, cores, OS, Python and library versions of this machine."""
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    versions = {}
-    for lib in LIBRARIES:
-        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
-            versions[lib] = importlib.metadata.version(lib)
-    return {
-        "cpu": cpu,
-        "cpu_features": cpu_features(),
-        "cores": os.cpu_count(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "threads": threads,
-        "libraries": versions,
-    }
-
-
 def _find(results: list[BenchResult], model: str, variant: str, runtime: str) -> BenchResult | None:
     return next((r for r in results if (r.model, r.variant, r.runtime) == (model, variant, runtime)), None)
 
@@ -1079,9 +1065,16 @@ def bench(
                         stepping=out.get("stepping"), accuracy_interval=out.get("accuracy_interval"),
                     )
                 )
+    budget = None
+    if cfg.budget:
+        from .budget import budget as measure_budget
+
+        budget_cfg = BudgetConfig(threads=cfg.threads, opt_level=cfg.opt_level, rounds=cfg.rounds)
+        on_budget_row = None if on_row is None else lambda model, variant: on_row(model, variant, "onnxruntime (budget)")
+        budget = measure_budget(model_dirs, cfg=budget_cfg, on_row=on_budget_row, allow_empty=True)
+        notes += budget.notes
     config = dataclasses.asdict(cfg)
     config["batch_sizes"] = list(cfg.batch_sizes)
     if data is not None:
         config["data"] = {"file": Path(data).name, "max_rows": BENCH_DATA_ROWS, "batch": 1}
-    report = BenchReport(results, machine_info(threads=cfg.threads), config, targets(results), notes)
-    return report
+    return BenchReport(results, machine_info(threads=cfg.threads), config, targets(results), notes, budget)

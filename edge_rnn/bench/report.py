@@ -11,10 +11,11 @@ import numpy as np
 from ..device.hostinfo import describe
 from ..device.manifest import atomic_path
 from ..errors import EdgeRnnError, require
+from .budget import BudgetReport
 from .harness import MIN_LATENCY_RUNS, BenchReport
 
-def write_json(report: BenchReport, *, path: str | os.PathLike[str]) -> None:
-    """Write the report as JSON (atomically)."""
+def write_json(report: BenchReport | BudgetReport, *, path: str | os.PathLike[str]) -> None:
+    """Write the report (`bench`, or `bench --budget`) as JSON (atomically)."""
     from ..device.manifest import atomic_write_json
 
     atomic_write_json(path, report.to_json())
@@ -135,4 +136,16 @@ def markdown(doc: dict[str, Any]) -> str:
         )
     lines += ["", "| target | measured | goal | met |", "|---|---|---|---|"]
     lines += [f"| {t['name']} | {t['ratio']:.3g} | {t['goal']} | {'yes' if t['met'] else '**no**'} |" for t in doc["targets"]]
+    if doc.get("budget"):
+        lines += ["", *budget_markdown(doc["budget"])]
     return "\n".join(lines) + "\n"
+
+
+def budget_markdown(rows: list[dict[str, Any]]) -> list[str]:
+    """The per-step budget rows (a JSON document's `budget`) as a Markdown table."""
+    lines = ["| model | variant | state B/stream | weights B | peak MiB | +model MiB | step p50 µs | step p99 µs |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        weights = "—" if r["weights_bytes"] is None else f"{r['weights_bytes']:,}"
+        lines.append(f"| {r['model']} | {r['variant']} | {r['state_bytes_per_stream']:,} | {weights} | {r['peak_rss_mib']:.1f} | "
+                     f"{r['model_rss_mib']:.1f} | {r['step_us']['p50']:.1f} | {r['step_us']['p99']:.1f} |")
+    return lines

@@ -31,7 +31,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import numpy.typing as npt
 
-from ..errors import EdgeRnnError
+from ..errors import DEBUG_ENV, EdgeRnnError
 
 Arrays = dict[str, npt.NDArray]
 # run(feeds: input name → array) → output name → array.
@@ -213,17 +213,40 @@ def thread_env(threads: int) -> Iterator[None]:
 
 @dataclass(frozen=True)
 class ChildResult:
-    """What `run_in_child` got: the child's answer, or the exit code it died with, or that it never answered."""
+    """What `run_in_child` got: the child's answer, or the exception it raised (its last line: "MemoryError: …"), or
+    the exit code it died with, or that it never answered."""
 
     value: Any = None
     died: int | None = None
     timed_out: bool = False
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class _ChildFailed:
+    """Put on the queue in place of an answer when the child's target raised."""
+
+    line: str
+
+
+def _child_main(target: Callable[..., None], args: tuple, queue) -> None:
+    """The child's entry: `target(*args, queue)`, an exception it raises sent back as one line instead of printed as a
+    traceback on the user's terminal (EDGE_RNN_DEBUG=1 prints it too)."""
+    try:
+        target(*args, queue)
+    except (Exception, KeyboardInterrupt) as exc:  # MemoryError too; a Ctrl-C reaches the child as well as the parent
+        if os.environ.get(DEBUG_ENV):
+            import traceback
+
+            traceback.print_exc()
+        queue.put(_ChildFailed(_first_line(exc)))
 
 
 def run_in_child(target: Callable[..., None], args: tuple, *, threads: int, timeout_s: float, poll_s: float = 0.5) -> ChildResult:
     """Run `target(*args, queue)` in a fresh (spawned) process with `threads` BLAS/OpenMP threads and return the
-    first thing it puts on `queue` — or how it failed: a runtime that crashes (tract panics abort a process) or
-    hangs costs its own process, never the caller. The child is joined, or killed, before this returns."""
+    first thing it puts on `queue` — or how it failed: an exception in the child comes back as `error` (one line, no
+    traceback), and a runtime that crashes (tract panics abort a process) or hangs costs its own process, never the
+    caller. The child is joined, or killed, before this returns."""
     import multiprocessing
     import queue as queue_mod
     import time
@@ -231,16 +254,18 @@ def run_in_child(target: Callable[..., None], args: tuple, *, threads: int, time
     ctx = multiprocessing.get_context("spawn")
     q = ctx.Queue()
     with thread_env(threads):
-        proc = ctx.Process(target=target, args=(*args, q), daemon=True)
+        proc = ctx.Process(target=_child_main, args=(target, args, q), daemon=True)
         proc.start()
     deadline = time.monotonic() + timeout_s
     try:
         while time.monotonic() < deadline:
             try:
-                return ChildResult(value=q.get(timeout=poll_s))
+                value = q.get(timeout=poll_s)
             except queue_mod.Empty:
                 if not proc.is_alive():
                     return ChildResult(died=proc.exitcode)
+                continue
+            return ChildResult(error=value.line) if isinstance(value, _ChildFailed) else ChildResult(value=value)
         return ChildResult(timed_out=True)
     finally:
         proc.join(timeout=10)
