@@ -133,3 +133,37 @@ MAX_CHECK_BATCH = 65_536
 # giving up (`--connect-timeout`). Peers start by hand on several machines, so half a minute of slack; past
 # it, an unreachable cluster is an error, never a hang.
 CONNECT_TIMEOUT_S = 30.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Caps on what a file may declare (issue 20: readers check before they allocate). A command's resident memory
+# stays under a ~2 GiB budget whatever a file says about itself; the device path's own caps (.npy/.npz arrays,
+# zip directories, JSON nesting, the budget itself) are in edge_rnn/device/bounded.py, which cannot import this
+# module. The README's table of caps lists both.
+
+# Digits `train --data` loads into memory (an .npz's members, IDX files other than --stream's training images),
+# by their declared sizes, together: 5× MNIST's 55 MB. Training holds them with a float32 copy of the held-out
+# images (×4) — at most ~1.3 GiB. Bigger sets train with --stream, which leaves the training images on disk.
+MAX_TRAIN_DATA_BYTES = 256 * 1024**2
+# A char-RNN corpus is read whole: training keeps it as a str (1–4 bytes a character) and as int64 ids (8 bytes a
+# character), ~0.9 GiB at this cap; tiny Shakespeare is 1.1 MB and a 130,000-step run reads 3.3 M characters.
+MAX_TEXT_BYTES = 64 * 1024**2
+# A char-RNN checkpoint (weights and Adagrad memory, float64): hidden 4,096 (MAX_HIDDEN) with a 1,000-character
+# vocabulary is 390 MB; training makes gradients and flat buffers beside it.
+MAX_CHECKPOINT_BYTES = 512 * 1024**2
+# A labels file (`export --labels`): one line per class, each at most 200 characters — a million classes fit.
+MAX_LABELS_BYTES = 16 * 1024**2
+# TF_CONFIG (an environment variable, parsed as JSON): a cluster of a thousand workers is ~30 KB (Linux passes at
+# most 128 KiB in one variable to a new process anyway).
+MAX_TF_CONFIG_BYTES = 64 * 1024
+# Weights a Keras model may hold (float32), estimated from its config.json before Keras builds it — per layer and
+# for the whole model — and checked again on model.weights.h5's declared datasets before Keras reads them: a
+# model over it would export to a model.onnx over the device's 512 MiB cap anyway (device/onnxfile.py).
+MAX_MODEL_WEIGHT_BYTES = 512 * 1024**2
+# A .keras archive's members, by the sizes its zip declares, before Keras opens it: the weights plus room for
+# the HDF5 layout, config.json and assets. Keras reads model.weights.h5 into memory whole.
+MAX_KERAS_ARCHIVE_BYTES = MAX_MODEL_WEIGHT_BYTES + 64 * 1024**2
+# config.json of a .keras file (read whole and parsed before Keras sees it): real RNN configs are 5–100 KB.
+MAX_KERAS_CONFIG_BYTES = 16 * 1024**2
+# Members of a .keras archive: Keras writes three (metadata.json, config.json, model.weights.h5) plus assets.
+MAX_KERAS_MEMBERS = 1_000

@@ -24,8 +24,9 @@ from typing import Any
 
 import numpy as np
 
-from .config import ExportConfig
-from .errors import EdgeRnnError, ModelFileError, require
+from .config import MAX_LABELS_BYTES, ExportConfig
+from .device.bounded import read_text_capped
+from .errors import DataError, EdgeRnnError, ModelFileError, require
 from .device.manifest import SCHEMA_VERSION, atomic_path, folder_lock, load_manifest, record_file, save_manifest, sha256_file
 from .export.graphs import op_counts
 from .export.validate import Validation, check, run_steps, session, stepped_outputs
@@ -80,12 +81,10 @@ def _set_metadata(model, props: dict[str, Any]) -> None:
 
 
 def read_labels(path: str | os.PathLike[str]) -> list[str]:
-    """Class names from a text file, one per line (trailing blank lines ignored)."""
+    """Class names from a text file of at most MAX_LABELS_BYTES, one per line (trailing blank lines ignored)."""
     path = Path(path)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise EdgeRnnError(f"cannot read labels from {path} ({exc}) — give a UTF-8 text file, one label per line") from exc
+    lines = read_text_capped(path, what="labels file", max_bytes=MAX_LABELS_BYTES, error=DataError,
+                             hint="give a UTF-8 text file, one label per line").splitlines()
     while lines and not lines[-1].strip():
         lines.pop()
     if not lines or any(not line.strip() or len(line) > MAX_LABEL_CHARS for line in lines):
@@ -162,6 +161,8 @@ def _export(source: Path, *, cfg: ExportConfig, out, labels, fail_on_loop: bool,
     from .models import adapter_for
     from .models.keras_model import KerasAdapter, load_keras_file
 
+    # The labels file first: a bad one (a FIFO, a device, too big) is refused before Keras loads anything.
+    label_list = read_labels(labels) if labels is not None else None
     onnx = require("onnx", "train")
     if cfg.opset not in SUPPORTED_OPSETS:
         raise EdgeRnnError(f"--opset {cfg.opset} is not supported; choose {SUPPORTED_OPSETS.start}–{SUPPORTED_OPSETS.stop - 1}")
@@ -183,7 +184,6 @@ def _export(source: Path, *, cfg: ExportConfig, out, labels, fail_on_loop: bool,
         model = load_keras_file(source, trust_h5=trust_h5)
         keras_file, adapter = source, KerasAdapter()
         manifest = _new_keras_manifest(source)
-    label_list = read_labels(labels) if labels is not None else None
     if label_list is not None and adapter.name != "keras":
         raise EdgeRnnError(f"--labels is for Keras models; {manifest['model']} takes its labels from its training data")
 

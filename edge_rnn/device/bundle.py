@@ -59,7 +59,9 @@ from typing import Any
 import numpy as np
 
 from ..errors import InputError, ModelFileError
-from .manifest import BUNDLE_SUFFIX, MANIFEST_NAME, MAX_MANIFEST_BYTES, SCHEMA_VERSION, parse_json
+from .bounded import open_regular, parse_json, read_npz
+from .manifest import BUNDLE_SUFFIX, MANIFEST_NAME, MAX_MANIFEST_BYTES, SCHEMA_VERSION
+from .schema import BUNDLE_HINT, BUNDLE_MANIFEST, validate
 
 BUNDLE_FORMAT = 1
 REFERENCE_NAME = "reference.npz"
@@ -115,11 +117,9 @@ class Bundle:
 
     def reference(self) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
         """The reference vectors: ({input: (N, …)}, {output: (N, …)}) as the source model answered."""
-        try:
-            with np.load(io.BytesIO(self.data(REFERENCE_ROLE)), allow_pickle=False) as npz:
-                arrays = {key: npz[key] for key in npz.files}
-        except (ValueError, OSError, EOFError) as exc:
-            raise ModelFileError(f"{self.path}: member {REFERENCE_NAME} is not a readable .npz ({exc})") from exc
+        # Its members' declared sizes and .npy headers are checked before an array is inflated (bounded.read_npz).
+        arrays = read_npz(self.data(REFERENCE_ROLE), where=f"{self.path}: member {REFERENCE_NAME}", error=ModelFileError,
+                          hint="make the bundle again with `edge-rnn bundle`")
         split = lambda kind: {k.split("/", 1)[1]: v for k, v in arrays.items() if k.startswith(f"{kind}/")}  # noqa: E731
         return split("input"), split("output")
 
@@ -189,6 +189,8 @@ def _parse_manifest(path: Path, data: bytes) -> dict[str, Any]:
         raise _refuse(path, MANIFEST_NAME, "has no 'bundle' or 'files' block: not an edge-rnn bundle manifest")
     if block.get("format") != BUNDLE_FORMAT or manifest.get("schema", SCHEMA_VERSION) != SCHEMA_VERSION:
         raise _refuse(path, MANIFEST_NAME, f"is bundle format {block.get('format')!r}; this edge-rnn reads format {BUNDLE_FORMAT} — upgrade edge-rnn")
+    # Every field's type, range and length (schema.BUNDLE_MANIFEST), before any is used.
+    validate(manifest, BUNDLE_MANIFEST, where=f"{path}: member {MANIFEST_NAME!r}", hint=BUNDLE_HINT)
     paths = []
     for role, entry in files.items():
         ok = isinstance(entry, dict) and isinstance(entry.get("path"), str) and isinstance(entry.get("sha256"), str) \
@@ -210,13 +212,12 @@ def _parse_manifest(path: Path, data: bytes) -> dict[str, Any]:
 def open_bundle(path: str | os.PathLike[str]) -> Bundle:
     """Read a bundle into memory, refusing anything unsafe or not as its manifest lists (see the module docstring)."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise ModelFileError(f"no bundle {path} — make one with `edge-rnn bundle DIR`")
-    if path.stat().st_size > MAX_COMPRESSED_BYTES:
-        raise ModelFileError(f"{path} is {path.stat().st_size:,} bytes, over the {MAX_COMPRESSED_BYTES:,}-byte cap for a bundle")
     # Until the manifest is read, the stream may hold little more than it.
     limit = MAX_MANIFEST_BYTES + 4 * _RECORD
-    with open(path, "rb") as raw:
+    with open_regular(path, what="bundle", max_bytes=MAX_COMPRESSED_BYTES, error=ModelFileError,
+                      hint="make one with `edge-rnn bundle DIR`", size_hint="not a bundle edge-rnn made") as raw:
         capped = _CappedReader(gzip.GzipFile(fileobj=raw, mode="rb"), limit=limit, where=path)
         try:
             return _read_tar(path, capped)

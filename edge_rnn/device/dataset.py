@@ -6,19 +6,16 @@ output). Rows are examples. Nothing is unpickled.
 
 Bounded: an `.npy` in a folder and an uncompressed `.npz` member (np.savez) are memory-mapped after their
 headers are checked against the file, so memory stays flat in the data's size; a compressed member
-(np.savez_compressed) must be decompressed whole and is refused past MAX_COMPRESSED_MEMBER_BYTES, before a byte
-of it is inflated. Every array is checked against the manifest's io before any model runs — shape, dtype
+(np.savez_compressed) must be decompressed whole and is refused past MAX_COMPRESSED_MEMBER_BYTES (all of them
+together past MAX_INFLATED_BYTES), by the sizes the zip declares, before a byte of it is inflated; a data path that
+is a FIFO or a device is refused by what it is (edge_rnn/device/bounded.py reads every file). Every array is checked against the manifest's io before any model runs — shape, dtype
 kind, equal row counts, ids inside the vocabulary, finite values, post-padding where the model masks — in
 chunks of CHECK_ROWS rows, with one-line errors naming the array (and row) and what to do.
 """
 
 from __future__ import annotations
 
-import math
 import os
-import stat
-import struct
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -26,12 +23,15 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 
 from ..errors import DataError, InputError
+from .bounded import MAX_ARRAY_BYTES, MAX_ARRAYS_BYTES, MAX_NPZ_MEMBERS, npy_mapped, read_npz
 from .inputs import _check_numeric, check_post_padded, convert_array
 
 # A compressed .npz member is inflated whole: refuse it past this (its declared size, read from the zip).
-MAX_COMPRESSED_MEMBER_BYTES = 512 * 1024 * 1024
+MAX_COMPRESSED_MEMBER_BYTES = MAX_ARRAY_BYTES
+# Every compressed member of one data set, inflated together.
+MAX_INFLATED_BYTES = MAX_ARRAYS_BYTES
 # At most this many arrays in one data set (a model's inputs plus its outputs' targets).
-MAX_ARRAYS = 64
+MAX_ARRAYS = MAX_NPZ_MEMBERS
 # Rows read per chunk when checking the data and when feeding it.
 CHECK_ROWS = 4096
 SINGLE_INPUT_ALIAS = "x"
@@ -80,77 +80,7 @@ class Dataset:
         return None
 
 
-def _refuse_special(path: Path, what: str) -> None:
-    """A device, FIFO or socket named as data is refused by what it is (reading one would not end)."""
-    mode = path.stat().st_mode
-    for test, kind in ((stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket")):
-        if test(mode):
-            raise DataError(f"{what} {path} is {kind}, not a file — give an .npz (np.savez) or a folder of .npy files")
-
-
-def _npy_header(f, *, where: str) -> tuple[tuple[int, ...], np.dtype, bool, int]:
-    version = np.lib.format.read_magic(f)
-    if version not in ((1, 0), (2, 0)):
-        raise DataError(f"{where} is a .npy of format {version[0]}.{version[1]}; save plain numeric arrays with numpy.save / np.savez")
-    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-    shape, fortran, dtype = read(f)
-    _check_numeric(dtype, where=where)
-    return tuple(shape), dtype, fortran, f.tell()
-
-
-def _mapped(path: Path, offset: int, shape: tuple[int, ...], dtype: np.dtype, fortran: bool, *, where: str, end: int) -> np.ndarray:
-    """A read-only memory map of an array whose data starts at `offset`, checked to end exactly at `end`."""
-    size = math.prod(shape) * dtype.itemsize
-    if offset + size != end:
-        raise DataError(f"{where} declares shape {shape} of {dtype} ({size:,} bytes) but holds {end - offset:,} — "
-                        "truncated or damaged; save it again with numpy")
-    if size == 0:
-        return np.zeros(shape, dtype)
-    return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape, order="F" if fortran else "C")
-
-
-def _read_npz(path: Path) -> dict[str, np.ndarray]:
-    try:
-        archive = zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError) as exc:
-        raise DataError(f"{path} is not an .npz archive ({exc}) — save the data with np.savez(FILE, name=array, …)") from exc
-    arrays: dict[str, np.ndarray] = {}
-    with archive, open(path, "rb") as raw:
-        infos = archive.infolist()
-        if len(infos) > MAX_ARRAYS:
-            raise DataError(f"{path} holds {len(infos)} members, more than {MAX_ARRAYS} — one array per model input and output")
-        for info in infos:
-            if not info.filename.endswith(".npy") or "/" in info.filename:
-                raise DataError(f"{path} holds {info.filename!r}, not an .npy member — save the data with np.savez")
-            name = info.filename[: -len(".npy")]
-            where = f"{path}: {name}"
-            try:
-                if info.compress_type == zipfile.ZIP_STORED:
-                    raw.seek(info.header_offset)
-                    local = raw.read(30)
-                    if len(local) != 30 or local[:4] != b"PK\x03\x04":
-                        raise DataError(f"{where}: broken zip entry — save the data again with np.savez")
-                    name_length, extra_length = struct.unpack("<HH", local[26:30])
-                    start = info.header_offset + 30 + name_length + extra_length
-                    raw.seek(start)
-                    shape, dtype, fortran, offset = _npy_header(raw, where=where)
-                    arrays[name] = _mapped(path, offset, shape, dtype, fortran, where=where, end=start + info.file_size)
-                else:
-                    if info.file_size > MAX_COMPRESSED_MEMBER_BYTES:
-                        raise DataError(f"{where} is compressed and {info.file_size / 2**20:,.0f} MiB once inflated, over the "
-                                        f"{MAX_COMPRESSED_MEMBER_BYTES // 2**20} MiB cap — save it with np.savez (uncompressed, memory-mapped) "
-                                        "or as a folder of .npy files")
-                    with archive.open(info) as member:
-                        shape, dtype, fortran, offset = _npy_header(member, where=where)
-                        size = math.prod(shape) * dtype.itemsize
-                        if offset + size != info.file_size:
-                            raise DataError(f"{where} declares shape {shape} of {dtype} but its member holds "
-                                            f"{info.file_size - offset:,} bytes — save the data again with np.savez")
-                        data = member.read(size)  # inflated up to the declared (and capped) size, no further
-                        arrays[name] = np.frombuffer(data, dtype=dtype).reshape(shape, order="F" if fortran else "C")
-            except (ValueError, OSError, EOFError, zipfile.BadZipFile, struct.error) as exc:
-                raise DataError(f"cannot read {where} ({str(exc).splitlines()[0]}) — save the data with np.savez") from exc
-    return arrays
+_HINT = "save the data with np.savez(FILE, name=array, …) or as a folder of .npy files"
 
 
 def _read_folder(path: Path) -> dict[str, np.ndarray]:
@@ -159,18 +89,7 @@ def _read_folder(path: Path) -> dict[str, np.ndarray]:
         raise DataError(f"{path} holds no .npy files — save one array per model input and output there with numpy.save")
     if len(files) > MAX_ARRAYS:
         raise DataError(f"{path} holds {len(files)} .npy files, more than {MAX_ARRAYS} — one per model input and output")
-    arrays = {}
-    for file in files:
-        where = str(file)
-        if not file.is_file():
-            raise DataError(f"{file} is not a regular file — give .npy files saved with numpy.save")
-        try:
-            with open(file, "rb") as f:
-                shape, dtype, fortran, offset = _npy_header(f, where=where)
-        except (ValueError, OSError, EOFError) as exc:
-            raise DataError(f"cannot read {file} as a .npy array ({str(exc).splitlines()[0]}) — save it with numpy.save") from exc
-        arrays[file.stem] = _mapped(file, offset, shape, dtype, fortran, where=where, end=file.stat().st_size)
-    return arrays
+    return {file.stem: npy_mapped(file, what=".npy file", error=DataError, hint="give .npy files saved with numpy.save") for file in files}
 
 
 def read_arrays(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
@@ -180,10 +99,12 @@ def read_arrays(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
         raise DataError(f"no data at {path} — give an .npz saved with np.savez, or a folder of .npy files")
     if path.is_dir():
         return _read_folder(path)
-    _refuse_special(path, "data")
     if path.suffix.lower() == ".npy":
         raise DataError(f"{path} is one .npy array; --data takes an .npz (np.savez(FILE, x=inputs, y=targets)) or a folder of .npy files")
-    return _read_npz(path)
+    # Uncompressed members are memory-mapped (flat memory in the data's size); compressed ones (np.savez_compressed)
+    # are inflated whole, so they count against the caps.
+    return read_npz(path, where=str(path), what="data file", error=DataError, hint=_HINT, mmap=True, flat_names=True, max_members=MAX_ARRAYS,
+                    max_array_bytes=MAX_COMPRESSED_MEMBER_BYTES, max_total_bytes=MAX_INFLATED_BYTES)
 
 
 def _target_shape_ok(target: np.ndarray, spec: dict[str, Any]) -> bool:

@@ -14,6 +14,9 @@ from pathlib import Path
 from typing import Any
 
 CPUINFO = Path("/proc/cpuinfo")
+# /proc/cpuinfo repeats one ~1.5 KB block per core (~400 KB on 256 cores); the first block holds what is read from
+# it, so the read stops here whatever the kernel (or a bind mount over it) serves.
+MAX_CPUINFO_BYTES = 4 * 1024 * 1024
 # x86-64 flags, in /proc/cpuinfo spelling, that change MLAS's float and integer GEMM kernels.
 X86_FEATURES = ("avx", "avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_int8")
 # arm64 (aarch64) hwcaps: dot product (asimddp) and int8 matrix multiply (i8mm) speed up int8 GEMMs.
@@ -51,8 +54,8 @@ def cpu_features(cpuinfo: str | None = None) -> dict[str, Any]:
     """{"arch", "model", "cores", "features": [flags that matter, present ones only], "int8_path"} of this host."""
     if cpuinfo is None:
         cpuinfo = ""
-        with contextlib.suppress(OSError):
-            cpuinfo = CPUINFO.read_text(errors="replace")
+        with contextlib.suppress(OSError), open(CPUINFO, "rb") as f:
+            cpuinfo = f.read(MAX_CPUINFO_BYTES).decode("utf-8", errors="replace")
     arch = platform.machine().lower()
     model, flags = _cpuinfo_fields(cpuinfo)
     wanted = ARM_FEATURES if arch in ("aarch64", "arm64") else X86_FEATURES

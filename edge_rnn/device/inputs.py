@@ -11,10 +11,8 @@ comes before every padding step (see edge_rnn/export/keras_onnx.py).
 
 from __future__ import annotations
 
-import math
 import os
 import warnings
-import zipfile
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
@@ -22,10 +20,10 @@ import numpy as np
 import numpy.typing as npt
 
 from ..errors import InputError
-from .manifest import parse_json
+from .bounded import MAX_ARRAY_BYTES, check_numeric, load_npy, open_regular, parse_json
 
 # .npy inputs bigger than this are refused before loading (a batch of 28×28 float32 digits is ~3 KB each).
-MAX_NPY_BYTES = 512 * 1024 * 1024
+MAX_NPY_BYTES = MAX_ARRAY_BYTES
 # One JSON row on stdin is one time step of a stream: a few thousand numbers at most.
 MAX_JSON_LINE_BYTES = 1024 * 1024
 # An image's width × height is read from its header and refused past this before decoding (4096 × 4096;
@@ -53,38 +51,11 @@ MASKS: dict[str, Callable[[np.ndarray, float], np.ndarray]] = {
 
 def read_npy(path: str | os.PathLike[str], *, max_bytes: int = MAX_NPY_BYTES) -> np.ndarray:
     """One .npy array, its header (shape, dtype, size) checked before the data is read; never unpickles."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"no such input file: {path}")
-    if path.stat().st_size > max_bytes:
-        raise InputError(f"{path} is larger than {max_bytes // 2**20} MiB — split it into smaller batches")
-    try:
-        with open(path, "rb") as f:
-            if zipfile.is_zipfile(f):
-                raise InputError(f"{path} is an .npz archive; give one .npy array per file")
-            f.seek(0)
-            version = np.lib.format.read_magic(f)
-            if version not in ((1, 0), (2, 0)):
-                raise InputError(f"{path} is a .npy file of format {version[0]}.{version[1]} (structured fields); give a plain numeric array")
-            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-            shape, _, dtype = read_header(f)
-            _check_numeric(dtype, where=str(path))
-            if math.prod(shape) * dtype.itemsize > max_bytes:
-                raise InputError(f"{path} declares shape {shape} of {dtype}, over {max_bytes // 2**20} MiB — split it into smaller batches")
-            declared = math.prod(shape) * dtype.itemsize
-            if f.tell() + declared != path.stat().st_size:
-                raise InputError(f"{path} declares shape {shape} of {dtype} ({declared:,} bytes) but holds "
-                                 f"{path.stat().st_size - f.tell():,} bytes of data — truncated or padded; save it again with numpy.save")
-            f.seek(0)
-            array = np.load(f, allow_pickle=False)
-    except (ValueError, OSError, EOFError) as exc:
-        raise InputError(f"cannot read {path} as a .npy array ({str(exc).splitlines()[0]}) — save it with numpy.save") from exc
-    return array
+    return load_npy(path, what="input file", max_bytes=max_bytes, error=InputError)
 
 
 def _check_numeric(dtype: np.dtype, *, where: str) -> None:
-    if dtype.hasobject or dtype.fields is not None or dtype.subdtype is not None or dtype.kind not in "biuf":
-        raise InputError(f"{where} has dtype {dtype}; give a plain numeric array (integers or floats)")
+    check_numeric(dtype, where=where, error=InputError)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -146,8 +117,7 @@ def load_images(
     batches, names = [], []
     for raw in paths:
         path = Path(raw)
-        if not path.is_file():
-            raise InputError(f"no such input file: {path}")
+        open_regular(path, what="input file", max_bytes=MAX_NPY_BYTES, error=InputError).close()  # a FIFO or device: refused by what it is
         if path.suffix.lower() == ".npy":
             array = _npy_pixels(path, height=height, width=width)
             if array.dtype == np.uint8:

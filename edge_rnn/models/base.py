@@ -18,7 +18,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from ..errors import EdgeRnnError
+from ..device import bounded
+from ..errors import DataError
 
 # Inputs are dicts of input name → array; so are outputs (output name → array).
 Arrays = dict[str, npt.NDArray]
@@ -72,9 +73,12 @@ class Adapter:
         """The source model's outputs for `inputs`, keyed by the names of `io`'s outputs (in the model's order)."""
         raise NotImplementedError
 
-    def tolerance(self, output: str, reference: npt.NDArray, *, stepped: bool) -> tuple[float, str]:
+    def tolerance(self, output: str, reference: npt.NDArray, *, stepped: bool, source: Any = None,
+                  inputs: Arrays | None = None) -> tuple[Any, str]:
         """Max |Δ| allowed for `output` against `reference` (whole sequence, or `stepped` through the step model),
-        and the tolerance as text for reports."""
+        and the tolerance as text for reports: one number, or one per element of `reference` where the adapter can
+        derive it from the `source` model and the `inputs` that produced `reference` (callers that accept only a
+        number leave those out)."""
         raise NotImplementedError
 
     def calibration_feeds(
@@ -94,11 +98,6 @@ class Adapter:
 
 
 def load_npy(path: str | os.PathLike[str], *, what: str) -> np.ndarray:
-    """A .npy array without pickles; a bad file is a one-line EdgeRnnError naming it."""
-    path = Path(path)
-    if not path.is_file():
-        raise EdgeRnnError(f"{what}: no file {path}")
-    try:
-        return np.load(path, allow_pickle=False)
-    except (ValueError, OSError, EOFError) as exc:
-        raise EdgeRnnError(f"{what}: {path} is not a readable .npy array ({str(exc).splitlines()[0]})") from exc
+    """A .npy array without pickles, its header checked against MAX_ARRAY_BYTES and the file before it is read;
+    a bad file is a one-line DataError naming it and `what` it was for."""
+    return bounded.load_npy(path, what=f".npy file ({what})", error=DataError)

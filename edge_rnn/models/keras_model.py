@@ -15,16 +15,19 @@ Workstation side: imports keras and onnx inside functions.
 
 from __future__ import annotations
 
-import json
+import contextlib
+import math
 import os
 import zipfile
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import numpy.typing as npt
 
+from ..config import MAX_KERAS_ARCHIVE_BYTES, MAX_KERAS_CONFIG_BYTES, MAX_KERAS_MEMBERS, MAX_MODEL_WEIGHT_BYTES
+from ..device.bounded import check_member_sizes, open_regular, open_zip, parse_json_bounded, read_member, size_text
 from ..errors import EdgeRnnError, ModelFileError, require
 from ..tolerances import KERAS_ONNX_ATOL, KERAS_ONNX_RTOL, STEP_SEQUENCE_ATOL
 from .base import Adapter, Arrays, Exported, Graph, load_npy
@@ -34,11 +37,18 @@ ONNX_FILE = "model.onnx"
 STEP_FILE = "model.step.onnx"
 HDF5_SUFFIXES = (".h5", ".hdf5")
 RECURRENT_LAYERS = ("LSTM", "GRU", "SimpleRNN")
+# Weight matrices per recurrent layer (its cell's gates), for the weight estimate made from a config.
+RECURRENT_GATES = {"LSTM": 4, "GRU": 3, "SimpleRNN": 1}
+WEIGHTS_H5 = "model.weights.h5"
+WEIGHTS_NPZ = "model.weights.npz"
+_KERAS_HINT = "save it with model.save('x.keras')"
 # Rows of a validation batch get these fractions of the time axis as their unpadded length (at least 1):
 # a full row, a partial one, a short one and a single step, so masking is exercised where the model masks.
 PADDED_LENGTHS = (1.0, 2 / 3, 1 / 3, 0.0)
 # Modules whose classes a safe .keras file may name (Keras itself, and Python's builtins for tuples and the like).
 SAFE_MODULE_PREFIXES = ("keras", "builtins")
+# The packages keras.saving imports a class's module from (keras/src/saving/serialization_lib.py).
+KERAS_PACKAGES = ("keras", "keras_hub", "keras_cv", "keras_nlp")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -63,11 +73,135 @@ def _unsafe_layers(config: Any) -> list[str]:
     return found
 
 
+def _objects(config: Any) -> Iterator[tuple[str, str, dict[str, Any]]]:
+    """(layer name, class name, the whole entry) of every serialized Keras object in a config tree, walked without
+    recursion (the tree is bounded in depth by the JSON reader, but a walk need not rely on that)."""
+    stack = [config]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            cls, inner = node.get("class_name"), node.get("config")
+            if isinstance(cls, str) and isinstance(inner, dict):
+                name = inner.get("name", node.get("name", cls))
+                yield str(name), cls, node
+            stack.extend(reversed(list(node.values())))
+        elif isinstance(node, list):
+            stack.extend(reversed(node))
+
+
+def _count(value: Any) -> int:
+    """A size field of a layer config as a count (0 when it is not a non-negative number; Keras refuses those)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return 0
+    return max(0, int(value))
+
+
+def _weights(cls: str, entry: dict[str, Any]) -> tuple[int, str]:
+    """(weights a layer would create, how they follow from its config), from the config alone: Embedding rows ×
+    width, gates × units × (inputs + units + 1) for a recurrent layer or cell, units × (inputs + 1) for any other
+    layer with units, and its input width for the rest (normalisation layers hold a few per input)."""
+    config = entry["config"]
+    shape = entry.get("build_config", {}).get("input_shape") if isinstance(entry.get("build_config"), dict) else None
+    fan_in = _count(shape[-1]) if isinstance(shape, list) and shape and not isinstance(shape[-1], list) else 0
+    if "input_dim" in config and "output_dim" in config:
+        rows, width = _count(config["input_dim"]), _count(config["output_dim"])
+        return rows * width, f"{rows:,} rows × {width:,}"
+    if "units" in config:
+        units = _count(config["units"])
+        gates = RECURRENT_GATES.get(cls.removesuffix("Cell"), 0)
+        if gates:
+            return gates * units * (fan_in + units + 2), f"units={units:,}"
+        return units * (fan_in + 1), f"units={units:,} on {fan_in:,} inputs"
+    return fan_in, f"{fan_in:,} inputs"
+
+
+def _check_weights(path: Path, config: Any) -> None:
+    """Refuse, before Keras builds anything, a layer (or a model) whose config implies more float32 weights than
+    MAX_MODEL_WEIGHT_BYTES, naming the layer and the setting that asks for them."""
+    total, largest = 0, []
+    for name, cls, entry in _objects(config):
+        count, why = _weights(cls, entry)
+        if count * 4 > MAX_MODEL_WEIGHT_BYTES:
+            raise ModelFileError(
+                f"{path}: layer {name!r} ({cls}, {why}) would hold {count:,} weights ({size_text(count * 4)} as float32), over the "
+                f"{size_text(MAX_MODEL_WEIGHT_BYTES)} a model may hold (MAX_MODEL_WEIGHT_BYTES) — refused before Keras builds it; "
+                "check the layer's size"
+            )
+        total += count
+        largest.append((count, name))
+    if total * 4 > MAX_MODEL_WEIGHT_BYTES:
+        top = ", ".join(f"{n!r} ({c:,})" for c, n in sorted(largest, reverse=True)[:3])
+        raise ModelFileError(
+            f"{path}: its layers would hold {total:,} weights together ({size_text(total * 4)} as float32), over the "
+            f"{size_text(MAX_MODEL_WEIGHT_BYTES)} a model may hold (MAX_MODEL_WEIGHT_BYTES); largest: {top}"
+        )
+
+
+def _check_stored_weights(path: Path, archive: zipfile.ZipFile) -> None:
+    """The weights file's arrays, by their declared shapes (no data read), within MAX_MODEL_WEIGHT_BYTES before Keras
+    reads them: an HDF5 dataset may declare a shape far larger than the bytes it stores (chunked, compressed, or a
+    fill value only), and Keras reads each one whole before comparing it with the layer's shape."""
+    names = set(archive.namelist())
+    if WEIGHTS_NPZ in names:
+        with archive.open(WEIGHTS_NPZ) as member:
+            inner = open_zip(member, where=f"{path}: {WEIGHTS_NPZ}", error=ModelFileError, hint=_KERAS_HINT,
+                             max_members=MAX_KERAS_MEMBERS)
+            with inner:
+                check_member_sizes(inner.infolist(), where=f"{path}: {WEIGHTS_NPZ}", error=ModelFileError, hint=_KERAS_HINT,
+                                   max_member_bytes=MAX_MODEL_WEIGHT_BYTES, max_total_bytes=MAX_MODEL_WEIGHT_BYTES)
+    if WEIGHTS_H5 not in names:
+        return
+    h5py = require("h5py", "train")
+    declared: list[tuple[int, str]] = []
+
+    def visit(name: str, obj: Any) -> None:
+        if isinstance(obj, h5py.Dataset):
+            declared.append((math.prod(obj.shape or ()) * obj.dtype.itemsize, name))
+
+    try:
+        with archive.open(WEIGHTS_H5) as member, h5py.File(member, "r") as h5:
+            h5.visititems(visit)
+    except (OSError, ValueError, KeyError, RuntimeError, TypeError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ModelFileError(f"{path}: {WEIGHTS_H5} is not a readable HDF5 file ({first}) — {_KERAS_HINT}") from None
+    biggest = max(declared, default=(0, ""))
+    if biggest[0] > MAX_MODEL_WEIGHT_BYTES or sum(n for n, _ in declared) > MAX_MODEL_WEIGHT_BYTES:
+        raise ModelFileError(
+            f"{path}: {WEIGHTS_H5} declares {size_text(sum(n for n, _ in declared))} of weights (largest: {biggest[1]!r}, "
+            f"{size_text(biggest[0])}), over the {size_text(MAX_MODEL_WEIGHT_BYTES)} a model may hold (MAX_MODEL_WEIGHT_BYTES) — "
+            "not read; a damaged or hostile file"
+        )
+
+
+def read_keras_config(path: Path) -> Any:
+    """config.json of a .keras archive, after the archive's members are checked by their declared sizes (each and
+    together, MAX_KERAS_ARCHIVE_BYTES) and count; read to MAX_KERAS_CONFIG_BYTES and MAX_JSON_DEPTH."""
+    with open_regular(path, what="Keras model file", max_bytes=MAX_KERAS_ARCHIVE_BYTES, error=ModelFileError, hint=_KERAS_HINT) as f:
+        if not zipfile.is_zipfile(f):
+            raise ModelFileError(f"{path} is not a Keras model file (a .keras zip or a trusted .h5) — {_KERAS_HINT}")
+        with open_zip(f, where=path, error=ModelFileError, hint=_KERAS_HINT, max_members=MAX_KERAS_MEMBERS) as archive:
+            infos = archive.infolist()
+            check_member_sizes(infos, where=path, error=ModelFileError, hint="not read; a damaged or hostile file",
+                               max_member_bytes=MAX_KERAS_ARCHIVE_BYTES, max_total_bytes=MAX_KERAS_ARCHIVE_BYTES)
+            try:
+                info = archive.getinfo("config.json")
+            except KeyError:
+                raise ModelFileError(f"{path} is not a Keras model file (no config.json) — {_KERAS_HINT}") from None
+            data = read_member(archive, info, max_bytes=MAX_KERAS_CONFIG_BYTES, where=path, error=ModelFileError, hint=_KERAS_HINT)
+            config = parse_json_bounded(data, where=f"{path}: config.json", error=ModelFileError, hint=_KERAS_HINT)
+            unsafe = _unsafe_layers(config)
+            if unsafe:
+                raise ModelFileError(f"{path}: layer {unsafe[0]} is refused for safety — rebuild the model from Keras layers only")
+            _check_weights(path, config)
+            _check_stored_weights(path, archive)
+    return config
+
+
 def load_keras_file(path: str | os.PathLike[str], *, trust_h5: bool = False):
-    """A Keras model from a .keras file (safe_mode, Lambda and foreign classes refused) or, if trusted, an .h5 file."""
-    keras = require("keras", "train")
+    """A Keras model from a .keras file (checked by read_keras_config first: sizes, nesting, safety, weights) or, if
+    trusted, an .h5 file."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise ModelFileError(f"no file {path} — give a .keras model file or a model folder")
     suffix = path.suffix.lower()
     if suffix in HDF5_SUFFIXES:
@@ -76,27 +210,57 @@ def load_keras_file(path: str | os.PathLike[str], *, trust_h5: bool = False):
                 f"{path} is an HDF5 file, whose loader can run code stored in it (Lambda layers are pickled bytecode) — "
                 "re-save it as .keras, or pass --trust-h5 if you trust where it came from"
             )
-        return _load(keras, path, safe_mode=False)
-    if suffix != ".keras" or not zipfile.is_zipfile(path):
-        raise ModelFileError(f"{path} is not a Keras model file (a .keras zip or a trusted .h5) — save it with model.save('x.keras')")
-    try:
-        with zipfile.ZipFile(path) as archive:
-            config = json.loads(archive.read("config.json"))
-    except (KeyError, ValueError, zipfile.BadZipFile) as exc:
-        raise ModelFileError(f"{path} is not a Keras model file (no readable config.json: {exc}) — save it with model.save('x.keras')") from exc
-    unsafe = _unsafe_layers(config)
-    if unsafe:
-        raise ModelFileError(
-            f"{path}: layer {unsafe[0]} is refused for safety — rebuild the model from Keras layers only"
-        )
-    return _load(keras, path, safe_mode=True)
+        return _load(require("keras", "train"), path, config=None, safe_mode=False)
+    if suffix != ".keras":
+        raise ModelFileError(f"{path} is not a Keras model file (a .keras zip or a trusted .h5) — {_KERAS_HINT}")
+    config = read_keras_config(path)
+    return _load(require("keras", "train"), path, config=config, safe_mode=True)
 
 
-def _load(keras, path: Path, *, safe_mode: bool):
+def _missing_class(config: Any) -> tuple[str, str, str | None] | None:
+    """(layer name, class, module or None where the file names none) of the first Keras object in `config` whose class this Keras does not have. Only
+    the packages Keras itself imports classes from are imported (as it would); any other module counts as missing."""
+    import importlib
+
+    from keras.saving import get_registered_object
+
+    for name, cls, entry in _objects(config):
+        module = entry.get("module")
+        if module is None and "module" in entry and not cls.startswith("__"):
+            # A class defined in a script or notebook: Keras records no module, only the name it was registered
+            # under, which nothing has registered in this process.
+            if get_registered_object(entry.get("registered_name") or cls) is None:
+                return name, cls, None
+            continue
+        if not isinstance(module, str) or module == "builtins":
+            continue
+        found = None
+        if module.split(".")[0] in KERAS_PACKAGES:
+            with contextlib.suppress(ImportError):
+                found = getattr(importlib.import_module(module), cls, None)
+        if found is None:
+            return name, cls, module
+    return None
+
+
+def _load(keras, path: Path, *, config: Any, safe_mode: bool):
     try:
         return keras.saving.load_model(path, compile=False, safe_mode=safe_mode)
     except (ValueError, TypeError, KeyError, OSError, zipfile.BadZipFile) as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        missing = _missing_class(config) if config is not None else None
+        if missing:
+            name, cls, module = missing
+            if module is None:
+                raise ModelFileError(
+                    f"{path}: layer {name!r} is class {cls!r}, defined in a script or notebook (the file names no module) — "
+                    "a custom class: edge-rnn loads Keras' own layers only; rebuild the model from them (LSTM, GRU, "
+                    "SimpleRNN or RNN of their cells)"
+                ) from exc
+            raise ModelFileError(
+                f"{path}: layer {name!r} is class {cls!r} from {module!r}, which Keras {keras.__version__} does not have — a custom "
+                "class (edge-rnn loads Keras' own layers only: rebuild the model from them) or one from a newer Keras (upgrade it)"
+            ) from exc
         raise ModelFileError(f"cannot load {path} as a Keras model ({first})") from exc
 
 
@@ -222,7 +386,7 @@ def _keras_io(keras_model) -> dict[str, Any]:
 def _state_from_a_layer(keras_model) -> str | None:
     """Why no step model can stand for the whole model: a recurrent layer starts from another layer's final
     state (an encoder–decoder), which the step model would replace by zeros. None when there is none."""
-    from ..export.keras_onnx import _functional
+    from ..export.keras_onnx import _flat, _functional
 
     graph = _functional(keras_model)
     inputs = {id(kt) for kt in graph.inputs}
@@ -232,7 +396,7 @@ def _state_from_a_layer(keras_model) -> str | None:
             initial = node.arguments.kwargs.get("initial_state") if layer is not None else None
             if initial is None:
                 continue
-            initial = initial if isinstance(initial, (list, tuple)) else [initial]
+            initial = _flat(initial)  # a stacked RNN's nests one list per cell
             sources = [kt._keras_history.operation.name for kt in initial if id(kt) not in inputs]
             if sources:
                 return (f"layer {layer.name!r} ({type(layer).__name__}) starts from the final state of {sources[0]!r}, "
@@ -335,7 +499,7 @@ class KerasAdapter(Adapter):
                            seed=seed, temporal=temporal_inputs(manifest), padded=False)
 
     def reference(self, source, inputs: Arrays, *, io: dict[str, Any]) -> Arrays:
-        from ..export.keras_onnx import _sanitise
+        from ..export.keras_onnx import _sanitise, reset_states, stateful_batch
 
         keras = require("keras", "train")
         batch = len(next(iter(inputs.values())))
@@ -345,12 +509,31 @@ class KerasAdapter(Adapter):
             # An input no output depends on is not in the graph; Keras still wants a value for it.
             shape = [batch, *[1 if d is None else d for d in kt.shape[1:]]]
             args.append(inputs[name] if name in inputs else np.zeros(shape, kt.dtype))
-        out = source(args[0] if len(args) == 1 else args, training=False)
-        out = out if isinstance(out, (list, tuple)) else [out]
-        names = [spec["name"] for spec in io["outputs"]]
-        return {name: np.asarray(keras.ops.convert_to_numpy(o)) for name, o in zip(names, out)}
 
-    def tolerance(self, output: str, reference: npt.NDArray, *, stepped: bool) -> tuple[float, str]:
+        def run(xs: list) -> list[np.ndarray]:
+            out = source(xs[0] if len(xs) == 1 else xs, training=False)
+            return [np.asarray(keras.ops.convert_to_numpy(o)) for o in (out if isinstance(out, (list, tuple)) else [out])]
+
+        fixed = stateful_batch(source)
+        if fixed is None:
+            outs = run(args)
+        else:
+            # A stateful model takes only its fixed batch and carries its state from call to call; the ONNX graphs
+            # start from zeros: every `fixed` rows from reset states, the last chunk padded with zero rows.
+            chunks = []
+            for start in range(0, batch, fixed):
+                xs = [x[start:start + fixed] for x in args]
+                rows = len(xs[0])
+                xs = [np.concatenate([x, np.zeros((fixed - rows, *x.shape[1:]), x.dtype)]) for x in xs]
+                reset_states(source)
+                chunks.append([o[:rows] for o in run(xs)])
+            reset_states(source)
+            outs = [np.concatenate(parts) for parts in zip(*chunks)]
+        names = [spec["name"] for spec in io["outputs"]]
+        return dict(zip(names, outs))
+
+    def tolerance(self, output: str, reference: npt.NDArray, *, stepped: bool, source: Any = None,
+                  inputs: Arrays | None = None) -> tuple[float, str]:
         # Outputs of scale ~1 get the absolute tolerance; larger ones (a regression target ~10²) the relative one.
         scale = float(np.max(np.abs(reference))) if reference.size else 0.0
         atol = max(KERAS_ONNX_ATOL, KERAS_ONNX_RTOL * scale)

@@ -17,8 +17,6 @@ shapes (bh (H, 1), h_prev (H, 1)). Device path: numpy only.
 from __future__ import annotations
 
 import time
-import zipfile
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
@@ -26,10 +24,11 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 import numpy.typing as npt
 
-from ..config import CharRnnConfig
+from ..config import MAX_CHECKPOINT_BYTES, CharRnnConfig
 from .data import load_text
 from ..device.sampling import StepFn, sample_with
 from ..errors import DataError, InputError, ModelFileError
+from ..device.bounded import open_regular, read_npz
 from ..device.manifest import atomic_path
 
 PARAM_NAMES = ("Wxh", "Whh", "Why", "bh", "by")
@@ -292,18 +291,16 @@ def save_checkpoint(checkpoint: Checkpoint, *, path: str | Path) -> None:
 
 
 def _read_npz(path: Path) -> dict[str, np.ndarray]:
-    """Every array in an .npz, refusing pickles; ModelFileError for anything that is not a readable npz."""
-    if not path.is_file():
+    """Every array in an .npz, refusing pickles and, by their declared sizes, more than MAX_CHECKPOINT_BYTES;
+    ModelFileError for anything that is not a readable npz."""
+    if not path.exists():
         raise ModelFileError(f"no checkpoint at {path} — train one first (edge-rnn train char-rnn)")
-    try:
-        loaded = np.load(path, allow_pickle=False)
-        if not isinstance(loaded, np.lib.npyio.NpzFile):
+    hint = "it is truncated, corrupt, pickled or not a char-rnn checkpoint; re-train or restore it"
+    with open_regular(path, what="checkpoint", error=ModelFileError, hint=hint) as f:
+        if f.read(6) == b"\x93NUMPY":
             raise ModelFileError(f"{path} holds a single array, not a char-rnn .npz checkpoint — point at the .npz training wrote")
-        with loaded:
-            return {key: loaded[key] for key in loaded.files}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise ModelFileError(f"{path} is not a readable .npz checkpoint ({reason}) — it is truncated, corrupt or pickled; re-train or restore it") from exc
+    return read_npz(path, where=str(path), what="checkpoint", error=ModelFileError, hint=hint,
+                    max_array_bytes=MAX_CHECKPOINT_BYTES, max_total_bytes=MAX_CHECKPOINT_BYTES)
 
 
 def _vocab_from_code_points(path: Path, codes: np.ndarray) -> str:

