@@ -9,6 +9,8 @@ Layout of `DIR/manifest.json`::
      "labels": [...] | "vocab": [...],
      "files": {ROLE: {"path": "model.onnx", "sha256": "...", "bytes": 123}},
      "opset": 17, "versions": {...}, "config": {...}, "metrics": {...}}
+
+Every field's type, range and length is checked against schema.FOLDER_MANIFEST when the manifest is loaded.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ from typing import Any, Iterator
 
 from .. import __version__
 from ..errors import EdgeRnnError, ModelFileError
+from .bounded import read_json_capped
+from .schema import FOLDER_HINT, FOLDER_MANIFEST, validate
 
 try:
     import fcntl
@@ -172,21 +176,6 @@ def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode("utf-8"))
 
 
-def parse_json(data: bytes | str, *, where: object, error: type[EdgeRnnError], hint: str) -> Any:
-    """json.loads that turns every way hostile text fails into `error` naming `where`.
-
-    Besides JSONDecodeError: invalid UTF-8, a number over Python's 4,300-digit int limit (a plain ValueError),
-    and nesting deep enough (`[[[[…`) to exhaust the recursion limit (RecursionError is not a ValueError).
-    """
-    try:
-        return json.loads(data)
-    except RecursionError:
-        raise error(f"{where} nests JSON arrays or objects too deeply — {hint}") from None
-    except (UnicodeDecodeError, ValueError) as exc:
-        first = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
-        raise error(f"{where} is not valid JSON ({first}) — {hint}") from None
-
-
 def manifest_path(model_dir: str | os.PathLike[str]) -> Path:
     return Path(model_dir) / MANIFEST_NAME
 
@@ -194,21 +183,27 @@ def manifest_path(model_dir: str | os.PathLike[str]) -> Path:
 def load_manifest(model_dir: str | os.PathLike[str]) -> dict[str, Any]:
     """Read and sanity-check `model_dir/manifest.json`; raise ModelFileError if missing or malformed."""
     path = manifest_path(model_dir)
-    if not path.is_file():
+    if not os.path.lexists(path):
         raise ModelFileError(f"no {MANIFEST_NAME} in {model_dir} — train a model there first (edge-rnn train …)")
-    if path.stat().st_size > MAX_MANIFEST_BYTES:
-        raise ModelFileError(f"{path} is larger than {MAX_MANIFEST_BYTES} bytes — not an edge-rnn manifest")
-    manifest = parse_json(path.read_bytes(), where=path, error=ModelFileError, hint="re-run the step that wrote it")
+    # A directory, FIFO or device named manifest.json is refused as what it is; the size and the nesting are capped.
+    manifest = read_json_capped(path, what="manifest", max_bytes=MAX_MANIFEST_BYTES, error=ModelFileError,
+                                hint="re-run the step that wrote it")
     if not isinstance(manifest, dict) or not isinstance(manifest.get("model"), str):
         raise ModelFileError(f"{path} has no 'model' name — not an edge-rnn manifest")
-    if not isinstance(manifest.get("schema", SCHEMA_VERSION), int):
-        raise ModelFileError(f"{path}: 'schema' must be an integer")
-    if manifest.get("schema", SCHEMA_VERSION) > SCHEMA_VERSION:
-        raise ModelFileError(f"{path} has schema {manifest['schema']}, newer than this edge-rnn understands — upgrade edge-rnn")
-    files = manifest.setdefault("files", {})
-    if not isinstance(files, dict):
-        raise ModelFileError(f"{path}: 'files' must be an object")
+    check_schema_version(manifest, where=path)
+    # Every field's type, range and length, before any is used (a newer schema was refused above: its types may differ).
+    validate(manifest, FOLDER_MANIFEST, where=path, hint=FOLDER_HINT)
+    manifest.setdefault("files", {})
     return manifest
+
+
+def check_schema_version(manifest: dict[str, Any], *, where: object) -> None:
+    """Refuse a manifest whose `schema` is not an integer, or newer than this edge-rnn reads."""
+    version = manifest.get("schema", SCHEMA_VERSION)
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise ModelFileError(f"{where}: 'schema' must be an integer")
+    if version > SCHEMA_VERSION:
+        raise ModelFileError(f"{where} has schema {version}, newer than this edge-rnn understands — upgrade edge-rnn")
 
 
 def save_manifest(model_dir: str | os.PathLike[str], manifest: dict[str, Any]) -> None:
