@@ -17,8 +17,9 @@ from .config import (
     CHAR_RNN_DIRNAME, CONNECT_TIMEOUT_S, DEFAULT_OUT, MAX_BATCH_SIZE, MAX_BENCH_ROUNDS, MAX_BENCH_RUNS, MAX_CHAR_ITERS, MAX_CHECK_BATCH, MAX_EPOCHS,
     MAX_GENERATE_LENGTH, MAX_HIDDEN, MAX_SEQ_LENGTH, MAX_TIME_STEPS, MNIST_DIRNAME, CharRnnConfig, ExportConfig, LstmConfig,
 )
-from .errors import EdgeRnnError
+from .errors import DEBUG_ENV, EdgeRnnError, escaped_error
 from .device.manifest import check_writable_dir
+from .device.text import MAX_NAME_CHARS, MAX_PATH_CHARS, shown
 
 app = typer.Typer(
     help="Train recurrent networks, export them to ONNX, quantize, run on devices, prove parity, benchmark.",
@@ -66,11 +67,16 @@ class _LazyConsole:
         return getattr(self.get(), name)
 
 
-def escape(text: str) -> str:
-    """rich markup escaping, imported when an error or warning is printed."""
+# An error or warning is one line, but may quote a few names: cut only past this.
+MAX_MESSAGE_CHARS = 2000
+
+
+def escape(text: object, *, limit: int | None = MAX_NAME_CHARS) -> str:
+    """Text from a file (a name, a path, a message quoting them) for a rich string: its control characters made
+    visible and cut (`shown`), then its markup escaped — rich imported on first use."""
     from rich.markup import escape as rich_escape
 
-    return rich_escape(text)
+    return rich_escape(shown(text, limit=limit))
 
 
 def Table(*args, **kwargs):  # noqa: N802 - stands in for rich.table.Table, imported where a table is drawn
@@ -84,11 +90,13 @@ err = _LazyConsole(stderr=True)
 
 
 def _print_error(exc: EdgeRnnError) -> None:
-    err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+    err.print(f"[bold red]error:[/] {escape(exc, limit=MAX_MESSAGE_CHARS)}", highlight=False, soft_wrap=True)
 
 
 def clean_errors(fn: Callable) -> Callable:
-    """Turn the library's EdgeRnnError into a one-line message on stderr and exit code 1."""
+    """Turn the library's EdgeRnnError — and what `escaped_error` reads as one (out of memory, an OS error, a graph
+    library failing on a graph) — into a one-line message on stderr and exit code 1. Anything else is a bug in
+    edge-rnn: its traceback stays, as it does for every exception with EDGE_RNN_DEBUG=1."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -97,13 +105,21 @@ def clean_errors(fn: Callable) -> Callable:
         except EdgeRnnError as exc:
             _print_error(exc)
             raise typer.Exit(1) from None
+        except BrokenPipeError:
+            raise  # stdout's reader went away (`| head`): click exits with 1, quietly
+        except Exception as exc:
+            known = escaped_error(exc)
+            if known is None or os.environ.get(DEBUG_ENV):
+                raise
+            _print_error(known)
+            raise typer.Exit(1) from None
 
     return wrapper
 
 
 def _warn(messages: list[str]) -> None:
     for message in messages:
-        err.print(f"[bold yellow]WARNING:[/] {escape(message)}", highlight=False, soft_wrap=True)
+        err.print(f"[bold yellow]WARNING:[/] {escape(message, limit=MAX_MESSAGE_CHARS)}", highlight=False, soft_wrap=True)
 
 
 def _epoch_progress(total: int):
@@ -118,8 +134,8 @@ def _epoch_progress(total: int):
 
     def on_epoch(epoch: int, epochs: int, logs: dict[str, float]) -> None:
         short = {"loss": "loss", "accuracy": "acc", "val_accuracy": "held-out acc"}
-        shown = "  ".join(f"{short[k]} {v:.3f}" for k, v in logs.items() if k in short)
-        progress.update(task, completed=epoch, logs=shown)
+        figures = "  ".join(f"{short[k]} {v:.3f}" for k, v in logs.items() if k in short)
+        progress.update(task, completed=epoch, logs=figures)
 
     return progress, on_epoch
 
@@ -178,7 +194,7 @@ def train_mnist_lstm(
     made_out_dir = not out_dir.is_dir() or all(p.name == BACKUP_DIR for p in out_dir.iterdir())
     check_writable_dir(out_dir)
     backup = backup_path(out_dir, resume=resume)
-    err.print(f"data: {digits.source} — {len(digits.y_train)} train, {len(digits.y_test)} held out")
+    err.print(f"data: {escape(digits.source, limit=MAX_PATH_CHARS)} — {len(digits.y_train)} train, {len(digits.y_test)} held out", highlight=False)
     # Before any other TF op: a process makes its strategy once (multi-worker waits, bounded, for its peers).
     try:
         dist = None if strategy == "default" else make_strategy(strategy, cluster=cluster, connect_timeout_s=connect_timeout)
@@ -207,7 +223,7 @@ def train_mnist_lstm(
         out.print(f"worker {cluster.index}: held-out accuracy {result.heldout_accuracy:.2%}; the chief writes the model")
         return
     path = save_trained(result, digits, out_dir, cfg=cfg)
-    out.print(f"held-out accuracy {result.heldout_accuracy:.2%} → {path}")
+    out.print(f"held-out accuracy {result.heldout_accuracy:.2%} → {escape(path, limit=MAX_PATH_CHARS)}", highlight=False)
 
 
 @train_app.command("char-rnn")
@@ -247,7 +263,7 @@ def train_char_rnn(
     path = save_trained(result, out_dir=out_dir, text=corpus, text_source=str(text) if text else None, config=cfg)
     out.print(
         f"{result.steps:,} steps in {result.seconds:.1f} s ({result.steps / max(result.seconds, 1e-9):,.0f}/s); "
-        f"held-out loss {result.val_loss:.4f} nats/char → {path}"
+        f"held-out loss {result.val_loss:.4f} nats/char → {escape(path, limit=MAX_PATH_CHARS)}", highlight=False
     )
 
 
@@ -258,8 +274,8 @@ def _audit_table(audit: list[dict]) -> Table:
     for entry in audit:
         ops = entry["onnx_ops"]
         loop = "fused" if entry["fused"] else ("LOOP" if {"Loop", "Scan"} & set(ops) else "—")
-        shown = ", ".join(f"{op}×{n}" if n > 1 else op for op, n in Counter(ops).items()) or "—"
-        table.add_row(entry["layer"], entry["cls"], shown, loop, entry["note"])
+        op_text = ", ".join(f"{op}×{n}" if n > 1 else op for op, n in Counter(ops).items()) or "—"
+        table.add_row(escape(entry["layer"]), escape(entry["cls"]), escape(op_text, limit=None), loop, escape(entry["note"], limit=None))
     return table
 
 
@@ -284,21 +300,21 @@ def export(
     report = run_export(model, cfg=ExportConfig(opset=opset), out=out_dir, labels=labels, fail_on_loop=fail_on_loop, trust_h5=trust_h5,
                         data=data)
     for note in report.notes:
-        err.print(note, highlight=False)
+        err.print(escape(note, limit=MAX_MESSAGE_CHARS), highlight=False, soft_wrap=True)
     if report.audit:
         out.print(_audit_table(report.audit))
     for validation in report.validations:
         for name, entry in validation.metrics().items():
-            out.print(f"parity {validation.role} {name}: max|Δ| {entry['max_abs_diff']:.2e} ({entry['tolerance']}) ok", highlight=False)
+            out.print(f"parity {validation.role} {escape(name)}: max|Δ| {entry['max_abs_diff']:.2e} ({entry['tolerance']}) ok", highlight=False)
     for validation in report.data_validations:
         for name, entry in validation.metrics().items():
-            out.print(f"parity {validation.role} {escape(name)} on the first {report.data_rows} rows of {escape(report.data or '')}: "
+            out.print(f"parity {validation.role} {escape(name)} on the first {report.data_rows} rows of {escape(report.data or '', limit=MAX_PATH_CHARS)}: "
                       f"max|Δ| {entry['max_abs_diff']:.2e} ({entry['tolerance']}) ok", highlight=False, soft_wrap=True)
     if report.step_refused:
-        out.print(f"no step model: {report.step_refused}", highlight=False)
+        out.print(f"no step model: {escape(report.step_refused, limit=MAX_MESSAGE_CHARS)}", highlight=False, soft_wrap=True)
     for role, path in report.files.items():
         ops = ", ".join(f"{op}×{n}" for op, n in report.graphs.get(role, {}).items())
-        out.print(f"{path}" + (f" (opset {report.opset}): {ops}" if ops else ""), highlight=False)
+        out.print(escape(path, limit=MAX_PATH_CHARS) + (f" (opset {report.opset}): {escape(ops, limit=None)}" if ops else ""), highlight=False)
 
 
 @app.command()
@@ -344,18 +360,19 @@ def quantize(
                            data=data, metric=metric, max_drop=max_drop, max_rows=max_rows, accuracy_aware=accuracy_aware)
     for report in reports:
         ops = ", ".join(f"{op}×{n}" for op, n in report.op_counts.items())
-        out.print(f"{escape(str(report.path))}: {report.bytes:,} bytes ({report.bytes / report.fp32_bytes:.2f}× fp32) — {ops}", highlight=False)
+        out.print(f"{escape(report.path, limit=MAX_PATH_CHARS)}: {report.bytes:,} bytes ({report.bytes / report.fp32_bytes:.2f}× fp32) — {escape(ops, limit=None)}",
+                  highlight=False)
         for line in report.judgement_lines():
-            out.print(f"  {escape(line)}", highlight=False, soft_wrap=True)
+            out.print(f"  {escape(line, limit=MAX_MESSAGE_CHARS)}", highlight=False, soft_wrap=True)
         drift = report.coverage.get("step_drift")
         if drift and "note" in drift:
-            out.print(f"  step drift: {drift['note']}", highlight=False)
+            out.print(f"  step drift: {escape(drift['note'], limit=MAX_MESSAGE_CHARS)}", highlight=False)
         if drift and drift["steps"]:
             streams = f" ({drift['streams']} streams × {drift['steps_per_stream']})" if drift["streams"] > 1 else ""
             out.print(f"  step drift vs fp32 over {drift['steps']:,} steps{streams}: outputs max|Δ| "
                       f"{max(drift['outputs_max_abs_diff'].values(), default=0.0):.2e}, state max|Δ| "
                       f"{max(drift['state_max_abs_diff'].values(), default=0.0):.2e}", highlight=False)
-        out.print(f"  coverage: {json.dumps(report.coverage)}", highlight=False)
+        out.print(f"  coverage: {escape(json.dumps(report.coverage), limit=None)}", highlight=False)
 
 
 @app.command("ort")
@@ -372,8 +389,8 @@ def ort_format(
     from .export.ort_format import ORT_OPTIMIZATION, add_ort
 
     for role, name in add_ort(model_dir, variants=variants).items():
-        print(f"{role:20s} {model_dir / name}")
-    print(f"optimisation level: {ORT_OPTIMIZATION} (portable across CPUs); recorded in {model_dir / 'manifest.json'}")
+        print(f"{shown(role):20s} {shown(model_dir / name, limit=MAX_PATH_CHARS)}")
+    print(f"optimisation level: {ORT_OPTIMIZATION} (portable across CPUs); recorded in {shown(model_dir / 'manifest.json', limit=MAX_PATH_CHARS)}")
 
 
 @app.command()
@@ -404,18 +421,19 @@ def infer(
         payload = {"model": str(model), "predictions": rows}
         if result.outputs:
             payload["outputs"] = {name: y.tolist() for name, y in result.outputs.items()}
-        print(json.dumps(payload, indent=2))
+        # ASCII JSON (json.dumps escapes every control character); NaN is not JSON, and infer refuses it before here.
+        print(json.dumps(payload, indent=2, allow_nan=False))
         return
     # Plain text, not a rich table: the device's answer should not wait for rich's ~25 ms import.
     if result.predictions:
         headers = ["input", "label", "probability"] + ([f"top {top_k}"] if top_k > 1 else [])
-        rows = [[p.input, p.label, f"{p.probability:.4f}"] + (["  ".join(f"{l}:{q:.3f}" for l, q in p.top)] if top_k > 1 else [])
-                for p in result.predictions]
+        rows = [[shown(p.input), shown(p.label), f"{p.probability:.4f}"]
+                + (["  ".join(f"{shown(l)}:{q:.3f}" for l, q in p.top)] if top_k > 1 else []) for p in result.predictions]
         print(_plain_table(headers, rows))
     for name, y in result.outputs.items():
-        print(f"{name} {tuple(y.shape)}:")
+        print(f"{shown(name)} {tuple(y.shape)}:")
         for row, values in zip(result.rows, y):
-            print(f"  {row}: {json.dumps(values.astype(float).round(4).tolist())}")
+            print(f"  {shown(row)}: {json.dumps(values.astype(float).round(4).tolist())}")
 
 
 def _plain_table(headers: list[str], rows: list[list[str]]) -> str:
@@ -429,11 +447,12 @@ def _plain_table(headers: list[str], rows: list[list[str]]) -> str:
 
 
 def _print_as_made(prime: str, pieces) -> None:
-    """Print the prime, then each piece of generated text as it comes (flushed); Ctrl-C ends it with exit 130."""
+    """Print the prime, then each piece of generated text as it comes (flushed); Ctrl-C ends it with exit 130.
+    Text, but a model's vocabulary comes from a file: control characters other than newline and tab are shown escaped."""
     try:
-        sys.stdout.write(prime)
+        sys.stdout.write(shown(prime, limit=None, keep="\n\t"))
         for piece in pieces:
-            sys.stdout.write(piece)
+            sys.stdout.write(shown(piece, limit=None, keep="\n\t"))
             sys.stdout.flush()
         sys.stdout.write("\n")
     except KeyboardInterrupt:
@@ -480,12 +499,20 @@ def stream(
 
     Example: edge-rnn stream models/sensor/model.step.onnx --input window.npy --max-steps 100
     """
+    from .device.inputs import MAX_JSON_LINE_BYTES
     from .device.runtime import stream as run_stream
+    from .device.text import utf8_lines
 
-    steps = run_stream(model, inputs=inputs, lines=None if inputs else sys.stdin, max_steps=max_steps, threads=threads or None, role=role)
+    # stdin's bytes, decoded as UTF-8 whatever the locale says (a line that is not UTF-8 is refused by number).
+    stdin = getattr(sys.stdin, "buffer", None)
+    if not inputs and stdin is None:
+        raise EdgeRnnError("no --input and no stdin to read JSON rows from — give --input FILE.npy, or pipe one JSON row per line")
+    lines = None if inputs else utf8_lines(stdin, max_bytes=MAX_JSON_LINE_BYTES)
+    steps = run_stream(model, inputs=inputs, lines=lines, max_steps=max_steps, threads=threads or None, role=role)
     for t, outputs in enumerate(steps):
-        # Batch 1: each output without its batch axis. Flushed line by line: this is the device loop.
-        print(json.dumps({"step": t, "outputs": {name: y[0].tolist() for name, y in outputs.items()}}), flush=True)
+        # Batch 1: each output without its batch axis. Flushed line by line: this is the device loop. The steps are
+        # finite (run_stream refuses a step that overflowed), so every line is JSON.
+        print(json.dumps({"step": t, "outputs": {name: y[0].tolist() for name, y in outputs.items()}}, allow_nan=False), flush=True)
 
 
 @app.command("bundle")
@@ -505,7 +532,7 @@ def bundle_cmd(
     from .bundle import make_bundle
 
     path = make_bundle(model_dir, variants=tuple(variants), ort=ort, out=out_file, data=data)
-    out.print(f"bundle → {escape(str(path))} ({path.stat().st_size:,} bytes)", highlight=False)
+    out.print(f"bundle → {escape(path, limit=MAX_PATH_CHARS)} ({path.stat().st_size:,} bytes)", highlight=False)
     if data is not None:
         from .device.bundle import open_bundle
 
@@ -546,19 +573,20 @@ def verify_cmd(
 
     checked = verify_bundle(bundle, run=run)
     for line in checked.lines:
-        out.print(f"  {line}", highlight=False)
-    out.print(f"{bundle}: every member matches its manifest", highlight=False)
+        out.print(f"  {escape(line, limit=MAX_MESSAGE_CHARS)}", highlight=False)
+    out.print(f"{escape(bundle, limit=MAX_PATH_CHARS)}: every member matches its manifest", highlight=False)
     if checked.metrics is not None:
         out.print(_metrics_table(checked.metrics))
     report = checked.self_test
     if report is None:
         return
-    table = Table(title=f"self-test: {report.count} reference inputs, source {report.source}")
+    table = Table(title=f"self-test: {report.count} reference inputs, source {escape(report.source)}", caption=escape(report.ran_with))
     for column in ("role", "output", "max |Δ|", "tolerance", "top-1 (sure)", "result"):
         table.add_column(column, justify="left" if column in ("role", "output", "result") else "right")
     for r in report.results:
         top1 = "" if r.agreement is None else f"{r.agreement:.0%} of {r.sure}"
-        table.add_row(r.role, r.output, f"{r.max_abs_diff:.2e}", f"{r.atol:.2e}", top1, "ok" if r.ok else f"FAIL {r.failure}".strip())
+        table.add_row(escape(r.role), escape(r.output), f"{r.max_abs_diff:.2e}", f"{r.atol:.2e}", top1,
+                      "ok" if r.ok else escape(f"FAIL {r.failure}".strip(), limit=MAX_MESSAGE_CHARS))
     out.print(table)
     if not checked.ok:
         raise EdgeRnnError(checked.failure)
@@ -605,7 +633,7 @@ def _bench_tables(report) -> list[Table]:
         rows.add_column(name, justify="left" if name in ("model", "variant", "runtime") else "right")
     for r in report.results:
         agree = "—" if r.agreement_with_fp32 is None else f"{r.agreement_with_fp32:.2%}"
-        rows.add_row(r.model, r.variant, r.runtime, f"{r.size_bytes / 1024:,.0f}", f"{r.load_ms:.1f}",
+        rows.add_row(escape(r.model), escape(r.variant), escape(r.runtime), f"{r.size_bytes / 1024:,.0f}", f"{r.load_ms:.1f}",
                      *(f"{r.latency_ms[p]:.3f}" for p in ("p50", "p90", "p99")),
                      *(f"{r.throughput_per_s[b]:,.0f}" for b in batches), f"{r.peak_rss_mb:.0f}",
                      accuracy_text(r.metric, r.accuracy, r.accuracy_interval), *([max_abs_diff_text(r.max_abs_diff)] if diffs else []), agree)
@@ -616,49 +644,84 @@ def _bench_tables(report) -> list[Table]:
         if r.coverage is None or r.variant == "fp32":
             continue
         c = r.coverage
-        fmt = lambda ops: ", ".join(f"{op}×{n}" for op, n in ops.items()) or "—"  # noqa: E731
-        floats = "; ".join(f"{op}×{v['count']} ({v['why']})" for op, v in c.get("still_float", {}).items()) or "—"
+        fmt = lambda ops: ", ".join(f"{escape(op)}×{n}" for op, n in ops.items()) or "—"  # noqa: E731
+        floats = "; ".join(f"{escape(op)}×{v['count']} ({escape(v['why'])})" for op, v in c.get("still_float", {}).items()) or "—"
         quantized = fmt(c.get("quantized", {})) if c.get("quantized") else ("all weights → float16" if "float16" in c else "—")
-        coverage.add_row(r.model, r.variant, quantized, fmt(c.get("runtime_int8_ops", {})), floats, f"{c['size']['weight_ratio']:.2f}×")
+        coverage.add_row(escape(r.model), escape(r.variant), quantized, fmt(c.get("runtime_int8_ops", {})), floats, f"{c['size']['weight_ratio']:.2f}×")
     targets = Table(title="targets (batch-1 p50 latency unless stated)")
     for name in ("target", "measured", "goal", "met"):
         targets.add_column(name)
     for t in report.targets:
         targets.add_row(t.name, f"{t.ratio:.3g}", t.goal, "[green]yes[/]" if t.met else "[red]no[/]")
-    return [rows, coverage, targets]
+    return [rows, coverage, targets] + ([_budget_table(report.budget)] if report.budget is not None and report.budget.rows else [])
+
+
+def _budget_table(report) -> Table:
+    """One row per steppable model file: state bytes per stream, weights bytes, peak memory, step latency; the host below."""
+    from rich import box
+
+    from .device.hostinfo import describe
+
+    c, m = report.config, report.machine
+    ort = m["libraries"].get("onnxruntime", "?")
+    source = "/".join(sorted({row.memory_source for row in report.rows}))
+    rounds = f", median of {c['rounds']} rounds" if c["rounds"] > 1 else ""
+    caption = (f"{describe(m['cpu_features'])}; onnxruntime {ort}, {c['threads']} thread(s), opt level {c['opt_level']}. "
+               f"Step: Stream.step at 1 stream, {c['steps']:,} timed steps after {c['warmup']:,} warm-up{rounds}. "
+               f"Peak: {source} of a fresh process; (+model): over the same process after importing numpy and onnxruntime.")
+    # No vertical rules and no edges: the eight columns fit 80 characters; a cell wider than its share folds, never "…".
+    table = Table(title="per-step budget", caption=caption, caption_justify="left", box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
+    for name in ("model", "variant", "state\nB/stream", "weights\nB", "peak\nMiB", "+model\nMiB", "step\np50 µs", "step\np99 µs"):
+        table.add_column(name, justify="left" if name in ("model", "variant") else "right", overflow="fold")
+    us = lambda v: f"{v:.1f}" if v < 100 else f"{v:,.0f}"  # noqa: E731
+    for r in report.rows:
+        weights = "—" if r.weights_bytes is None else f"{r.weights_bytes:,}"
+        table.add_row(escape(r.model), escape(r.variant), f"{r.state_bytes_per_stream:,}", weights, f"{r.peak_rss_mib:.1f}",
+                      f"{r.model_rss_mib:.1f}", us(r.step_us["p50"]), us(r.step_us["p99"]))
+    return table
 
 
 @app.command()
 @clean_errors
 def bench(
-    model_dirs: Optional[List[Path]] = typer.Argument(None, help="Model folders, built-in or from `edge-rnn export` (default: artifacts/mnist-lstm and artifacts/char-rnn that exist)."),
+    model_dirs: Optional[List[Path]] = typer.Argument(None, help="Model folders, built-in or from `edge-rnn export` (default: artifacts/mnist-lstm and artifacts/char-rnn that exist); with --budget, bundles too."),
     threads: int = typer.Option(1, min=1, max=256, help="Threads for every runtime (onnxruntime intra-op, TensorFlow, LiteRT)."),
     opt_level: str = typer.Option("all", "--opt-level", help="onnxruntime graph optimisation: disable | basic | extended | all."),
-    runs: int = typer.Option(1000, min=1, max=MAX_BENCH_RUNS, help="Minimum timed batch-1 runs per row, over at least 1 s (slow runtimes stop after 15 s, never below 200)."),
+    runs: Optional[int] = typer.Option(None, min=1, max=MAX_BENCH_RUNS, help="Minimum timed batch-1 runs per row, over at least 1 s (default 1000; slow runtimes stop after 15 s, never below 200); with --budget, timed steps per row (default 2000)."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write the results as JSON to this file."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Draw latency vs size to this PNG (needs matplotlib)."),
     calibration: str = typer.Option("minmax", help="Static int8 calibration: minmax | entropy | percentile."),
-    rounds: int = typer.Option(3, min=1, max=MAX_BENCH_ROUNDS, help="Measure every row this many times, interleaved; timings are medians over rounds."),
+    rounds: Optional[int] = typer.Option(None, min=1, max=MAX_BENCH_ROUNDS, help="Measure every row this many times, interleaved; timings are medians over rounds (default 3; 1 with --budget)."),
     time_steps: Optional[int] = typer.Option(None, "--time-steps", min=1, max=MAX_TIME_STEPS, help="Time steps for models with a dynamic time axis (default 32; a fixed axis keeps its length)."),
     data: Optional[Path] = typer.Option(None, "--data", help="Labelled data (FILE.npz or a folder of .npy, as for evaluate) every row answers at batch 1 (its first rows, up to a cap a note names): the accuracy column becomes its metric with a 95% interval. One model folder."),
+    budget: bool = typer.Option(False, "--budget", help="Only the per-step budget of each step model: state bytes per stream, weights bytes, peak memory and step latency p50/p99 at one stream. Needs numpy and onnxruntime alone: runs on a board's device install."),
 ) -> None:
     """Measure size, load time, latency, throughput, memory and accuracy (max |Δ| vs ONNX fp32 for exported Keras models,
-    or with --data the metric on your data) of every variant and baseline, side by side.
+    or with --data the metric on your data) of every variant and baseline, side by side, and each step model's budget.
 
     Example: edge-rnn bench models/my_model --data test.npz --json bench.json --plot bench.png
+    On a board (device install): edge-rnn bench mnist.tar.gz --budget --json budget.json
     """
     from .bench.harness import BenchConfig, default_model_dirs
     from .bench.report import check_plot_path
-    from .bench.harness import bench as run_bench
-    from .bench.report import plot as draw_plot
     from .bench.report import write_json
 
-    cfg = BenchConfig(threads=threads, opt_level=opt_level, runs=runs, calibration=calibration, rounds=rounds, time_steps=time_steps)
+    if budget:
+        for flag, value in (("--plot", plot), ("--data", data), ("--time-steps", time_steps)):
+            if value is not None:
+                raise EdgeRnnError(f"{flag} is not used with --budget, which steps each step model at one stream — drop it")
+        _bench_budget(model_dirs or default_model_dirs(), threads=threads, opt_level=opt_level, steps=runs, rounds=rounds, json_path=json_path)
+        return
+    from .bench.harness import bench as run_bench
+    from .bench.report import plot as draw_plot
+
+    cfg = BenchConfig(threads=threads, opt_level=opt_level, runs=runs or BenchConfig.runs, calibration=calibration,
+                      rounds=rounds or BenchConfig.rounds, time_steps=time_steps)
     if plot is not None:
         check_plot_path(plot)
     report = run_bench(
         model_dirs or default_model_dirs(), cfg=cfg,
-        on_row=lambda model, variant, runtime: err.print(f"measuring {model} {variant} on {runtime}", highlight=False), data=data,
+        on_row=lambda model, variant, runtime: err.print(f"measuring {escape(model)} {escape(variant)} on {escape(runtime)}", highlight=False), data=data,
     )
     _warn(report.notes)
     if json_path is not None:
@@ -672,20 +735,36 @@ def bench(
             out.print(f"→ {path}")
 
 
+def _bench_budget(paths: List[Path], *, threads: int, opt_level: str, steps: Optional[int], rounds: Optional[int], json_path: Optional[Path]) -> None:
+    """`bench --budget`: the per-step budget table (and JSON) of every step model in the folders or bundles."""
+    from .bench.budget import BudgetConfig
+    from .bench.budget import budget as run_budget
+    from .bench.report import write_json
+
+    cfg = BudgetConfig(threads=threads, opt_level=opt_level, steps=steps or BudgetConfig.steps, rounds=rounds or BudgetConfig.rounds)
+    report = run_budget(paths, cfg=cfg, on_row=lambda model, variant: err.print(f"measuring the budget of {escape(model)} {escape(variant)}", highlight=False))
+    _warn(report.notes)
+    if json_path is not None:
+        write_json(report, path=json_path)
+    out.print(_budget_table(report))
+    if json_path is not None:
+        out.print(f"→ {json_path}")
+
+
 CHECK_STATUS = {"ok": "[green]ok[/]", "wrong": "[bold red]WRONG[/]", "cannot load": "[yellow]cannot load[/]", "not installed": "[dim]not installed[/]"}
 
 
 def _check_table(report) -> Table:
     """One row per runtime: version, status, max |Δ| per input set, top-1 agreement, batch-1 latency (reasons below it)."""
     sets = ", ".join(f"{n} {name}" for name, n in report.sets.items())
-    table = Table(title=f"edge-rnn check: {report.file} vs the {report.expected_from} on {sets} inputs")
+    table = Table(title=f"edge-rnn check: {escape(report.file, limit=MAX_PATH_CHARS)} vs the {escape(report.expected_from)} on {sets} inputs")
     for name in ("runtime", "version", "answers", *(f"max|Δ| {s[:3] if s == 'reference' else s}" for s in report.sets), "top-1", "ms b1"):
         table.add_column(name, justify="right" if name.startswith(("max", "top", "p50")) else "left", no_wrap=True)
     for r in report.results:
         diffs = [f"{max(r.max_abs_diff[s].values()):.1e}" if r.max_abs_diff.get(s) else "—" for s in report.sets]
         agree = "—" if r.agreement is None else f"{r.agreement:.2%}"
         latency = "—" if r.latency_ms is None else f"{r.latency_ms:.3f}"
-        table.add_row(r.runtime, r.version or "—", CHECK_STATUS[r.status], *diffs, agree, latency)
+        table.add_row(escape(r.runtime), escape(r.version or "—"), CHECK_STATUS[r.status], *diffs, agree, latency)
     return table
 
 
@@ -704,7 +783,8 @@ def check(
     """Which runtime answers right: run one model file on several runtimes against the source model's answers.
 
     Exit code 1 when a named, installed runtime answers wrong (outside the file's fp32 tolerance, or a bundle's
-    stored tolerance for the role); a runtime that is not installed or cannot load the file is reported, not failed.
+    stored tolerance for the role), or when onnxruntime — the device's runtime — cannot load the file; another runtime
+    that is not installed or cannot load it is reported, not failed.
 
     Example: edge-rnn check artifacts/mnist-lstm.tar.gz --role onnx_int8 --runtime onnxruntime --runtime openvino
     """
@@ -716,17 +796,22 @@ def check(
     else:
         _warn(report.notes)
         out.print(_check_table(report))
-        out.print("tolerance: " + ", ".join(f"{k} {v}" for k, v in report.tolerances.items()) + f"; host: {report.machine['description']}",
-                  highlight=False, soft_wrap=True)
+        tolerances = ", ".join(f"{escape(k)} {escape(v)}" for k, v in report.tolerances.items())
+        out.print(f"tolerance: {tolerances}; host: {escape(report.machine['description'])}", highlight=False, soft_wrap=True)
         for r in report.results:
             if r.reason:
-                out.print(f"{CHECK_STATUS[r.status]} {escape(r.runtime)}: {escape(r.reason)}", highlight=False, soft_wrap=True)
+                out.print(f"{CHECK_STATUS[r.status]} {escape(r.runtime)}: {escape(r.reason, limit=MAX_MESSAGE_CHARS)}", highlight=False, soft_wrap=True)
     if report.wrong:
         names = ", ".join(r.runtime for r in report.wrong)
         err.print(f"[bold red]wrong answers from:[/] {escape(names)}"
                   + (" (--allow-wrong: exit 0)" if allow_wrong else ""), highlight=False)
         if not allow_wrong:
             raise typer.Exit(1)
+    # onnxruntime is the device's runtime: a file it cannot load is not a finding about other runtimes, it is unusable.
+    broken = next((r for r in report.results if r.runtime == "onnxruntime" and r.status == "cannot load"), None)
+    if broken is not None:
+        raise EdgeRnnError(f"onnxruntime, the runtime `infer`, `stream` and the device use, cannot load {report.file}: {broken.reason}"
+                           " — re-export the model (edge-rnn export) or check the file")
 
 
 def _figure_text(name: str, value: float, *, unit: bool = True, digits: int = 4) -> str:
@@ -741,7 +826,7 @@ def _evaluate_table(evaluation) -> Table:
     from rich import box
 
     heads = {v.headline.name for v in evaluation.variants if v.headline}
-    metric = heads.pop() if len(heads) == 1 else "metric"
+    metric = escape(heads.pop()) if len(heads) == 1 else "metric"
     kinds = ", ".join(f"{escape(n)}: {k}" for n, k in evaluation.kinds.items())
     table = Table(title=f"evaluate: {evaluation.count:,} examples, batch {evaluation.batch} ({kinds})",
                   box=box.SIMPLE_HEAD, padding=(0, 1), pad_edge=False)
@@ -797,10 +882,10 @@ def evaluate(
         out.print(_evaluate_table(evaluation))
         for v in evaluation.variants:
             for failure in v.verdict.failures:
-                out.print(f"[bold red]FAIL[/] {escape(failure)}", highlight=False, soft_wrap=True)
+                out.print(f"[bold red]FAIL[/] {escape(failure, limit=MAX_MESSAGE_CHARS)}", highlight=False, soft_wrap=True)
     if not evaluation.ok:
-        failed = ", ".join(v.role for v in evaluation.variants if v.verdict.ok is False)
-        err.print(f"[bold red]error:[/] {escape(failed)} broke its promise on {escape(str(data))}", highlight=False, soft_wrap=True)
+        failed = ", ".join(escape(v.role) for v in evaluation.variants if v.verdict.ok is False)
+        err.print(f"[bold red]error:[/] {failed} broke its promise on {escape(data, limit=MAX_PATH_CHARS)}", highlight=False, soft_wrap=True)
         raise typer.Exit(1)
 
 
@@ -815,7 +900,7 @@ def _pipeline_table(rows) -> Table:
         metric = f"{row.metric:.2%}" if row.metric_name == "accuracy" else f"{row.metric:.4f}"
         diff = "" if row.max_abs_diff is None else f"{row.max_abs_diff:.1e}"
         top1 = "" if row.top1 is None else f"{row.top1:.1%}"
-        table.add_row(row.model, row.variant, f"{row.bytes / 1024:,.0f}", metric, row.versus, diff, top1)
+        table.add_row(escape(row.model), escape(row.variant), f"{row.bytes / 1024:,.0f}", metric, escape(row.versus), diff, top1)
     return table
 
 
@@ -840,18 +925,19 @@ def pipeline(
         result = run(
             data=data, out_dir=out_dir, lstm_cfg=LstmConfig(epochs=epochs, seed=seed),
             char_cfg=CharRnnConfig(iters=char_iters, seed=seed), text=text,
-            on_step=lambda step, message: progress.console.print(f"[bold]{step}[/]: {message}", highlight=False),
+            on_step=lambda step, message: progress.console.print(f"[bold]{escape(step)}[/]: {escape(message, limit=MAX_MESSAGE_CHARS)}",
+                                                                 highlight=False),
             on_epoch=on_epoch,
         )
     _warn(result.warnings)
     out.print(_pipeline_table(result.rows))
     for row in result.rows:
         if row.note:
-            out.print(f"{row.model} {row.variant}: {row.note}")
+            out.print(f"{escape(row.model)} {escape(row.variant)}: {escape(row.note, limit=MAX_MESSAGE_CHARS)}", highlight=False)
     out.print("timings: " + ", ".join(f"{k} {v:.0f} s" for k, v in result.seconds.items()))
     if result.failures:
         for failure in result.failures:
-            err.print(f"[bold red]parity FAILED:[/] {escape(failure)}", highlight=False, soft_wrap=True)
+            err.print(f"[bold red]parity FAILED:[/] {escape(failure, limit=MAX_MESSAGE_CHARS)}", highlight=False, soft_wrap=True)
         raise typer.Exit(1)
 
 

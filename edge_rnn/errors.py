@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import os
+import re
 import sys
 from typing import Iterator
 
@@ -27,6 +28,82 @@ class ModelFileError(EdgeRnnError):
 
 class MissingDependencyError(EdgeRnnError):
     """An optional extra (e.g. `[train]`, `[bench]`) is needed for this command but not installed."""
+
+
+class NonFiniteError(EdgeRnnError):
+    """A model's outputs or recurrent state became NaN or Inf (float32 overflowed)."""
+
+
+# Set to 1 to see the traceback of an exception the CLI would otherwise turn into one line.
+DEBUG_ENV = "EDGE_RNN_DEBUG"
+# Packages that load, trace, convert and run the models edge-rnn is given: an exception raised inside them
+# describes that model (a cycle, an op or a name they do not accept, a shape they cannot infer), not a bug in
+# edge-rnn's own code.
+MODEL_LIBRARIES = ("onnxruntime", "onnx", "tf2onnx", "keras", "tensorflow")
+# Lines of a library's message that wrap the cause rather than state it (TensorFlow's "in user code:" and its
+# frames, Keras's "Exception encountered when calling …" and its argument list), and terminal styling in it.
+_WRAPPER_LINES = re.compile(r"in user code:|File \"|.*Exception encountered when calling|Arguments received by|•")
+_STYLING = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def _summary(exc: BaseException) -> str:
+    """"TypeName: the line of the message that states the cause": the first past any wrapper lines (and the source
+    line each quoted frame is followed by)."""
+    lines = [line.strip() for line in _STYLING.sub("", str(exc)).splitlines() if line.strip()]
+    causes = [line for i, line in enumerate(lines)
+              if not _WRAPPER_LINES.match(line) and not (i and lines[i - 1].startswith('File "'))]
+    cause = causes[0] if causes else lines[0] if lines else ""
+    return f"{type(exc).__name__}: {cause[:300]}" if cause else type(exc).__name__
+
+
+def _library(module: str) -> str | None:
+    """'onnxruntime.quantization.onnx_model' → 'onnxruntime.quantization'; None outside MODEL_LIBRARIES."""
+    parts = module.split(".")
+    if parts[0] not in MODEL_LIBRARIES:
+        return None
+    public = len(parts) > 1 and not parts[1].startswith("_") and parts[1] not in ("capi", "onnx_cpp2py_export", "src", "python")
+    return ".".join(parts[:2]) if public else parts[0]
+
+
+def _raised_in(exc: BaseException) -> str | None:
+    """The model library an exception comes from: its class's module, else the innermost frame of its traceback in a
+    model library or in edge_rnn (frames of numpy, the standard library and the like are passed over)."""
+    library = _library(type(exc).__module__)
+    if library is not None:
+        return library
+    frames = []
+    tb = exc.__traceback__
+    while tb is not None:
+        frames.append(tb.tb_frame.f_globals.get("__name__", ""))
+        tb = tb.tb_next
+    for module in reversed(frames):
+        if module == "edge_rnn" or module.startswith("edge_rnn."):
+            return None
+        library = _library(module)
+        if library is not None:
+            return library
+    return None
+
+
+def escaped_error(exc: BaseException) -> EdgeRnnError | None:
+    """The one-line EdgeRnnError an exception that escaped the library stands for: running out of memory, nesting
+    too deep, an operating-system error, or a model library failing on a model; None for anything else (a bug in
+    edge-rnn, whose traceback is what to report)."""
+    debug = f"set {DEBUG_ENV}=1 to see the traceback"
+    if isinstance(exc, MemoryError):
+        detail = f" ({str(exc).splitlines()[0][:200]})" if str(exc).strip() else ""
+        return EdgeRnnError(f"out of memory{detail} — the model or its input asks for more than this machine has; "
+                            f"give a smaller input or batch ({debug})")
+    if isinstance(exc, RecursionError):
+        return EdgeRnnError(f"a file nests structures too deeply to process (RecursionError) — not one edge-rnn wrote ({debug})")
+    if isinstance(exc, OSError):
+        path = exc.filename2 if exc.filename2 is not None else exc.filename
+        reason = exc.strerror or _summary(exc)
+        return EdgeRnnError(f"{path}: {reason}" if path is not None else f"{reason} (OSError)")
+    library = _raised_in(exc)
+    if library is not None:
+        return EdgeRnnError(f"{library} failed on this model: {_summary(exc)} ({debug})")
+    return None
 
 
 @contextlib.contextmanager

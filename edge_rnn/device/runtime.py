@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping, Sequence
 import numpy as np
 import numpy.typing as npt
 
-from ..errors import InputError
+from ..errors import InputError, NonFiniteError
 from .inputs import (
     ORT_DTYPES, check_post_padded, convert_array, json_rows, load_images, parse_input_specs, preprocess_pixels, read_feeds, read_npy,
 )
@@ -81,6 +81,44 @@ def _row_names(path_name: str, n: int) -> list[str]:
     return [f"{path_name}[{i}]" for i in range(n)] if n > 1 else [path_name]
 
 
+def _first_non_finite(arrays: Mapping[str, np.ndarray]) -> tuple[str, int] | None:
+    """(name, row) of the first float array in `arrays` (each (N, …)) holding NaN or Inf in a row, or None."""
+    for name, y in arrays.items():
+        if y.dtype.kind == "f" and y.size and not np.isfinite(y).all():
+            return name, int(np.flatnonzero(~np.isfinite(y).reshape(len(y), -1).all(axis=1))[0])
+    return None
+
+
+# What a NaN/Inf answer means.
+OVERFLOW_HINT = ("the model's float32 numbers overflowed (as a recurrent layer with an unbounded activation such as relu "
+                 "can on a long or large input)")
+
+
+def _check_infer_finite(outputs: Mapping[str, np.ndarray], rows: list[str]) -> None:
+    bad = _first_non_finite(outputs)
+    if bad is not None:
+        raise NonFiniteError(f"{rows[bad[1]]}: output {bad[0]!r} is NaN or Inf — {OVERFLOW_HINT}; no answer is printed")
+
+
+def _check_step_finite(stream_: Stream, outputs: Mapping[str, np.ndarray], *, step: int) -> None:
+    """Refuse a step whose outputs, or the state it leaves for the next step, hold NaN or Inf (naming the step)."""
+    for what, arrays in (("output", outputs), ("state", stream_.state())):
+        bad = _first_non_finite(arrays)
+        if bad is not None:
+            raise NonFiniteError(f"step {step}: {what} {bad[0]!r} became NaN or Inf — {OVERFLOW_HINT}; the stream stops "
+                                 "here, as every later step would be meaningless")
+
+
+def _refuse_step_file(model: LoadedModel) -> None:
+    """`infer` runs whole sequences: a step file (one time step a call, its state carried) is `stream`'s."""
+    sequence_inputs = {s["name"] for s in model.manifest["io"]["inputs"]}
+    if model.steppable and not {s["input"] for s in model.state} <= sequence_inputs:
+        twin = model.manifest.get("files", {}).get(model.role.replace("onnx_step", "onnx", 1))
+        whole = f", or `edge-rnn infer` on {twin['path']} (whole sequences)" if isinstance(twin, dict) and "path" in twin else ""
+        raise InputError(f"{model.path.name} is a step model (one time step a call, its state carried between calls): "
+                         f"use `edge-rnn stream` for it{whole}")
+
+
 def infer(
     model_path: str | os.PathLike[str],
     inputs: Sequence[str | os.PathLike[str]] = (),
@@ -93,14 +131,16 @@ def infer(
     """Run MODEL.onnx (or a bundle's `role`, or a folder's onnx file) on files: images for image classifiers, else one .npy
     per input (`NAME=FILE.npy` in `named`), through Model.predict's path (dynamic int8: each row alone).
 
-    State inputs of a step model start at zeros. Every output is returned, (N, …) each; labels and top-k
-    where the manifest has labels and the first output is (N, classes).
+    A step file is refused (`stream` runs it); state inputs a sequence file takes start at zeros. Every output is
+    returned, (N, …) each; labels and top-k where the manifest has labels and the first output is (N, classes).
+    An output holding NaN or Inf raises NonFiniteError naming the row.
     """
     from .api import load
 
     api_model = load(model_path, threads=threads, role=role)
     model = api_model.loaded
     require_command(model, "infer")
+    _refuse_step_file(model)
     labels = model.manifest.get("labels")
     if labels is not None and not 1 <= top_k <= len(labels):
         raise InputError(f"--top-k must be between 1 and {len(labels)}")
@@ -111,6 +151,7 @@ def infer(
         x, rows = load_images(inputs, preprocessing=pre)
         zeros = {s["input"]: np.zeros((len(x), s["shape"][1]), np.float32) for s in model.state}
         first = api_model._run({model.io["inputs"][0]["name"]: x, **zeros})[api_model.outputs[0].name]
+        _check_infer_finite({api_model.outputs[0].name: first}, rows)
         return Inference(rows, predictions=_top_k(first, rows, labels=labels, top_k=top_k))
 
     state = {s["input"]: s for s in model.state}
@@ -125,6 +166,7 @@ def infer(
     rows = _row_names(first_file.name, n)
     zeros = {name: np.zeros((n, s["shape"][1]), np.float32) for name, s in state.items()}
     outputs = api_model._run({**feeds, **zeros})
+    _check_infer_finite(outputs, rows)
     first = outputs[api_model.outputs[0].name]
     predictions = _top_k(first, rows, labels=labels, top_k=top_k) if labels and first.ndim == 2 else []
     return Inference(rows, outputs, predictions)
@@ -197,7 +239,7 @@ def stream(
     The source is one of: `sequences` {input: (1, T, …)} already converted, `inputs` (`NAME=FILE.npy`, or
     FILE.npy for a one-input model; a sequence is (T, …) or (1, T, …)), or `lines` of JSON (one step each:
     an array for a one-input model, {"NAME": array, …} otherwise). Files are checked before the first step;
-    JSON rows as they arrive.
+    JSON rows as they arrive. A step whose outputs or state hold NaN or Inf raises NonFiniteError naming it.
     """
     from .api import Stream, load_stream
 
@@ -215,6 +257,7 @@ def stream(
     for t, outputs in enumerate(steps):
         if max_steps is not None and t >= max_steps:
             return
+        _check_step_finite(stream_, outputs, step=t)
         yield outputs
 
 

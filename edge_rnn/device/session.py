@@ -45,6 +45,10 @@ def session_options(*, threads: int | None = None, opt_level: str = "all") -> or
         "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
     }[opt_level]
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    # onnxruntime's own log lines (coloured warnings and errors on stderr) would stand beside edge-rnn's one-line
+    # error for the same fault; errors still reach the caller as exceptions. EDGE_RNN_DEBUG=1 keeps the log.
+    if not os.environ.get("EDGE_RNN_DEBUG"):
+        options.log_severity_level = 3
     if threads:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
