@@ -22,13 +22,40 @@ def _name_batch_axis(model) -> None:
             dims[0].dim_param = BATCH_DIM
 
 
+def _stateless(config: Any) -> Any:
+    """A Keras config tree with every `stateful` flag off."""
+    if isinstance(config, dict):
+        return {k: False if k == "stateful" else _stateless(v) for k, v in config.items()}
+    if isinstance(config, list):
+        return [_stateless(v) for v in config]
+    return config
+
+
+def stateless_twin(keras_model):
+    """The model itself, or where a layer is stateful=True a copy with stateful=False and the same weights: what
+    the ONNX graphs compute (Keras from zero state), and what tf2onnx can trace with a free batch axis (a stateful
+    layer's state variables are fixed at the model's batch)."""
+    keras = require("keras", "train")
+    from .keras_onnx import stateful_layers
+
+    if not stateful_layers(keras_model):
+        return keras_model
+    twin = keras.models.clone_model(
+        keras_model, clone_function=lambda layer: layer.__class__.from_config(_stateless(layer.get_config())))
+    # The state variables are no weights (Keras does not track them), so both models list the same weights.
+    twin.set_weights(keras_model.get_weights())
+    return twin
+
+
 def keras_to_onnx(keras_model, *, io: dict[str, Any], opset: int):
     """Keras 3 model → onnx.ModelProto with fused recurrent ops, via tf2onnx.convert.from_function.
 
-    (tf2onnx.convert.from_keras fails under Keras 3; a tf.function with an input_signature works.)
+    (tf2onnx.convert.from_keras fails under Keras 3; a tf.function with an input_signature works.) A stateful
+    model is traced as its stateless twin: the graph starts from zero state, like keras_onnx's.
     """
     tf = require("tensorflow", "train")
     tf2onnx = require("tf2onnx", "train")
+    keras_model = stateless_twin(keras_model)
     specs = [
         tf.TensorSpec([None if isinstance(d, str) else d for d in spec["shape"]], spec["dtype"], name=spec["name"])
         for spec in io["inputs"]
