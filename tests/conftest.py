@@ -106,6 +106,16 @@ def char_dir(tmp_path_factory):
     return out
 
 
+def in_role(fused: dict[str, int], role: str) -> dict[str, int]:
+    """The fused recurrent ops (op → count) a role's graph holds, given the sequence model's: a step model runs the
+    cells that export/decomposed.STEP_FORMS decomposes as MatMul + gates instead."""
+    from edge_rnn.export.decomposed import STEP_FORMS
+
+    if "step" not in role:
+        return fused
+    return {op: n for op, n in fused.items() if STEP_FORMS[op] == "fused"}
+
+
 def one_line_error(result, *fragments: str) -> str:
     """A CliRunner result that failed with exit 1 and one `error:` line holding every fragment; return the line."""
     assert result.exit_code == 1, result.output

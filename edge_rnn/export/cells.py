@@ -82,7 +82,7 @@ def _activations(layer_name: str, fns: list) -> tuple[list[str], list[float], li
         if keras_name not in RECURRENT_ACTIVATIONS:
             raise UnsupportedCellError(
                 f"layer {layer_name!r}: activation {keras_name!r} has no ONNX recurrent equivalent "
-                f"(supported: {', '.join(RECURRENT_ACTIVATIONS)}) — change it or export with tf2onnx"
+                f"(supported: {', '.join(RECURRENT_ACTIVATIONS)})"
             )
         onnx_name, alpha, beta = RECURRENT_ACTIVATIONS[keras_name]
         names.append(onnx_name)

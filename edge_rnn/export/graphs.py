@@ -109,6 +109,67 @@ def char_rnn_model(
     return model
 
 
+def char_rnn_step_model(
+    params: Mapping[str, npt.NDArray[np.floating]],
+    *,
+    vocab: str,
+    opset: int = 17,
+) -> onnx.ModelProto:
+    """float32 ONNX step model, same I/O as char_rnn_model at time 1: ids int64 [batch, 1], h0 float32 [batch, H]
+    -> logits [batch, 1, V], h [batch, H]; the cell decomposed (Gather + MatMul + Add + Tanh), no fused RNN.
+
+    One step is h = tanh(Wxhᵀ[id] + bh + h0·Whhᵀ): the one-hot product becomes a row lookup in (Wxhᵀ + bh), whose
+    rows already hold the bias, and the fused kernel's per-call set-up is gone (figures in export/decomposed.py).
+    """
+    Wxh = np.asarray(params["Wxh"], dtype=np.float32)  # (H, V)
+    Whh = np.asarray(params["Whh"], dtype=np.float32)  # (H, H)
+    Why = np.asarray(params["Why"], dtype=np.float32)  # (V, H)
+    bh = np.asarray(params["bh"], dtype=np.float32).reshape(-1)  # (H,)
+    by = np.asarray(params["by"], dtype=np.float32).reshape(-1)  # (V,)
+    H, V = Wxh.shape
+    if len(vocab) != V:
+        raise ValueError(f"vocab has {len(vocab)} characters but Wxh has {V} columns")
+    table = Wxh.T + bh  # (V, H): row v is Wxh·onehot(v) + bh
+    assert table.shape == (V, H) and Whh.shape == (H, H) and Why.shape == (V, H)
+    initializers = [
+        _initializer("Wxh_rows", table),
+        _initializer("WhhT", Whh.T),  # (H, H)
+        _initializer("WhyT", Why.T),  # (H, V)
+        _initializer("by", by),  # (V,)
+        _initializer("axis1", np.array([1], dtype=np.int64)),
+    ]
+    # Everything (B, ·) two-dimensional: onnxruntime then fuses each MatMul + Add into one Gemm when it loads the
+    # graph, while the file keeps MatMul, which quantize_dynamic makes int8 (it leaves Gemm float32).
+    nodes = [
+        helper.make_node("Squeeze", ["ids", "axis1"], ["id"], name="drop_time_axis"),  # (B,)
+        helper.make_node("Gather", ["Wxh_rows", "id"], ["xh"], axis=0, name="input_rows"),  # (B, H)
+        helper.make_node("MatMul", ["h0", "WhhT"], ["hh"], name="recurrent_projection"),  # (B, H)
+        helper.make_node("Add", ["hh", "xh"], ["pre"], name="pre_activation"),
+        helper.make_node("Tanh", ["pre"], ["h"], name="tanh"),  # (B, H): the new state, a graph output
+        helper.make_node("MatMul", ["h", "WhyT"], ["logits_nobias"], name="output_projection"),  # (B, V)
+        helper.make_node("Add", ["logits_nobias", "by"], ["logits_2d"], name="output_bias"),
+        helper.make_node("Unsqueeze", ["logits_2d", "axis1"], ["logits"], name="add_time_axis"),  # (B, 1, V)
+    ]
+    graph = helper.make_graph(
+        nodes,
+        GRAPH_NAME + "_step",
+        inputs=[
+            helper.make_tensor_value_info("ids", TensorProto.INT64, ["batch", 1]),
+            helper.make_tensor_value_info("h0", TensorProto.FLOAT, ["batch", H]),
+        ],
+        outputs=[
+            helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 1, V]),
+            helper.make_tensor_value_info("h", TensorProto.FLOAT, ["batch", H]),
+        ],
+        initializer=initializers,
+        doc_string="min-char-rnn, one step: h = tanh(Wxh x + Whh h0 + bh); logits = Why h + by",
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], producer_name=PRODUCER)
+    model.ir_version = 8
+    helper.set_model_props(model, {"vocab": vocab, "hidden": str(H), "vocab_size": str(V), "model": "char-rnn"})
+    return model
+
+
 def op_counts(model) -> dict[str, int]:
     """Count nodes by op type in the main graph of an onnx.ModelProto."""
     return dict(sorted(Counter(node.op_type for node in model.graph.node).items()))

@@ -30,10 +30,24 @@ Masking (what Keras 3 does, read from keras/src/backend/tensorflow/rnn.py and ch
 - go_backwards: Keras returns the sequence in reversed time order (post-padding becomes pre-padding,
   whose carried-forward "previous output" is zero), i.e. exactly ONNX direction="reverse" flipped in time.
 
+Stacked cells (`RNN([LSTMCell(…), GRUCell(…)])`, a StackedRNNCells) become one fused op per cell, cell k+1
+reading cell k's whole time-major sequence, as stacked layers do; the output is the last cell's and the states
+(return_state, initial_state, the step model's) are every cell's in order, as Keras nests them. `RNN(cell)`
+over one built-in cell is the LSTM / GRU / SimpleRNN layer of that cell.
+
+Stateful layers (`stateful=True`, whose Keras state lives in layer variables at the model's fixed batch and
+carries over from call to call): the whole-sequence model starts from zero state — Keras right after
+`reset_states()` — and the step model takes the state as inputs like any other, so Keras' `layer.states`
+(batch rows as Keras fixed them) can be fed to it to continue; the graphs keep a free batch axis. The audit notes
+it on the layer.
+
 Step models (`step=True`): every time-distributed input has time length 1, each recurrent layer reads
-its state from `state.{layer}.h` (and `.c`) and returns `state_out.{layer}.h` (and `.c`). A masked step
-keeps the state (Where(len > 0, new, old), as Keras does) and outputs the previous output, taken to be
-the state h — equal to Keras unless the state starts non-zero and the sequence starts with masked steps.
+its state from `state.{layer}.h` (and `.c`; `state.{layer}.{k}.h` for cell k of a stack) and returns
+`state_out.{layer}.h` (and `.c`). A masked step keeps the state (Where(len > 0, new, old), as Keras does)
+and outputs the previous output, taken to be the state h — equal to Keras unless the state starts non-zero and
+the sequence starts with masked steps. A step model's cell is the fused op at T = 1 or, per cell kind
+(decomposed.STEP_FORMS, or `step_form=` for every cell), the decomposed step of export/decomposed.py (MatMul +
+element-wise gates, reading and writing (B, U) tensors directly); the audit note and the graph's doc string say which.
 """
 
 from __future__ import annotations
@@ -48,6 +62,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from .cells import CELL_CONVERTERS, STATE_NAMES, CellWeights, UnsupportedCellError
+from .decomposed import DECOMPOSED_NOTE, STEP_CELLS, STEP_FORMS
 from ..errors import EdgeRnnError, require
 
 PRODUCER = "edge-rnn.keras_onnx"
@@ -62,6 +77,9 @@ LAYER_NORM_OPSET = 17
 REDUCE_AXES_INPUT_OPSET = 18
 FUSED_RECURRENT_OPS = ("LSTM", "GRU", "RNN")
 INT64_MIN = np.iinfo(np.int64).min
+# The audit's word on a stateful=True layer: what the graphs do with the state Keras keeps between calls.
+STATEFUL_REMARK = ("stateful=True: model.onnx starts from zero state (Keras after reset_states()); the step model's "
+                   "state inputs take Keras' layer.states")
 # Dropout-like layers: identity at inference (training=False), so no ONNX node at all.
 IDENTITY_LAYERS = ("Dropout", "SpatialDropout1D", "SpatialDropout2D", "SpatialDropout3D", "GaussianNoise",
                    "GaussianDropout", "AlphaDropout")
@@ -110,6 +128,7 @@ class _Value:
     temporal: bool  # axis 1 is the sequence's time axis (length 1 in a step model)
     origin: str  # the graph input it derives from (first one, for merges)
     time_major: str | None = None  # the same tensor as (T, B, …) when a recurrent op produced it
+    step_2d: str | None = None  # the same tensor as (B, U) when a decomposed step cell produced it (T = 1)
 
 
 def output_names(keras_tensors) -> list[str]:
@@ -237,16 +256,24 @@ def _activation_name(fn) -> str:
 # The converter state shared by all layer converters.
 
 class _Converter:
-    def __init__(self, *, opset: int, step: bool) -> None:
+    def __init__(self, *, opset: int, step: bool, step_form: str | None = None) -> None:
         self.b = _Builder(opset)
         self.step = step
+        self.step_form = step_form  # None: STEP_FORMS per cell kind; "fused" | "decomposed" for every cell
         self.masking: list[dict] = []
         self.state: list[dict] = []
         self.state_inputs: list[onnx.ValueInfoProto] = []
         self.state_outputs: list[tuple[str, str]] = []  # (internal name, graph output name)
         self._lengths: dict[str, str] = {}
         self._valid: dict[str, str] = {}
+        self.remarks: dict[str, str] = {}  # layer name → what its audit note adds (e.g. stateful)
+        self.decomposed: set[str] = set()  # layers whose step cells are decomposed (export/decomposed.py)
         self.layer = None
+
+    def remark(self, text: str) -> None:
+        """Add `text` to the audit note of the layer being converted."""
+        name = self.layer.name
+        self.remarks[name] = f"{self.remarks[name]}; {text}" if name in self.remarks else text
 
     def refuse(self, reason: str, *, todo: str = "export it with tf2onnx instead") -> UnsupportedLayerError:
         layer = self.layer
@@ -297,17 +324,36 @@ class _Converter:
 # ---------------------------------------------------------------------------------------------------
 # Fused recurrent ops.
 
-def _cell(cv: _Converter, layer) -> CellWeights:
-    cell_cls = type(layer.cell).__name__
-    if cell_cls not in CELL_CONVERTERS:
-        raise cv.refuse(f"cell {cell_cls} has no fused ONNX op")
+def _cells(cv: _Converter, layer) -> list[CellWeights]:
+    """The layer's cells in ONNX form: its one cell, or every cell of a StackedRNNCells (`RNN([cell, cell])`) in order."""
+    import keras
+
+    stacked = isinstance(layer.cell, keras.layers.StackedRNNCells)
+    cells = list(layer.cell.cells) if stacked else [layer.cell]
+    converted = []
+    for k, cell in enumerate(cells):
+        cell_cls = type(cell).__name__
+        where = f"stacked cell {k} ({cell_cls})" if stacked else f"cell {cell_cls}"
+        if cell_cls not in CELL_CONVERTERS:
+            raise cv.refuse(f"{where} has no fused ONNX op")
+        try:
+            converted.append(CELL_CONVERTERS[cell_cls](cell, layer_name=layer.name))
+        except UnsupportedCellError as exc:
+            raise cv.refuse(f"{where}: {str(exc).split(': ', 1)[1]}") from exc
     if layer.stateful:
-        raise cv.refuse("stateful=True keeps state in layer variables the graph cannot see",
-                        todo="rebuild it with stateful=False and use convert(..., step=True)")
-    try:
-        return CELL_CONVERTERS[cell_cls](layer.cell, layer_name=layer.name)
-    except UnsupportedCellError as exc:
-        raise cv.refuse(str(exc).split(": ", 1)[1]) from exc
+        # Keras carries the state between calls in layer variables; here the whole-sequence model starts from
+        # zeros (Keras right after reset_states()) and the step model takes the state as inputs.
+        cv.remark(STATEFUL_REMARK)
+    return converted
+
+
+def _cell(cv: _Converter, layer) -> CellWeights:
+    """The one cell of a layer that cannot hold a stack (each direction of a Bidirectional)."""
+    cells = _cells(cv, layer)
+    if len(cells) != 1:
+        raise cv.refuse(f"{len(cells)} stacked cells inside {type(cv.layer).__name__} have no fused form here",
+                        todo="wrap each cell in its own layer, or export it with tf2onnx")
+    return cells[0]
 
 
 @dataclass
@@ -317,14 +363,14 @@ class _Direction:
     Y_c: str | None  # (B, U), LSTM only
 
 
-def _fused(cv: _Converter, cells: list[CellWeights], *, direction: str, x: _Value, lengths: str | None,
+def _fused(cv: _Converter, cells: list[CellWeights], *, direction: str, xt: str, lengths: str | None,
            initial: list[list[str]] | None) -> list[_Direction]:
-    """One ONNX LSTM/GRU/RNN over x; `initial[d]` are direction d's (B, U) states, None = zeros (omitted)."""
+    """One ONNX LSTM/GRU/RNN over the time-major xt (T, B, F); `initial[d]` are direction d's (B, U) states,
+    None = zeros (omitted)."""
     b = cv.b
     cell = cells[0]
     D = len(cells)
     op = cell.op
-    xt = cv.time_major(x)
 
     def stack(arrays: list[np.ndarray]) -> np.ndarray:
         return np.concatenate(arrays, axis=0)
@@ -375,13 +421,20 @@ def _keras_sequence(cv: _Converter, out: _Direction, *, lengths: str | None, car
     return cv.b.op("Where", [cv.valid_steps(lengths, out.Y), out.Y, carry])
 
 
+def _flat(values) -> list:
+    """A stacked RNN's initial_state nests one list per cell ([[h0, c0], h1]); every other layer's is flat."""
+    if isinstance(values, (list, tuple)):
+        return [v for item in values for v in _flat(item)]
+    return [values]
+
+
 def _initial_states(cv: _Converter, layer, args: tuple, kwargs: dict, *, n: int) -> list[str] | None:
     given = kwargs.get("initial_state")
     if given is None and len(args) > 1:
         given = args[1]
     if given is None:
         return None
-    given = list(given) if isinstance(given, (list, tuple)) else [given]
+    given = _flat(given)
     if len(given) != n or not all(isinstance(v, _Value) for v in given):
         raise cv.refuse(f"initial_state must be {n} graph tensors (got {len(given)})")
     return [v.name for v in given]
@@ -394,26 +447,70 @@ def _batch_major(cv: _Converter, seq_tm: str, kt, x: _Value) -> _Value:
 
 
 def _recurrent(cv: _Converter, layer, args: tuple, kwargs: dict, outs: list) -> list[_Value]:
+    """LSTM / GRU / SimpleRNN, and RNN over one built-in cell or a stack of them: one fused op per cell, each
+    cell reading the previous cell's whole sequence (time-major, no Transpose between them). The output is the
+    last cell's; the states, as Keras returns them, are every cell's in order."""
     x, mask = args[0], kwargs.get("mask")
-    cell = _cell(cv, layer)
+    cells = _cells(cv, layer)
     if cv.step and layer.go_backwards:
         raise cv.not_streamable("runs backwards (go_backwards=True) from the end of the sequence")
-    names = STATE_NAMES[cell.op]
+    # State tensors are named per cell: `{layer}` for one cell, `{layer}.{k}` for cell k of a stack.
+    units = [layer.name] if len(cells) == 1 else [f"{layer.name}.{k}" for k in range(len(cells))]
+    names = [STATE_NAMES[cell.op] for cell in cells]
     lengths = cv.lengths(mask) if isinstance(mask, _Value) else None
-    initial = _initial_states(cv, layer, args, kwargs, n=len(names))
+    flat = _initial_states(cv, layer, args, kwargs, n=sum(len(n) for n in names))
     if cv.step:  # the step model's state inputs replace any user-provided initial state
-        initial = [cv.state_input(layer.name, s, cell.hidden_size) for s in names]
+        flat = [cv.state_input(unit, s, cell.hidden_size) for unit, cell, cell_names in zip(units, cells, names)
+                for s in cell_names]
     direction = "reverse" if layer.go_backwards else "forward"
-    (out,) = _fused(cv, [cell], direction=direction, x=x, lengths=lengths,
-                    initial=None if initial is None else [initial])
-    states = _keras_states(cv, out, lengths=lengths, initial=initial)
-    if cv.step:
-        for s, name in zip(states, names):
-            cv.state_outputs.append((s, f"state_out.{layer.name}.{name}"))
+    b = cv.b
+    in_step = sorted({c.op for c in cells if STEP_FORMS[c.op] == "decomposed"})
+    if not cv.step and not layer.go_backwards and in_step:
+        # The manifest's audit comes from the whole-sequence conversion: it names the step model's form too.
+        cv.remark(f"its step model runs the {'/'.join(in_step)} cell decomposed (MatMul + gates; int8 by quantize_dynamic)")
+    # The input in whichever layout the next cell wants: time-major (1 or T, B, F) for a fused op, (B, F) for a
+    # decomposed step cell; each is made once, on demand (_prune drops what no cell read).
+    xt: str | None = x.time_major
+    x2d: str | None = x.step_2d
+    states: list[str] = []
+    for unit, cell, cell_names in zip(units, cells, names):
+        initial = None if flat is None else flat[len(states):len(states) + len(cell_names)]
+        if cv.step and (cv.step_form or STEP_FORMS[cell.op]) == "decomposed":
+            if x2d is None:
+                x2d = b.squeeze(x.name, [1]) if xt is None else b.squeeze(xt, [0])
+            new = STEP_CELLS[cell.op](b, cell, x=x2d, states=initial)
+            if lengths is not None:
+                # What the fused op returns for a masked step (len 0 at T = 1): zeros, which the rules below rely on.
+                valid = b.unsqueeze(b.op("Greater", [lengths, b.const(np.array(0, np.int32), "zero")]), [1])  # (B, 1)
+                zero = b.const(np.array(0.0, np.float32), "zero")
+                new = [b.op("Where", [valid, s, zero]) for s in new]
+            out = _Direction(b.unsqueeze(new[0], [0]), new[0], new[1] if len(new) == 2 else None)
+            cv.decomposed.add(layer.name)
+        else:
+            if xt is None:
+                xt = cv.time_major(x) if x2d is None else b.unsqueeze(x2d, [0])
+            # A masked step reaches the next cell as ONNX's zeros, which that cell skips too (same sequence_lens).
+            (out,) = _fused(cv, [cell], direction=direction, xt=xt, lengths=lengths,
+                            initial=None if initial is None else [initial])
+        cell_states = _keras_states(cv, out, lengths=lengths, initial=initial)
+        if cv.step:
+            for s, name in zip(cell_states, cell_names):
+                cv.state_outputs.append((s, f"state_out.{unit}.{name}"))
+        states += cell_states
+        xt, x2d = out.Y, out.Y_h if cv.step else None
+    last_h = cell_states[0]
     # The "previous output" Keras carries over masked steps: the last valid output (zero if none) over a
     # whole sequence, the incoming state h in a step model.
-    carry = states[0] if cv.step else out.Y_h
-    b = cv.b
+    carry = last_h if cv.step else out.Y_h
+    if cv.step and lengths is None and layer.return_sequences:
+        # One step, nothing masked: the sequence output is the new h; no Transpose, and the next step cell
+        # reads the (B, U) tensor itself.
+        output = cv.value(b.unsqueeze(out.Y_h, [1]), outs[0], like=x, temporal=True)
+        output.time_major, output.step_2d = out.Y, out.Y_h
+        results = [output]
+        if layer.return_state:
+            results += [cv.value(s, kt, like=x, temporal=False) for s, kt in zip(states, outs[1:])]
+        return results
     if layer.go_backwards:
         # Post-padding reversed is pre-padding: masked steps come first and carry zeros, as ONNX has.
         seq = b.flip_time(out.Y)
@@ -450,11 +547,12 @@ def _bidirectional(cv: _Converter, layer, args: tuple, kwargs: dict, outs: list)
     lengths = cv.lengths(mask) if isinstance(mask, _Value) else None
     initial = _initial_states(cv, layer, args, kwargs, n=2 * len(names))
     per_dir = None if initial is None else [initial[:len(names)], initial[len(names):]]
+    xt = cv.time_major(x)
     if cells[0].signature() == cells[1].signature():
-        fwd, bwd = _fused(cv, cells, direction="bidirectional", x=x, lengths=lengths, initial=per_dir)
+        fwd, bwd = _fused(cv, cells, direction="bidirectional", xt=xt, lengths=lengths, initial=per_dir)
     else:  # e.g. a custom backward_layer with other activations: one op per direction
-        (fwd,) = _fused(cv, cells[:1], direction="forward", x=x, lengths=lengths, initial=per_dir and per_dir[:1])
-        (bwd,) = _fused(cv, cells[1:], direction="reverse", x=x, lengths=lengths, initial=per_dir and per_dir[1:])
+        (fwd,) = _fused(cv, cells[:1], direction="forward", xt=xt, lengths=lengths, initial=per_dir and per_dir[:1])
+        (bwd,) = _fused(cv, cells[1:], direction="reverse", xt=xt, lengths=lengths, initial=per_dir and per_dir[1:])
     states = (_keras_states(cv, fwd, lengths=lengths, initial=per_dir and per_dir[0])
               + _keras_states(cv, bwd, lengths=lengths, initial=per_dir and per_dir[1]))
     if layer.return_sequences:
@@ -628,6 +726,7 @@ LAYERS: dict[str, Callable[..., list[_Value]]] = {
     "LSTM": _recurrent,
     "GRU": _recurrent,
     "SimpleRNN": _recurrent,
+    "RNN": _recurrent,  # over built-in cells only (CELL_CONVERTERS), one or a stack
     "Bidirectional": _bidirectional,
     "Dense": _dense,
     "Activation": _activation_layer,
@@ -745,14 +844,14 @@ SPEED_NOTES: dict[str, str] = {
 WEIGHT_OPS = ("MatMul", "Gather") + FUSED_RECURRENT_OPS
 
 
-def _note(cls: str, ops: list[str]) -> str:
+def _note(cls: str, ops: list[str], *, speed: str | None = None) -> str:
     from onnxruntime.quantization.registry import IntegerOpsRegistry
 
     if not ops:
         if cls == "InputLayer":
             return "graph input"
         return "no ONNX node (identity at inference)" if cls in IDENTITY_LAYERS else "no ONNX node"
-    speed = next((SPEED_NOTES[o] for o in ops if o in SPEED_NOTES), "element-wise ops")
+    speed = speed or next((SPEED_NOTES[o] for o in ops if o in SPEED_NOTES), "element-wise ops")
     int8 = sorted({o for o in ops if o in WEIGHT_OPS and o in IntegerOpsRegistry})
     stays = sorted({o for o in ops if o in WEIGHT_OPS and o not in IntegerOpsRegistry})
     quant = f"quantize_dynamic makes {', '.join(int8)} int8" if int8 else "quantize_dynamic leaves it float32"
@@ -761,14 +860,16 @@ def _note(cls: str, ops: list[str]) -> str:
     return f"{speed}; {quant}"
 
 
-def _audit(b: _Builder, layers: list[tuple[str, str]]) -> list[LayerAudit]:
+def _audit(b: _Builder, layers: list[tuple[str, str]], remarks: dict[str, str], decomposed: set[str]) -> list[LayerAudit]:
     ops_of: dict[str, list[str]] = defaultdict(list)
     for node in b.nodes:
         ops_of[b.owner_of[node.name]].append(node.op_type)
     audit = []
     for name, cls in layers:
         ops = ops_of.get(name, [])
-        audit.append(LayerAudit(name, cls, ops, any(o in FUSED_RECURRENT_OPS for o in ops), _note(cls, ops)))
+        note = _note(cls, ops, speed=DECOMPOSED_NOTE if name in decomposed else None)
+        note += f"; {remarks[name]}" if name in remarks else ""
+        audit.append(LayerAudit(name, cls, ops, any(o in FUSED_RECURRENT_OPS for o in ops), note))
     return audit
 
 
@@ -790,6 +891,33 @@ def _functional(keras_model):
         f"model {keras_model.name!r} ({type(keras_model).__name__}) is a subclassed model with no layer graph — "
         "rebuild it as Sequential or functional, or export it with tf2onnx"
     )
+
+
+def stateful_layers(keras_model) -> list:
+    """Every recurrent layer of the model with stateful=True (inside Bidirectional too)."""
+    import keras
+
+    return [layer for layer in keras_model._flatten_layers(include_self=False, recursive=True)
+            if isinstance(layer, keras.layers.RNN) and layer.stateful]
+
+
+def stateful_batch(keras_model) -> int | None:
+    """The batch a stateful model is fixed at (its state variables' rows), None when no layer is stateful."""
+    import keras
+
+    rows = {int(keras.tree.flatten(layer.states)[0].shape[0]) for layer in stateful_layers(keras_model)}
+    if len(rows) > 1:
+        raise EdgeRnnError(f"model {keras_model.name!r}: stateful layers at different batch sizes {sorted(rows)}")
+    return rows.pop() if rows else None
+
+
+def reset_states(keras_model) -> None:
+    """Zero every stateful layer's state (layer.reset_states() fails on a stacked RNN's nested state list)."""
+    import keras
+
+    for layer in stateful_layers(keras_model):
+        for variable in keras.tree.flatten(layer.states):
+            variable.assign(np.zeros(variable.shape, variable.dtype))
 
 
 def _dims(shape: tuple, *, temporal: bool, step: bool) -> list:
@@ -824,13 +952,18 @@ def _is_temporal_input(kt) -> bool:
     return len(kt.shape) >= 3 or (len(kt.shape) == 2 and "int" in str(kt.dtype))
 
 
-def convert(keras_model, *, opset: int = 17, step: bool = False) -> Conversion:
-    """Keras 3 Sequential/functional model → ONNX (fused recurrent ops; inputs/outputs batch-major float32/int)."""
+def convert(keras_model, *, opset: int = 17, step: bool = False, step_form: str | None = None) -> Conversion:
+    """Keras 3 Sequential/functional model → ONNX (fused recurrent ops; inputs/outputs batch-major float32/int).
+
+    step_form (step models only): None takes decomposed.STEP_FORMS per cell kind; "fused" or "decomposed" forces
+    one form on every cell."""
     keras = require("keras", "train")
     if opset not in SUPPORTED_OPSETS:
         raise EdgeRnnError(f"opset {opset} is not supported; choose {SUPPORTED_OPSETS.start}–{SUPPORTED_OPSETS.stop - 1}")
     graph_model = _functional(keras_model)
-    cv = _Converter(opset=opset, step=step)
+    if step_form not in (None, "fused", "decomposed"):
+        raise EdgeRnnError(f"step_form {step_form!r}: choose 'fused' or 'decomposed' (or None for the default per cell kind)")
+    cv = _Converter(opset=opset, step=step, step_form=step_form)
     values: dict[int, _Value] = {}
     graph_inputs = []
     audited: list[tuple[str, str]] = []
@@ -883,8 +1016,10 @@ def convert(keras_model, *, opset: int = 17, step: bool = False) -> Conversion:
     onnx_outputs = [helper.make_tensor_value_info(n, v.dtype, s) for n, v, s in graph_outputs] + [
         helper.make_tensor_value_info(name, TensorProto.FLOAT, state_shapes[name]) for _, name in cv.state_outputs
     ]
+    # The file says which form its step cells have, so a step model read on its own tells fused from decomposed.
+    doc = f"{DECOMPOSED_NOTE}: {', '.join(sorted(cv.decomposed))}" if cv.decomposed else ""
     graph = helper.make_graph(b.nodes, _sanitise(keras_model.name), onnx_inputs, onnx_outputs,
-                              initializer=list(b.initializers.values()))
+                              initializer=list(b.initializers.values()), doc_string=doc)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], producer_name=PRODUCER)
     # ir_version 8 is what opsets 17/18 shipped with, so older onnxruntime builds on devices can load it.
     model.ir_version = 8
@@ -902,4 +1037,4 @@ def convert(keras_model, *, opset: int = 17, step: bool = False) -> Conversion:
         + [spec(s["output"], TensorProto.FLOAT, s["shape"]) for s in cv.state],
     }
     masking = [m for m in cv.masking if m["input"] in b.used]
-    return Conversion(model, io, _audit(b, audited), masking, cv.state)
+    return Conversion(model, io, _audit(b, audited, cv.remarks, cv.decomposed), masking, cv.state)

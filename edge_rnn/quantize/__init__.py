@@ -2,7 +2,8 @@
 
 Variants (file roles in the manifest):
 - `onnx_int8`         dynamic int8 weights (quantize_dynamic after ORT's pre-processing): LSTM → DynamicQuantizeLSTM,
-                      MatMul → MatMulInteger; activations quantized on the fly.
+                      MatMul → MatMulInteger; activations quantized on the fly. GRU and RNN (no int8 kernel in
+                      onnxruntime): W and R stored int8, made float32 once at load (quantize/cells.py: size, not speed).
 - `onnx_int8_static`  static int8 in QDQ format (quantize_static), activation ranges calibrated on real training
                       data; onnxruntime has no static LSTM/GRU/RNN kernel, so the recurrent ops stay float.
 - `onnx_fp16`         float16 weights and compute, float32 inputs/outputs (onnxruntime.transformers.float16).
@@ -10,7 +11,8 @@ Variants (file roles in the manifest):
 
 Any folder works: int8-static calibrates on the user's data (`data`, or `calibration_data`), else the model's
 adapter (edge_rnn.models) gives it — the built-in models' own training data. onnxruntime has int8
-kernels for LSTM only, so GRU and RNN stay float32 and the coverage report says so. Every variant that
+kernels for LSTM only, so GRU and RNN compute in float32 (int8 stores their weights); the coverage report's
+`layers` says per recurrent node how its W and R are stored and computed. Every variant that
 streams (its graph takes the manifest's state inputs) is run next to its fp32 step model over
 DRIFT_STEPS steps, and the drift (max |Δ| of outputs and state) goes into its coverage record.
 
@@ -40,10 +42,11 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from .errors import EdgeRnnError, require
-from .export.graphs import op_counts
-from .device.hostinfo import cpu_features
-from .device.manifest import atomic_path, folder_lock, load_manifest, record_file, save_manifest, verified_file
+from ..errors import EdgeRnnError, require
+from ..export.graphs import op_counts
+from .cells import CELL_FORM, CELL_OPS, cell_forms, quantize_cell_weights
+from ..device.hostinfo import cpu_features
+from ..device.manifest import atomic_path, folder_lock, load_manifest, record_file, save_manifest, verified_file
 
 # Variant name → (manifest role, file name).
 VARIANTS: dict[str, tuple[str, str]] = {
@@ -89,8 +92,8 @@ QDQ_OPS = ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear")
 FLOAT_WEIGHT_OPS = ("LSTM", "GRU", "RNN", "MatMul", "Gemm", "Gather", "Conv", "FusedGemm", "FusedMatMul")
 WHY_FLOAT = {
     "int8": {
-        "RNN": "onnxruntime has no quantized RNN kernel (quantize_dynamic fuses only LSTM)",
-        "GRU": "onnxruntime has no quantized GRU kernel (quantize_dynamic fuses only LSTM)",
+        "RNN": "excluded, or its W/R is not an initializer of its own (onnxruntime has no quantized RNN kernel)",
+        "GRU": "excluded, or its W/R is not an initializer of its own (onnxruntime has no quantized GRU kernel)",
         "LSTM": "quantize_dynamic left this LSTM float (unsupported attributes or weights not initializers)",
         "MatMul": "both inputs are activations (no weight to quantize) or the quantizer excluded it",
         "Gemm": "quantize_dynamic does not quantize Gemm; pre-processing fused MatMul+Add into it",
@@ -181,9 +184,9 @@ def weight_bytes(model) -> dict[str, Any]:
             consumers.setdefault(name, []).append(node)
 
     def final_op(node) -> str:
-        # Follow weight → DequantizeLinear/Cast → the op that computes with it.
+        # Follow weight → DequantizeLinear/Cast (→ Mul by its scale, quantize/cells.py) → the op that computes with it.
         seen = 0
-        while node.op_type in ("DequantizeLinear", "Cast") and seen < 4:
+        while (node.op_type in ("DequantizeLinear", "Cast") or (node.op_type == "Mul" and seen == 1)) and seen < 4:
             nxt = consumers.get(node.output[0], [])
             if len(nxt) != 1:
                 break
@@ -212,7 +215,7 @@ def runtime_op_counts(path: str | os.PathLike[str], *, opt_level: str = "all") -
     import onnxruntime as ort
 
     onnx = require("onnx", "train")
-    from .device.runtime import session_options
+    from ..device.runtime import session_options
 
     with tempfile.TemporaryDirectory() as tmp:
         options = session_options(threads=1, opt_level=opt_level)
@@ -256,7 +259,15 @@ def coverage(
         still_float = {op: n for op, n in remaining.items() if n > 0}
     else:
         quantized = {op: n for op, n in q_counts.items() if op in QUANTIZED_OPS and op not in QDQ_OPS}
-        still_float = {op: n for op, n in q_counts.items() if op in FLOAT_WEIGHT_OPS}
+        still_float = Counter({op: n for op, n in q_counts.items() if op in FLOAT_WEIGHT_OPS})
+    # A GRU/RNN whose weights quantize/cells.py stored int8 is quantized (for size): counted as such, not as float.
+    layers = cell_forms(q_model)
+    int8_cells = Counter(f"{c['op']} (int8 weights, float compute)" for c in layers if c["int8"] == CELL_FORM)
+    quantized.update(int8_cells)
+    for c in layers:
+        if c["int8"] == CELL_FORM:
+            still_float[c["op"]] -= 1
+    still_float = {op: n for op, n in still_float.items() if n > 0}
     reasons = WHY_FLOAT.get(variant, {})
     report: dict[str, Any] = {
         "quantized": quantized,
@@ -265,6 +276,7 @@ def coverage(
             for op, n in still_float.items()
         },
         "fp32_ops": {op: n for op, n in op_counts(fp32_model).items() if op in FLOAT_WEIGHT_OPS},
+        "layers": layers,
         "size": size,
     }
     if runtime_ops is not None:
@@ -309,10 +321,12 @@ def _prepare(variant: str, src: Path, work: Path) -> Path:
 
 
 def quantizable_ops(variant: str) -> tuple[str, ...]:
-    """Op types onnxruntime's quantizer makes int8 for `variant` — its own registry, the one truth of what can be."""
+    """Op types made int8 for `variant`: onnxruntime's quantizer registry, the one truth of what can be, and for int8
+    the fused cells whose weights quantize/cells.py stores int8 (so accuracy control can keep one float)."""
     from onnxruntime.quantization.registry import IntegerOpsRegistry, QDQRegistry
 
-    return tuple(sorted({"int8": IntegerOpsRegistry, "int8-static": QDQRegistry}[variant]))
+    cells = CELL_OPS if variant == "int8" else ()
+    return tuple(sorted({*{"int8": IntegerOpsRegistry, "int8-static": QDQRegistry}[variant], *cells}))
 
 
 # Weights quantized to 7 bits (reduce_range): x86 CPUs without VNNI (AVX2, AVX-512 before VNNI) multiply uint8
@@ -327,7 +341,14 @@ def _dynamic_int8(pre: Path, dst: Path, *, exclude: Sequence[str] = (), **_: Any
     quantization = require("onnxruntime.quantization", "train")
     quantization.quantize_dynamic(str(pre), str(dst), weight_type=quantization.QuantType.QInt8, nodes_to_exclude=list(exclude),
                                   reduce_range=REDUCE_RANGE)
-    return {"weights": "QInt8 per-tensor, 7-bit range (reduce_range)", "activations": "uint8, quantized at run time"}
+    settings = {"weights": "QInt8 per-tensor, 7-bit range (reduce_range)", "activations": "uint8, quantized at run time"}
+    # GRU and RNN: no int8 kernel in onnxruntime, so their weights are stored int8 and made float at load (size only).
+    onnx = require("onnx", "train")
+    model = onnx.load(str(dst))
+    if quantize_cell_weights(model, exclude=exclude):
+        onnx.save(model, str(dst))
+        settings["recurrent_weights"] = "GRU/RNN W, R: symmetric int8 (8-bit) per gate row, Cast+Mul folded at load"
+    return settings
 
 
 class _FeedReader:
@@ -441,7 +462,7 @@ def _calibration(adapter, model_dir: Path, manifest: dict[str, Any], src: Path, 
     onnx = require("onnx", "train")
     graph = onnx.load(str(src))
     if len(calibration_data) == 1 and _is_data_file(calibration_data[0]):
-        from .evaluate import open_for
+        from ..evaluate import open_for
 
         path = calibration_data[0]
         dataset = open_for(manifest, path, dtypes=_input_dtypes(graph), max_rows=samples)
@@ -467,7 +488,7 @@ def _accuracy_control(variant: str, role: str, *, prepared: Path, make: Callable
                       judged, judge, work: Path, start: Sequence[str], layers: set[str]) -> tuple[Any, dict[str, Any], list[str]]:
     """Keep the fewest nodes float that bring `out` (the fully quantized file, replaced in place) inside its budget on
     the data; return the final judgement, the manifest's `accuracy_control` record and the nodes kept float."""
-    from .accuracy_aware import Trial, keep_float, quantizable_nodes, side_by_side_ms
+    from ..accuracy_aware import Trial, keep_float, quantizable_nodes, side_by_side_ms
 
     onnx = require("onnx", "train")
     metric = judged.score.headline.name if judged.score.headline else None
@@ -551,10 +572,10 @@ def quantize(
     (default: 1 pp for accuracy, 2 % for errors); with `accuracy_aware`, an int8 variant that breaks it keeps the
     fewest nodes float that bring it inside. Raises PromiseBroken, after writing and recording every variant, when
     one breaks its promise."""
-    from .accuracy_aware import JUDGE_MAX_ROWS, DataJudge, require_data_for
-    from .device.metrics import METRICS
-    from .models import adapter_for
-    from .export.validate import drift
+    from ..accuracy_aware import JUDGE_MAX_ROWS, DataJudge, require_data_for
+    from ..device.metrics import METRICS
+    from ..models import adapter_for
+    from ..export.validate import drift
 
     onnx = require("onnx", "train")
     model_dir = Path(model_dir)
