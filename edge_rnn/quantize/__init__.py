@@ -346,9 +346,17 @@ def _dynamic_int8(pre: Path, dst: Path, *, exclude: Sequence[str] = (), **_: Any
     onnx = require("onnx", "train")
     model = onnx.load(str(dst))
     if quantize_cell_weights(model, exclude=exclude):
-        onnx.save(model, str(dst))
         settings["recurrent_weights"] = "GRU/RNN W, R: symmetric int8 (8-bit) per gate row, Cast+Mul folded at load"
+    _drop_value_info(model)
+    onnx.save(model, str(dst))
     return settings
+
+
+def _drop_value_info(model: Any) -> None:
+    """Drop the intermediate shapes ORT's pre-processing wrote (symbolic shape inference): hints every runtime
+    recomputes, and tract refuses them once an input is given a concrete batch ("Impossible to unify Sym(batch) with
+    Val(1)" on a Transpose of the int8 GRU). Graph inputs and outputs keep their shapes."""
+    del model.graph.value_info[:]
 
 
 class _FeedReader:
@@ -379,6 +387,10 @@ def _static_int8(pre: Path, dst: Path, *, feeds: list[dict[str, np.ndarray]], ca
         weight_type=quantization.QuantType.QInt8,
         nodes_to_exclude=list(exclude),
     )
+    onnx = require("onnx", "train")
+    model = onnx.load(str(dst))
+    _drop_value_info(model)
+    onnx.save(model, str(dst))
     n = sum(len(next(iter(f.values()))) for f in feeds)
     return {"format": "QDQ", "calibration": calibration, "calibration_samples": n, "calibration_data": calibration_data}
 
