@@ -293,7 +293,9 @@ def _tolerances(vectors: _Vectors, expected: dict[str, Arrays]) -> tuple[dict[st
         for s, (atol, _) in given.items():
             tolerances[s][output] = atol
         by_text = {text: [s for s in given if given[s][1] == text] for _, text in given.values()}
-        texts[output] = next(iter(by_text)) if len(by_text) == 1 else "; ".join(f"{', '.join(sets)} set: {text}" for text, sets in by_text.items())
+        ranges = ", ".join(f"{s} {np.min(atol):.2g}–{np.max(atol):.2g}" for s, (atol, _) in given.items())
+        texts[output] = (f"{next(iter(by_text))}: {ranges}" if len(by_text) == 1
+                         else "; ".join(f"{', '.join(sets)} set: {text}" for text, sets in by_text.items()))
     return tolerances, texts
 
 

@@ -118,8 +118,7 @@ class CharRnnAdapter(Adapter):
         bound = logits if reference.ndim == logits.ndim else h
         if bound.shape != reference.shape:
             return FP32_LOGIT_ATOL, f"atol {FP32_LOGIT_ATOL:g}"
-        return bound, (f"float32 bound per element from the weights and inputs (λ {CHAR_RNN_BOUND_LAMBDA:g}; "
-                       f"{bound.min():.2g}–{bound.max():.2g})")
+        return bound, f"float32 bound per element from the weights and inputs (λ {CHAR_RNN_BOUND_LAMBDA:g})"
 
     def calibration_feeds(self, model_dir: Path, manifest: dict[str, Any], fp32_path: Path, *, samples: int, batch: int,
                           data: dict[str, str] | None = None) -> list[Arrays]:
