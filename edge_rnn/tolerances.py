@@ -69,10 +69,14 @@ BUNDLE_QUANT_PROB_ATOL = 0.3
 # the Dense scale ×4, 0.58 with one LSTM W scale ×4; over random 8-digit sets Dense ×4 exceeds 0.05 in 91%.
 # A single near-tie (up to ~0.25 on another host) among 8 otherwise sound inputs adds ~0.03: still under this.
 BUNDLE_QUANT_MEAN_PROB_DIFF = 0.05
-# Other outputs (logits, states): max |Δ| relative to the output's magnitude, max(|source|, 1). Measured on the char
-# RNN's 8×16 held-out characters: int8 logits 0.18 of max |logit| 16 (1.1%), fp16 h 0.0026; a swapped model is off
-# by several nats.
-BUNDLE_QUANT_OUTPUT_RTOL = 0.05
+# Other outputs (logits, states): max |Δ| relative to the output's magnitude, max(|source|, 1). int8 recurrent weights
+# (the char RNN's RNN, a GRU: quantize/cells.py) carry their rounding through every step of the state, so the bound is
+# the quantization's, not a host's: the pipeline's char RNN (2-minute recipe) on its 16 held-out reference lines, int8
+# logits 1.04 of max |logit| 11.4 (9.1%) and h 0.052, identical on x86 (AVX2) and emulated Cortex-A72/A76 (float
+# compute); with only the output layer int8 it was 0.18 of 16 (1.1%); fp16 h 0.0026. One weight scale of the same
+# file ×1.5 puts the logits 5.6 off (49%) and h 2.0 (the RNN's W or R scale), ×4 18–34: a sound file stays 2.2× under
+# 0.2, a broken one ≥ 2.5× over it; a swapped model is off by several nats.
+BUNDLE_QUANT_OUTPUT_RTOL = 0.2
 # A `.ort` file vs the `.onnx` it was converted from, both on onnxruntime: the same graph after `basic`
 # optimisation (ort_format.py); measured max |Δ| 0 on mnist-lstm (fp32, int8, step) and the char RNN. The
 # margin allows the device's full build to fuse the `.onnx` further at load than the saved `.ort` is.

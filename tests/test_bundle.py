@@ -283,6 +283,26 @@ def _resealed(bundle: Path, role: str, data: bytes, out: Path) -> Path:
     return _write(out, [head[0], *((info, data if info.name == name else body) for info, body in members[1:])])
 
 
+@pytest.mark.parametrize("scale", ["W_int8_scale", "R_int8_scale", "WhyT_scale"])
+def test_self_test_fails_on_a_damaged_char_int8_model(scale, char_bundle, tmp_path):
+    """The char RNN's int8 file holds its RNN's W and R int8 per gate row (quantize/cells.py): one of their scales, or
+    the output projection's, ×1.5 fails `verify --run` by the relative bound (BUNDLE_QUANT_OUTPUT_RTOL), which the
+    sound file keeps with room for other hosts."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load_from_string(open_bundle(char_bundle).data("onnx_int8"))
+    (target,) = [t for t in model.graph.initializer if t.name == scale]
+    target.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(target) * np.float32(1.5), target.name))
+    bad = _resealed(char_bundle, "onnx_int8", model.SerializeToString(), tmp_path / "damaged.tar.gz")
+    result = _cli("verify", bad, "--run")
+    assert result.exit_code == 1 and "self-test failed for onnx_int8" in result.output.strip().splitlines()[-1], result.output
+    (sound,) = [r for r in self_test(open_bundle(char_bundle)).results if r.role == "onnx_int8" and r.output == "logits"]
+    (broken,) = [r for r in self_test(open_bundle(bad)).results if r.role == "onnx_int8" and r.output == "logits"]
+    assert sound.ok and sound.max_abs_diff < sound.atol / 2, sound
+    assert not broken.ok and broken.max_abs_diff > 2 * sound.max_abs_diff, broken
+
+
 @pytest.mark.parametrize("which", ["lstm W", "dense"])
 def test_self_test_fails_on_a_damaged_int8_model(which, mnist_bundle, mnist_dir, tmp_path):
     """A broken quantizer (one weight scale ×4) must fail `verify --run` though every sha256 matches. The Dense
