@@ -574,3 +574,16 @@ def test_whole_sequence_models_have_no_step_form(name, pattern):
     model, _, _ = built(name)
     with pytest.raises(NotStreamableError, match=pattern):
         convert(model, step=True)
+
+
+def test_float_ids_into_an_embedding_stream_one_step_at_a_time():
+    """Keras' default Input is float32: ids fed as floats to an Embedding are still an id sequence, so the step model
+    takes one id per call (the export ended in a traceback from its step check when the input was not seen as time)."""
+    model = keras.Sequential([keras.Input((None,), name="ids"), layers.Embedding(50, 4), layers.LSTM(5), layers.Dense(3)])
+    ids = np.random.default_rng(0).integers(0, 50, (4, 9)).astype(np.float32)
+    sequence = convert(model)
+    stepper = convert(model, step=True)
+    assert stepper.io["inputs"][0]["shape"] == ["batch", 1]
+    np.testing.assert_allclose(run(sequence, [ids])[0], model.predict(ids, verbose=0), atol=KERAS_ONNX_ATOL, rtol=KERAS_ONNX_RTOL)
+    last = run_steps(stepper, [ids])[-1][sequence.io["outputs"][0]["name"]]
+    np.testing.assert_allclose(last, run(sequence, [ids])[0], atol=STEP_SEQUENCE_ATOL, rtol=0)

@@ -947,9 +947,20 @@ def _prune(b: _Builder, outputs: list[str]) -> None:
     b.used = needed
 
 
-def _is_temporal_input(kt) -> bool:
-    """A (B, T, F…) float sequence or a (B, T) integer id sequence; (B, F) float features are not."""
-    return len(kt.shape) >= 3 or (len(kt.shape) == 2 and "int" in str(kt.dtype))
+def _is_temporal_input(kt, embedded: set[int]) -> bool:
+    """A (B, T, F…) float sequence or a (B, T) id sequence — integer, or of any dtype where an Embedding reads it
+    (`embedded`: ids of such tensors; Keras' default float32 Input feeds ids as floats); (B, F) float features are not."""
+    return len(kt.shape) >= 3 or (len(kt.shape) == 2 and ("int" in str(kt.dtype) or id(kt) in embedded))
+
+
+def _embedded_inputs(graph_model, keras) -> set[int]:
+    """ids of the tensors an Embedding layer reads (an id sequence whatever its dtype)."""
+    found = set()
+    for layer in graph_model._flatten_layers(include_self=False, recursive=True):
+        if isinstance(layer, keras.layers.Embedding):
+            for node in getattr(layer, "_inbound_nodes", []):
+                found.update(id(t) for t in node.input_tensors)
+    return found
 
 
 def convert(keras_model, *, opset: int = 17, step: bool = False, step_form: str | None = None) -> Conversion:
@@ -967,10 +978,11 @@ def convert(keras_model, *, opset: int = 17, step: bool = False, step_form: str 
     values: dict[int, _Value] = {}
     graph_inputs = []
     audited: list[tuple[str, str]] = []
+    embedded = _embedded_inputs(graph_model, keras)
     for kt in graph_model.inputs:
         audited.append((kt._keras_history.operation.name, "InputLayer"))
         name = _sanitise(kt._keras_history.operation.name)
-        temporal = _is_temporal_input(kt)
+        temporal = _is_temporal_input(kt, embedded)
         values[id(kt)] = _Value(name, _onnx_dtype(kt.dtype), tuple(kt.shape), temporal, name)
         graph_inputs.append((name, _onnx_dtype(kt.dtype), _dims(tuple(kt.shape), temporal=temporal, step=step)))
 
