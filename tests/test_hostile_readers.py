@@ -548,6 +548,25 @@ def test_a_special_file_given_as_input_is_refused(reader, kind, tmp_path, keras_
                    KIND_TEXT[kind], "not a regular file")
 
 
+@pytest.mark.parametrize("kind", ["fifo", "device", "directory"])
+@pytest.mark.parametrize("command", ["infer", "bundle"])
+def test_a_special_file_in_place_of_a_folders_model_is_refused(command, kind, tmp_path):
+    """A folder's model.onnx replaced by a FIFO, /dev/zero or a directory: never hashed or read (a FIFO blocks, /dev/zero
+    never ends), and named for what it is, not "missing" — through the loader (infer) and the manifest's file check
+    (bundle)."""
+    model = _folder(tmp_path / "m", _classifier(), task="classify", extra=CLASSIFY)
+    model.unlink()
+    _special(model.parent, kind, model.name)
+    np.save(tmp_path / "x.npy", np.zeros((1, 28, 28), np.float32))
+    args = (["infer", model.parent, tmp_path / "x.npy"] if command == "infer"
+            else ["bundle", model.parent, "--variant", "fp32", "-o", tmp_path / "b.tar.gz"])
+    # The device is a symlink to /dev/zero: the manifest's file check refuses a symlink out of the folder first.
+    needles = (("points outside its folder",) if (command, kind) == ("bundle", "device")
+               else (str(model), KIND_TEXT[kind], "not a regular file"))
+    _refused_in_child(tmp_path, *args, needles=needles)
+    assert not (tmp_path / "b.tar.gz").exists()
+
+
 # ---------------------------------------------------------------------------------------------
 # TF_CONFIG: an environment variable read whole
 

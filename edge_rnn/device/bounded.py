@@ -80,6 +80,16 @@ def file_kind(mode: int) -> str:
     return next((kind for test, kind in _KINDS if test(mode)), "a regular file")
 
 
+def not_regular(path: str | os.PathLike[str]) -> str | None:
+    """What `path` is when it exists (symlinks followed) and is not a regular file — 'a directory', 'a FIFO (named
+    pipe)', 'a character device' … — else None (a regular file, or nothing there)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return None
+    return None if stat.S_ISREG(mode) else file_kind(mode)
+
+
 def open_regular(
     path: str | os.PathLike[str], *, what: str, max_bytes: int | None = None, error: type[EdgeRnnError] = DataError,
     hint: str = "", size_hint: str | None = None,

@@ -28,7 +28,7 @@ from typing import Any, Iterator
 
 from .. import __version__
 from ..errors import EdgeRnnError, ModelFileError
-from .bounded import read_json_capped
+from .bounded import not_regular, read_json_capped
 from .schema import FOLDER_HINT, FOLDER_MANIFEST, validate
 
 try:
@@ -242,6 +242,9 @@ def verified_file(manifest: dict[str, Any], model_dir: str | os.PathLike[str], r
     if not isinstance(entry, dict):
         raise ModelFileError(f"manifest in {model_dir} lists no '{role}' file — run the step that makes it")
     full = _safe_relpath(model_dir, entry.get("path"))
+    kind = not_regular(full)
+    if kind:  # never hashed or read: a FIFO would block, /dev/zero never ends
+        raise ModelFileError(f"{full} is {kind}, not a regular file — re-run the step that makes it")
     if not full.is_file():
         raise ModelFileError(f"{full} is listed in the manifest but missing — re-run the step that makes it")
     if full.stat().st_size != entry.get("bytes") or sha256_file(full) != entry.get("sha256"):

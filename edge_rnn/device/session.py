@@ -23,6 +23,7 @@ import onnxruntime as ort
 from onnxruntime.capi import onnxruntime_pybind11_state as _ort_state
 
 from ..errors import InputError, ModelFileError
+from .bounded import not_regular
 from .manifest import BUNDLE_SUFFIX, load_manifest, role_of, verified_file
 
 if TYPE_CHECKING:  # the bundle reader (tarfile, gzip) is imported when a bundle is opened, not by every load
@@ -165,6 +166,9 @@ def load_model(
         return load_bundle_model(path, role=role, step=step, threads=threads, opt_level=opt_level)
     if role is not None:
         raise InputError(f"--role picks a file inside a bundle; {path} is a model file — drop --role")
+    kind = not_regular(path)
+    if kind:
+        raise ModelFileError(f"model file {path} is {kind}, not a regular file — give the .onnx file or its folder")
     if not path.is_file():
         raise ModelFileError(f"no model file {path} — run `edge-rnn export` (and `edge-rnn quantize`) first")
     model_dir = path.parent
