@@ -182,7 +182,7 @@ def test_manifest_with_wrong_fields_is_refused(mnist_copy, digits, tmp_path):
     manifest = json.loads((mnist_copy / "manifest.json").read_text())
     manifest["labels"] = ["zero", "one"]
     (mnist_copy / "manifest.json").write_text(json.dumps(manifest))
-    _assert_one_line_error(run("infer", mnist_copy / "model.onnx", png), "2 labels for a model with 10 outputs")
+    _assert_one_line_error(run("infer", mnist_copy / "model.onnx", png), "2 labels for an output of 10 values")
     manifest["schema"] = "2"
     (mnist_copy / "manifest.json").write_text(json.dumps(manifest))
     _assert_one_line_error(run("infer", mnist_copy / "model.onnx", png), "'schema' must be an integer")

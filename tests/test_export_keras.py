@@ -199,7 +199,8 @@ def test_folder_manifest_and_fused_graphs(name, files, exported):
 def test_io_masking_labels_and_tolerances(exported):
     dirs, _ = exported
     imdb_manifest = load_manifest(dirs["imdb"])
-    assert imdb_manifest["io"]["inputs"] == [{"name": "ids", "dtype": "int32", "shape": ["batch", "time"]}]
+    # The vocabulary the device checks ids against: the Embedding's input_dim.
+    assert imdb_manifest["io"]["inputs"] == [{"name": "ids", "dtype": "int32", "shape": ["batch", "time"], "vocab": 30}]
     assert imdb_manifest["io"]["outputs"] == [{"name": "sentiment", "dtype": "float32", "shape": ["batch", 2]}]
     assert imdb_manifest["masking"] == [{"input": "ids", "kind": "mask_zero", "value": 0.0}]
     assert imdb_manifest["labels"] == ["negative", "positive"]

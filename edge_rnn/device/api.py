@@ -11,6 +11,8 @@ and the CLI's `infer`, `stream`, `generate` and `verify` run through them::
     out = stream.step(frame)                    # frame (64, features) → {output: (64, …)}
     out = stream.step(rows, slots=[0, 4, 9])    # only those streams step; the others' state is untouched
     stream.reset([3])                           # stream 3 starts again from the initial state
+    model.classify(x)                           # a Decision per row where the manifest has labels (labels.py):
+                                                # softmax top-1, binary (one sigmoid: [neg, pos] at 0.5), multilabel
 
 Row independence: a dynamically quantized graph (`DynamicQuantizeLinear`, `DynamicQuantizeLSTM`, onnxruntime's
 int8 variant) computes one activation scale over its whole batch, so a row's answer would depend on the rows
@@ -30,6 +32,7 @@ import numpy.typing as npt
 
 from ..errors import InputError, ModelFileError
 from .inputs import MASKS, ORT_DTYPES, check_post_padded, convert_array, preprocess_pixels
+from .labels import Decision, decide, first_activation, label_kind, labels_problem
 from .manifest import BUNDLE_SUFFIX, load_manifest
 from .session import LoadedModel, load_model
 from .stepper import Stepper, check_steppable, step_role_of
@@ -38,7 +41,7 @@ if TYPE_CHECKING:  # the bundle reader (tarfile, gzip) is imported only when a b
     from .bundle import Bundle, RecordedMetrics
     from .selftest import SelfTest
 
-__all__ = ["BATCH_COUPLED_OPS", "Model", "Stream", "TensorInfo", "Verification", "load", "load_stream", "verify_bundle"]
+__all__ = ["BATCH_COUPLED_OPS", "Decision", "Model", "Stream", "TensorInfo", "Verification", "load", "load_stream", "verify_bundle"]
 
 # Ops whose arithmetic couples the rows of a batch: each quantizes its float input with one scale and zero point
 # computed over the whole tensor (onnxruntime's dynamic int8; DynamicQuantizeMatMul is the fused form onnxruntime
@@ -64,6 +67,19 @@ class TensorInfo:
 
 def _infos(specs: Iterable[dict[str, Any]], dtypes: Mapping[str, Any]) -> list[TensorInfo]:
     return [TensorInfo(s["name"], np.dtype(dtypes.get(s["name"], s.get("dtype", "float32"))), tuple(s.get("shape", []))) for s in specs]
+
+
+def _with_vocab(specs: Iterable[dict[str, Any]], manifest: dict[str, Any]) -> list[dict[str, Any]]:
+    """Input specs with their vocabulary size (ids must lie below it): the spec's own `vocab` (recorded at export for
+    an input an Embedding reads), else, for a folder exported before that, the id range its `sample_inputs` records."""
+    described = manifest.get("sample_inputs") if isinstance(manifest.get("sample_inputs"), dict) else {}
+    out = []
+    for spec in specs:
+        how = described.get(spec["name"])
+        if "vocab" not in spec and isinstance(how, dict) and how.get("kind") == "ids" and isinstance(how.get("high"), int) and how["high"] > 0:
+            spec = {**spec, "vocab": how["high"]}
+        out.append(spec)
+    return out
 
 
 def _graph_dtypes(loaded: LoadedModel) -> dict[str, Any]:
@@ -154,13 +170,26 @@ class Model:
         # sequences, as its manifest's `io` says; a step file's inputs are one step each.
         sequence_specs = {s["name"]: s for s in loaded.manifest["io"]["inputs"]}
         takes_sequences = bool(state_in) and state_in <= set(sequence_specs)
-        self._input_specs = [sequence_specs[s["name"]] if takes_sequences else s for s in loaded.io["inputs"] if s["name"] not in state_in]
+        self._input_specs = _with_vocab([sequence_specs[s["name"]] if takes_sequences else s for s in loaded.io["inputs"] if s["name"] not in state_in],
+                                        loaded.manifest)
         self._dtypes = dtypes
         self.inputs: list[TensorInfo] = _infos(self._input_specs, dtypes)
         self.outputs: list[TensorInfo] = _infos(loaded.io["outputs"], dtypes)
         labels = loaded.manifest.get("labels")
         self.labels: list[str] | None = list(labels) if isinstance(labels, list) else None
         self.rows_alone: bool = self._rows_alone(loaded)
+
+    @property
+    def label_kind(self) -> str | None:
+        """How the first output's scores become labels (labels.py): softmax (top class), binary (one sigmoid unit,
+        labels [negative, positive], positive at p ≥ 0.5) or multilabel (a sigmoid unit per label, each ≥ 0.5 chosen);
+        None without labels."""
+        return _label_kind(self.labels, self.outputs, self.manifest)
+
+    def classify(self, *arrays: Any, top_k: int = 1, **named: Any) -> list[Decision]:
+        """`predict`, then a Decision per row from the first output (labels.py): `label` and `probability` (a binary
+        classifier's: of the label chosen), `chosen` (multilabel: every label at ≥ 0.5), `top` the k best."""
+        return _classify(self.labels, self.outputs, self.manifest, self.predict(*arrays, **named), top_k=top_k, where="classify")
 
     def __repr__(self) -> str:
         return f"Model({str(self.path)!r}, role={self.role!r}, inputs={[i.name for i in self.inputs]}, outputs={[o.name for o in self.outputs]})"
@@ -312,7 +341,7 @@ class Stream:
         self._stepper = Stepper(loaded, batch=self.streams, rows_alone=rows_alone)
         dtypes = _graph_dtypes(loaded)
         self._dtypes = dtypes
-        self._specs = self._stepper.input_specs
+        self._specs = _with_vocab(self._stepper.input_specs, loaded.manifest)
         self.inputs: list[TensorInfo] = _infos(self._specs, dtypes)
         self.outputs: list[TensorInfo] = _infos(self._stepper.output_specs, dtypes)
         self.state_tensors: list[TensorInfo] = [TensorInfo(s["input"], np.dtype(np.float32), ("streams", s["shape"][1])) for s in loaded.state]
@@ -329,6 +358,17 @@ class Stream:
         # Post-padding, per stream: once a stream has taken a padding step, a real step is refused until reset.
         self._masking = [m for m in loaded.manifest.get("masking", []) if m["input"] in temporal]
         self._padded = {m["input"]: np.zeros(self.streams, bool) for m in self._masking}
+        labels = loaded.manifest.get("labels")
+        self.labels: list[str] | None = list(labels) if isinstance(labels, list) else None
+
+    @property
+    def label_kind(self) -> str | None:
+        """As Model.label_kind, for a step's first output."""
+        return _label_kind(self.labels, self.outputs, self.loaded.manifest)
+
+    def classify(self, outputs: Mapping[str, np.ndarray], *, top_k: int = 1) -> list[Decision]:
+        """A Decision per stream from what `step` returned (its first output's last step), as Model.classify."""
+        return _classify(self.labels, self.outputs, self.loaded.manifest, outputs, top_k=top_k, where="classify")
 
     def __repr__(self) -> str:
         return f"Stream({str(self.loaded.path)!r}, role={self.role!r}, streams={self.streams}, rows_alone={self.rows_alone})"
@@ -460,6 +500,25 @@ class Stream:
         self._stepper.set_rows(values, rows)
         for padded in self._padded.values():
             padded[slice(None) if rows is None else rows] = False
+
+
+def _label_kind(labels: list[str] | None, outputs: list[TensorInfo], manifest: dict[str, Any]) -> str | None:
+    dims = outputs[0].shape if outputs else ()
+    if not labels or not dims or not isinstance(dims[-1], int):
+        return None
+    classes = dims[-1]
+    return label_kind(manifest, classes=classes) if labels_problem(len(labels), classes=classes, activation=first_activation(manifest)) is None else None
+
+
+def _classify(labels: list[str] | None, outputs: list[TensorInfo], manifest: dict[str, Any], answers: Mapping[str, np.ndarray], *,
+              top_k: int, where: str) -> list[Decision]:
+    kind = _label_kind(labels, outputs, manifest)
+    if kind is None or labels is None:
+        raise InputError(f"{where}: this model has no labels for its first output — use predict (or export with --labels)")
+    if not 1 <= top_k <= len(labels):
+        raise InputError(f"{where}: top_k must be between 1 and {len(labels)}")
+    scores = answers[outputs[0].name]
+    return decide(scores.reshape(len(scores), -1)[:, -scores.shape[-1]:], labels=labels, kind=kind, top_k=top_k)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -177,6 +177,8 @@ def convert_array(
             raise InputError(f"{where} has shape {given}: an axis is empty")
     if target.kind in "iu":
         return _as_ids(array, target=target, vocab=spec.get("vocab"), where=where)
+    if target.kind == "f" and isinstance(spec.get("vocab"), int):  # ids fed as floats (a Keras Input's default dtype)
+        return _as_ids(array, target=np.dtype(np.int64), vocab=spec["vocab"], where=where).astype(target)
     if target.kind == "f":
         return _as_floats(array, target=target, where=where)
     raise InputError(f"{where}: the graph takes {target}, which edge-rnn cannot feed from a .npy array")
@@ -188,13 +190,14 @@ def _as_ids(array: np.ndarray, *, target: np.dtype, vocab: Any, where: str) -> n
             raise InputError(f"{where} holds NaN or Inf; ids must be whole numbers")
         if not np.all(array == np.round(array)):
             raise InputError(f"{where} holds fractional values but the model takes integer ids; save whole numbers")
-    low = array.min()
-    high = array.max()
-    if low < 0:
-        raise InputError(f"{where} holds the id {low:g}; ids start at 0")
     limit = vocab if isinstance(vocab, int) and vocab > 0 else np.iinfo(target).max + 1
-    if high >= limit:
-        raise InputError(f"{where} holds the id {high:g}; ids must be below {limit}" + (" (the vocabulary size)" if limit == vocab else ""))
+    bad = (array < 0) | (array >= limit)
+    if bad.any():
+        at = tuple(int(i) for i in np.argwhere(bad)[0])
+        place = f"row {at[0]}, position {at[1]}" if len(at) == 2 else f"row {at[0]}" if len(at) == 1 else f"index {list(at)}"
+        valid = f"valid ids are 0–{limit - 1}" + (f", the vocabulary of {limit:,}" if limit == vocab else "")
+        rule = "ids start at 0" if array[at] < 0 else f"ids must be below {limit}"
+        raise InputError(f"{where} holds the id {array[at]:g} at {place}; {rule} ({valid})")
     return array.astype(target)
 
 
@@ -233,6 +236,9 @@ def parse_input_specs(specs: Sequence[str | os.PathLike[str]], *, names: Sequenc
         name, sep, rest = text.partition("=")
         if sep and name in names:
             key, path = name, Path(rest)
+        elif sep and name and os.sep not in name and "/" not in name and not Path(text).exists():
+            raise InputError(f"{text!r}: the model has no input {name!r} — its input{'s are' if len(names) > 1 else ' is'} "
+                             f"{', '.join(repr(n) for n in names)}" + (" (or give FILE.npy alone: one input)" if len(names) == 1 else ""))
         elif len(names) == 1:
             key, path = names[0], Path(text)
         else:

@@ -20,6 +20,7 @@ from ..errors import InputError, NonFiniteError
 from .inputs import (
     ORT_DTYPES, check_post_padded, convert_array, json_rows, load_images, parse_input_specs, preprocess_pixels, read_feeds, read_npy,
 )
+from .labels import decide, first_activation, label_kind, labels_problem
 from .sampling import StepFn
 from .session import ORT_ERRORS, LoadedModel, create_session, load_model, require_command, session_options
 from .stepper import TIME_DIM, Stepper
@@ -29,7 +30,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ORT_ERRORS", "LoadedModel", "Prediction", "Inference", "Stepper", "create_session", "generate", "infer", "iter_generate",
-    "load_images", "load_model", "onnx_step", "predict_probs", "preprocess_pixels", "session_options", "stream",
+    "labelled_stream", "load_images", "load_model", "onnx_step", "predict_probs", "preprocess_pixels", "session_options", "short_floats",
+    "stream",
 ]
 
 # Rows per session.run call in `infer`: bounds the activations' memory for big .npy batches.
@@ -45,12 +47,17 @@ def predict_probs(model: LoadedModel, x: npt.NDArray[np.float32], *, batch_size:
 
 @dataclass
 class Prediction:
-    """Top-k labels of one row from the first output's last axis (probabilities when the model ends in softmax)."""
+    """One row's labels from the first output's last axis (see labels.py): `label` with its `probability` (a binary
+    classifier's: of the label chosen), `top` the k best; `kind` softmax, binary or multilabel; `chosen` every label
+    chosen (multilabel: each at ≥ 0.5, possibly none); `scores` every label's own probability (multilabel)."""
 
     input: str
     label: str
     probability: float
     top: list[tuple[str, float]]
+    kind: str = "softmax"
+    chosen: list[str] = field(default_factory=list)
+    scores: list[tuple[str, float]] = field(default_factory=list)
 
 
 @dataclass
@@ -67,14 +74,11 @@ def _graph_dtypes(model: LoadedModel) -> dict[str, Any]:
     return {i.name: ORT_DTYPES.get(i.type, np.float32) for i in model.session.get_inputs()}
 
 
-def _top_k(scores: np.ndarray, rows: list[str], *, labels: list[str], top_k: int) -> list[Prediction]:
-    """(N, classes) → a Prediction per row."""
-    results = []
-    for name, p in zip(rows, scores):
-        order = np.argsort(-p, kind="stable")[:top_k]
-        top = [(labels[i], float(p[i])) for i in order]
-        results.append(Prediction(name, top[0][0], top[0][1], top))
-    return results
+def _top_k(scores: np.ndarray, rows: list[str], *, labels: list[str], top_k: int, manifest: dict[str, Any]) -> list[Prediction]:
+    """(N, classes) → a Prediction per row, as the manifest's output kind says (labels.py)."""
+    kind = label_kind(manifest, classes=scores.shape[-1])
+    return [Prediction(name, d.label, d.probability, d.top, d.kind, d.chosen, d.scores)
+            for name, d in zip(rows, decide(scores, labels=labels, kind=kind, top_k=top_k))]
 
 
 def _row_names(path_name: str, n: int) -> list[str]:
@@ -135,7 +139,7 @@ def infer(
     returned, (N, …) each; labels and top-k where the manifest has labels and the first output is (N, classes).
     An output holding NaN or Inf raises NonFiniteError naming the row.
     """
-    from .api import load
+    from .api import _with_vocab, load
 
     api_model = load(model_path, threads=threads, role=role)
     model = api_model.loaded
@@ -152,10 +156,10 @@ def infer(
         zeros = {s["input"]: np.zeros((len(x), s["shape"][1]), np.float32) for s in model.state}
         first = api_model._run({model.io["inputs"][0]["name"]: x, **zeros})[api_model.outputs[0].name]
         _check_infer_finite({api_model.outputs[0].name: first}, rows)
-        return Inference(rows, predictions=_top_k(first, rows, labels=labels, top_k=top_k))
+        return Inference(rows, predictions=_top_k(first, rows, labels=labels, top_k=top_k, manifest=model.manifest))
 
     state = {s["input"]: s for s in model.state}
-    model_inputs = [s for s in model.io["inputs"] if s["name"] not in state]
+    model_inputs = _with_vocab([s for s in model.io["inputs"] if s["name"] not in state], model.manifest)
     specs = [*inputs, *named]
     if not specs:
         names = ", ".join(s["name"] for s in model_inputs)
@@ -168,8 +172,18 @@ def infer(
     outputs = api_model._run({**feeds, **zeros})
     _check_infer_finite(outputs, rows)
     first = outputs[api_model.outputs[0].name]
-    predictions = _top_k(first, rows, labels=labels, top_k=top_k) if labels and first.ndim == 2 else []
+    predictions = _top_k(first, rows, labels=labels, top_k=top_k, manifest=model.manifest) if labels and first.ndim == 2 else []
     return Inference(rows, outputs, predictions)
+
+
+def short_floats(y: Any, *, dtype: str | None = None) -> Any:
+    """An array (or a number) as nested lists for JSON, each float the shortest decimal that reads back as the same
+    value of its dtype (float32: ~8 digits, not the 17 of the double it becomes)."""
+    y = np.asarray(y, dtype=dtype)
+    if y.dtype.kind != "f":
+        return y.tolist()
+    flat = [float(np.format_float_positional(v, unique=True, trim="0")) for v in y.reshape(-1)]
+    return np.array(flat, dtype=np.float64).reshape(y.shape).tolist() if y.ndim else flat[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -241,6 +255,24 @@ def stream(
     an array for a one-input model, {"NAME": array, …} otherwise). Files are checked before the first step;
     JSON rows as they arrive. A step whose outputs or state hold NaN or Inf raises NonFiniteError naming it.
     """
+    for outputs, _ in labelled_stream(model_path, sequences, inputs=inputs, lines=lines, max_steps=max_steps, threads=threads,
+                                      role=role, labelled=False):
+        yield outputs
+
+
+def labelled_stream(
+    model_path: str | os.PathLike[str] | LoadedModel,
+    sequences: Mapping[str, np.ndarray] | None = None,
+    *,
+    inputs: Sequence[str | os.PathLike[str]] = (),
+    lines: Iterable[str] | None = None,
+    max_steps: int | None = None,
+    threads: int | None = None,
+    role: str | None = None,
+    labelled: bool = True,
+) -> Iterator[tuple[dict[str, np.ndarray], Prediction | None]]:
+    """`stream`, each step's outputs with the Prediction of its first output where the manifest has labels and that
+    output is one row of scores per step ((1, classes) or (1, 1, classes)), else None (see `stream`)."""
     from .api import Stream, load_stream
 
     if max_steps is not None and max_steps < 1:
@@ -254,11 +286,18 @@ def stream(
         steps = _json_steps(stream_, lines)
     else:
         steps = _sequence_steps(stream_, dict(sequences) if sequences is not None else _file_sequences(stream_, inputs))
+    labels = stream_.loaded.manifest.get("labels") if labelled else None
+    first = stream_.outputs[0].name if stream_.outputs else None
     for t, outputs in enumerate(steps):
         if max_steps is not None and t >= max_steps:
             return
         _check_step_finite(stream_, outputs, step=t)
-        yield outputs
+        scores = outputs.get(first) if labels else None
+        prediction = None
+        if scores is not None and scores.ndim in (2, 3) and scores.size == scores.shape[-1] and labels_problem(
+                len(labels), classes=scores.shape[-1], activation=first_activation(stream_.loaded.manifest)) is None:
+            prediction = _top_k(scores.reshape(1, -1), [f"step {t}"], labels=labels, top_k=1, manifest=stream_.loaded.manifest)[0]
+        yield outputs, prediction
 
 
 # ---------------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ import numpy.typing as npt
 
 from ..errors import EdgeRnnError
 from .bundle import Bundle
+from .labels import label_kind
 from .session import load_bundle_model
 from .stepper import Stepper
 
@@ -105,15 +106,15 @@ def _batch_answers(model: Any, inputs: dict[str, np.ndarray], reference: dict[st
     return out
 
 
-def _top1(ref: npt.NDArray, got: npt.NDArray) -> tuple[float | None, int]:
-    """Top-1 agreement on the rows where the source's top-1 leads its runner-up by the quantization margin."""
+def _top1(ref: npt.NDArray, got: npt.NDArray, *, kind: str = "softmax") -> tuple[float | None, int]:
+    """Top-1 agreement on the rows where the source's top-1 leads its runner-up by the quantization margin (a sigmoid
+    output's: the same yes/no on every unit, where each is half that margin from 0.5; see labels.agreement)."""
     from ..tolerances import QUANT_CONFIDENT_MARGIN
+    from .labels import agreement
 
-    top2 = np.sort(ref, axis=-1)[..., -2:]
-    sure = (top2[..., 1] - top2[..., 0]) >= QUANT_CONFIDENT_MARGIN
+    same, sure = agreement(ref, got, QUANT_CONFIDENT_MARGIN, kind=kind)
     if not sure.any():
         return None, 0
-    same = ref.argmax(-1) == got.argmax(-1)
     return float(same[sure].mean()), int(sure.sum())
 
 
@@ -146,7 +147,8 @@ def self_test(bundle: Bundle, *, roles: list[str] | None = None, threads: int | 
                 continue
             delta = np.abs(answer.astype(np.float64) - ref.astype(np.float64))  # (N, …)
             diff = float(np.max(delta)) if ref.size else 0.0
-            agreement, sure = _top1(ref, answer) if tol.get("argmax_min") is not None else (None, 0)
+            kind = label_kind(bundle.manifest, classes=ref.shape[-1]) if ref.ndim else "softmax"
+            agreement, sure = _top1(ref, answer, kind=kind) if tol.get("argmax_min") is not None else (None, 0)
             mean_atol = tol.get("mean_atol")
             mean = float(delta.reshape(len(delta), -1).max(axis=1).mean()) if mean_atol is not None and ref.size else None
             report.results.append(OutputResult(role, name, diff, float(tol["atol"]), agreement, sure, tol.get("argmax_min"),

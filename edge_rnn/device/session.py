@@ -23,6 +23,7 @@ import onnxruntime as ort
 from onnxruntime.capi import onnxruntime_pybind11_state as _ort_state
 
 from ..errors import InputError, ModelFileError
+from .labels import first_activation, labels_problem
 from .bounded import not_regular
 from .manifest import BUNDLE_SUFFIX, load_manifest, role_of, verified_file
 
@@ -232,9 +233,9 @@ def _labels(manifest: dict[str, Any], session: ort.InferenceSession, model_dir: 
         return
     if not (isinstance(labels, list) and labels and all(isinstance(label, str) for label in labels)):
         raise _bad(model_dir, "labels must be a list of strings")
-    last_dim = session.get_outputs()[0].shape[-1]
-    if isinstance(last_dim, int) and len(labels) != last_dim:
-        raise _bad(model_dir, f"{len(labels)} labels for a model with {last_dim} outputs")
+    problem = labels_problem(len(labels), classes=session.get_outputs()[0].shape[-1], activation=first_activation(manifest))
+    if problem is not None:
+        raise _bad(model_dir, problem)
 
 
 def _image_preprocessing(manifest: dict[str, Any], session: ort.InferenceSession, model_dir: Path) -> None:

@@ -290,6 +290,24 @@ def describe_inputs(keras_model, io: dict[str, Any], masking: list[dict]) -> dic
     return described
 
 
+def input_vocab(keras_model, io: dict[str, Any]) -> dict[str, int]:
+    """{input name: vocabulary size} for the model inputs an Embedding reads directly (the smallest, where several
+    read one): the device refuses ids outside it before onnxruntime's Gather sees them."""
+    found: dict[str, int] = {}
+    pairs = list(zip(keras_model.inputs, [spec["name"] for spec in io["inputs"]]))
+    for layer in _layers(keras_model):
+        if type(layer).__name__ != "Embedding":
+            continue
+        try:
+            tensor = layer.input
+        except (AttributeError, ValueError):  # a layer called more than once, or never
+            continue
+        for kt, name in pairs:
+            if tensor is kt:
+                found[name] = min(int(layer.input_dim), found.get(name, int(layer.input_dim)))
+    return found
+
+
 def _activation_name(fn: Any) -> str:
     name = getattr(fn, "__name__", None) or type(fn).__name__
     return str(name).lower()
@@ -484,6 +502,10 @@ class KerasAdapter(Adapter):
                 fields["step_refused"] = reason.splitlines()[0]
         exported.fields["sample_inputs"] = describe_inputs(source, exported.fields["io"], exported.fields["masking"])
         exported.fields["output_activations"] = output_activations(source, exported.fields["io"])
+        vocab = input_vocab(source, exported.fields["io"])
+        for spec in [*exported.fields["io"]["inputs"], *exported.fields.get("step", {}).get("inputs", [])]:
+            if spec["name"] in vocab:
+                spec["vocab"] = vocab[spec["name"]]
         exported.fields["versions"] = versions()
         return exported
 
