@@ -142,6 +142,13 @@ def _random_inputs(manifest: dict[str, Any], *, batch: int, seed: int) -> Arrays
     return adapter_for(manifest).sample_inputs(manifest, batch=batch, time_steps=time_steps, seed=seed)
 
 
+def _variant_name(role: str) -> str:
+    """A manifest role's `bundle --variant` name: onnx_int8 → int8, onnx_step_int8 → step-int8, onnx_int8_static → int8-static."""
+    from .device.bundle import VARIANT_ROLES
+
+    return next((v for v, r in VARIANT_ROLES.items() if r == role), role)
+
+
 def _folder_vectors(model_dir: Path, *, role: str, batch: int, seed: int) -> _Vectors:
     from .models import adapter_for
     from .models.keras_model import fixed_time_steps
@@ -150,7 +157,9 @@ def _folder_vectors(model_dir: Path, *, role: str, batch: int, seed: int) -> _Ve
     if role not in FOLDER_ROLES:
         raise EdgeRnnError(
             f"--role {role}: a model folder is checked in role {', '.join(FOLDER_ROLES)} (fp32, whose tolerance against the "
-            "source model is known); bundle the folder to check a quantized variant at the tolerance it was validated at"
+            "source model is known); a quantized variant is checked in a bundle, at the tolerance it was validated at: "
+            f"edge-rnn bundle {model_dir} --variant {_variant_name(role)} -o {model_dir.name}.tar.gz, then "
+            f"edge-rnn check {model_dir.name}.tar.gz --role {role}"
         )
     path = verified_file(manifest, model_dir, role)
     adapter = adapter_for(manifest)
@@ -374,6 +383,10 @@ def check(
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
     if not target.is_dir():
+        if target.suffix.lower() in (".keras", ".h5", ".hdf5") and target.is_file():
+            from .device.manifest import not_a_model_folder
+
+            raise EdgeRnnError(not_a_model_folder(target))
         raise EdgeRnnError(f"{target} is not a model folder or a bundle — give a folder made by edge-rnn export (or pipeline), "
                            "or a .tar.gz made by edge-rnn bundle")
     vectors = _folder_vectors(target, role=role or "onnx", batch=batch, seed=seed)

@@ -16,7 +16,7 @@ import numpy as np
 from .device.dataset import CHECK_ROWS, Dataset, open_dataset
 from .device.evaluate import EXACT, Evaluation, Runner, evaluate_runners, promise_of, roles_in, sequence_runner, step_runner
 from .device.metrics import KINDS, METRICS, output_kind
-from .errors import InputError, MissingDependencyError
+from .errors import InputError, MissingDependencyError, ModelFileError
 from .tolerances import KERAS_ONNX_ATOL
 
 # How a built-in task's first output is scored (a Keras model's manifest records its outputs' activations).
@@ -173,7 +173,7 @@ def evaluate(
     """
     from .device.bundle import is_bundle, open_bundle
     from .device.session import load_bundle_model
-    from .device.manifest import load_manifest, role_of
+    from .device.manifest import load_manifest, not_a_model_folder, role_of
 
     if not 1 <= batch <= MAX_EVAL_BATCH:
         raise InputError(f"--batch must be between 1 and {MAX_EVAL_BATCH:,}")
@@ -195,6 +195,8 @@ def evaluate(
             manifest = load_manifest(model_dir)
             chosen = roles or roles_in(manifest.get("files", {}))
         elif path.is_file():
+            if path.suffix.lower() in (".keras", ".h5", ".hdf5"):
+                raise ModelFileError(not_a_model_folder(path))
             model_dir = path.parent
             manifest = load_manifest(model_dir)
             role = role_of(manifest, model_dir, path)

@@ -27,7 +27,9 @@ import numpy as np
 from .config import MAX_LABELS_BYTES, ExportConfig
 from .device.bounded import read_text_capped
 from .errors import DataError, EdgeRnnError, ModelFileError, require
-from .device.manifest import SCHEMA_VERSION, atomic_path, folder_lock, load_manifest, record_file, save_manifest, sha256_file
+from .device.manifest import (
+    SCHEMA_VERSION, atomic_path, folder_lock, load_manifest, manifest_path, record_file, save_manifest, sha256_file,
+)
 from .export.graphs import op_counts
 from .export.validate import Validation, check, run_steps, session, stepped_outputs
 
@@ -68,6 +70,9 @@ class ExportReport:
     data: str | None = None
     data_rows: int = 0
     data_validations: list[Validation] = field(default_factory=list)
+    # Files of the previous export made from its weights (quantized, .ort), deleted once the new manifest was saved:
+    # file name → what makes it again from the new weights ("run edge-rnn quantize … again").
+    removed: dict[str, str] = field(default_factory=dict)
 
 
 def _set_metadata(model, props: dict[str, Any]) -> None:
@@ -128,6 +133,89 @@ def _new_keras_manifest(path: Path) -> dict[str, Any]:
             "source": {"file": str(path), "sha256": sha256_file(path)}, "files": {}}
 
 
+def _previous_manifest(model_dir: Path) -> dict[str, Any] | None:
+    """The manifest of an earlier export into `model_dir` (a Keras file exported into an existing folder): what the
+    new export keeps (the user's labels) and replaces (the variants made from the earlier weights). None where there
+    is none, or none edge-rnn can read (the new manifest then replaces it, as before)."""
+    if not manifest_path(model_dir).is_file():
+        return None
+    try:
+        return load_manifest(model_dir)
+    except ModelFileError:
+        return None
+
+
+def _replaced_keras_copy(model_dir: Path, manifest: dict[str, Any]) -> Path | None:
+    """The folder's Keras copy where it no longer matches the manifest — retrained weights saved over it, which an
+    export in place then exports — or None where it matches (or is missing, which adapter.load reports)."""
+    entry = manifest["files"].get("keras")
+    if not isinstance(entry, dict) or not isinstance(entry.get("path"), str):
+        return None
+    path = model_dir / entry["path"]
+    if path.resolve().parent != model_dir.resolve() or not path.is_file():
+        return None
+    if path.stat().st_size == entry.get("bytes") and sha256_file(path) == entry.get("sha256"):
+        return None
+    return path
+
+
+def _first_output_size(manifest: dict[str, Any] | None) -> Any:
+    outputs = (manifest or {}).get("io", {}).get("outputs") or [{}]
+    shape = outputs[0].get("shape") or [None]
+    return shape[-1]
+
+
+def _carry_labels(previous: dict[str, Any] | None, new: dict[str, Any]) -> list[str]:
+    """Keep the labels the user gave an earlier export of this folder (no --labels this time) where the new model's
+    first output has as many values as before; otherwise drop them and say so. Returns notes for the user."""
+    labels = (previous or {}).get("labels")
+    new.pop("labels", None)
+    if not isinstance(labels, list) or not labels:
+        return []
+    before, now = _first_output_size(previous), _first_output_size(new)
+    if before != now:
+        return [f"the previous export's {len(labels)} labels were for {before} output values, the new model has {now} — "
+                "labels dropped; give --labels FILE to name them"]
+    new["labels"] = labels
+    return [f"kept the previous export's {len(labels)} labels (give --labels FILE to change them)"]
+
+
+def _remake_command(role: str, model_dir: Path) -> str:
+    """What makes a derived file of `role` again: "run edge-rnn quantize … again" for a variant, ort for an .ort file."""
+    from .export.ort_format import CONFIG_ROLE, ORT_ROLE_SUFFIX
+
+    if role == CONFIG_ROLE or role.endswith(ORT_ROLE_SUFFIX):
+        return f"run edge-rnn ort {model_dir} again"
+    if role in ("onnx", "onnx_step"):  # a step model the new export does not make
+        return "the new model makes none (see the export's `no step model` line)"
+    variant = role.removeprefix("onnx_").removeprefix("step_").replace("_", "-")
+    return f"run edge-rnn quantize {model_dir} --variant {variant} again"
+
+
+def _remove_stale(model_dir: Path, before: dict[str, Any], now: dict[str, Any]) -> dict[str, str]:
+    """Delete the files the previous manifest listed for derived roles (quantized variants, .ort files, their operator
+    config) that the new one no longer lists: they hold the previous weights. Called after the new manifest is
+    saved, so a crash in between leaves an unlisted file, never a listed stale one. Returns {file name: next step}."""
+    from .export.ort_format import CONFIG_ROLE
+
+    kept = {(model_dir / e["path"]).resolve() for e in now.values() if isinstance(e, dict) and isinstance(e.get("path"), str)}
+    removed = {}
+    for role, entry in before.items():
+        if role in now or not (role.startswith("onnx") or role == CONFIG_ROLE):
+            continue
+        if not isinstance(entry, dict) or not isinstance(entry.get("path"), str):
+            continue
+        if (model_dir / entry["path"]).is_symlink():
+            continue
+        path = (model_dir / entry["path"]).resolve()
+        if path in kept or path.parent != model_dir.resolve() or not path.is_file():
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+            removed[entry["path"]] = _remake_command(role, model_dir)
+    return removed
+
+
 def export(
     source: str | os.PathLike[str],
     *,
@@ -142,8 +230,10 @@ def export(
     its stem); validate every file against the source (and on the first rows of `data`, an .npz or a folder of
     .npy, where given) before anything is renamed; record it all in the manifest."""
     source = Path(source)
-    # A folder exported in place: no other writer between reading its manifest and saving the new one.
-    with folder_lock(source) if source.is_dir() else contextlib.nullcontext():
+    # A folder exported in place (or a Keras file into an existing folder): no other writer between reading its
+    # manifest and saving the new one.
+    target = source if source.is_dir() else Path(out) if out is not None else None
+    with folder_lock(target) if target is not None and target.is_dir() else contextlib.nullcontext():
         return _export(source, cfg=cfg, out=out, labels=labels, fail_on_loop=fail_on_loop, trust_h5=trust_h5, data=data)
 
 
@@ -175,7 +265,13 @@ def _export(source: Path, *, cfg: ExportConfig, out, labels, fail_on_loop: bool,
         adapter = adapter_for(manifest)
         if not any(role in manifest["files"] for role in adapter.source_roles):
             raise ModelFileError(f"manifest in {model_dir} lists no {' or '.join(adapter.source_roles)} file — train first")
-        model = adapter.load(model_dir, manifest)
+        previous = manifest
+        replaced = _replaced_keras_copy(model_dir, manifest) if adapter.name == "keras" else None
+        if replaced is not None:  # retrained weights saved over the folder's model.keras: they are what to export
+            model = load_keras_file(replaced, trust_h5=trust_h5)
+            manifest = {**manifest, "source": {"file": str(replaced), "sha256": sha256_file(replaced)}}
+        else:
+            model = adapter.load(model_dir, manifest)
     else:
         model_dir = Path(out) if out is not None else source.parent / source.stem
         if source.resolve() in (model_dir.resolve(), (model_dir / KERAS_FILE).resolve()):
@@ -184,6 +280,7 @@ def _export(source: Path, *, cfg: ExportConfig, out, labels, fail_on_loop: bool,
         model = load_keras_file(source, trust_h5=trust_h5)
         keras_file, adapter = source, KerasAdapter()
         manifest = _new_keras_manifest(source)
+        previous, replaced = _previous_manifest(model_dir), None
     if label_list is not None and adapter.name != "keras":
         raise EdgeRnnError(f"--labels is for Keras models; {manifest['model']} takes its labels from its training data")
 
@@ -196,11 +293,19 @@ def _export(source: Path, *, cfg: ExportConfig, out, labels, fail_on_loop: bool,
     new.setdefault("versions", {}).update(fields.pop("versions", {}))
     new.update(fields, adapter=adapter.name, opset=cfg.opset)
     if label_list is not None:
-        classes = new["io"]["outputs"][0]["shape"][-1]
-        if label_list and len(label_list) != classes:
-            raise EdgeRnnError(f"{labels} has {len(label_list)} labels but the model's first output "
-                               f"{new['io']['outputs'][0]['name']!r} has {classes} values — one label per line, one per class")
+        from .device.labels import first_activation, labels_problem
+
+        first = new["io"]["outputs"][0]
+        problem = labels_problem(len(label_list), classes=first["shape"][-1], activation=first_activation(new)) if label_list else None
+        if problem is not None:
+            raise EdgeRnnError(f"{labels}: {problem} (the model's first output {first['name']!r} ends in "
+                               f"{first_activation(new) or 'no recorded activation'}) — one label per line")
         new["labels"] = label_list
+    notes = list(exported.notes)
+    if replaced is not None:
+        notes.append(f"{replaced} changed since the last export (new weights saved over it): exporting it")
+    if label_list is None and adapter.name == "keras":
+        notes += _carry_labels(previous, new)
     for graph in exported.graphs:
         props = {"edge_rnn.model": new["model"], "edge_rnn.adapter": adapter.name, "edge_rnn.role": graph.role,
                  "edge_rnn.versions": new["versions"], "edge_rnn.audit": new.get("audit", [])}
@@ -243,12 +348,16 @@ def _export(source: Path, *, cfg: ExportConfig, out, labels, fail_on_loop: bool,
     data_rows = len(next(iter(data_inputs.values()))) if data_inputs is not None else 0
     if data is not None:
         metrics["export_parity_data"] = {"data": Path(data).name, "rows": data_rows, "roles": {v.role: v.metrics() for v in data_validations}}
+    if replaced is not None:
+        record_file(new, model_dir, "keras", previous["files"]["keras"]["path"])
     save_manifest(model_dir, new)
+    # Only now that the manifest no longer lists them: the previous export's variants, made from its weights.
+    removed = _remove_stale(model_dir, previous.get("files", {}) if previous else {}, new["files"])
     onnx_check = validations[0].report.checks
     return ExportReport(
         model_dir / ONNX_FILE, graphs["onnx"], cfg.opset, max(c.max_abs_diff for c in onnx_check) if onnx_check else None,
-        exported.notes, model_dir, files, graphs, new.get("audit", []), validations, new.get("step_refused"),
-        Path(data).name if data is not None else None, data_rows, data_validations,
+        notes, model_dir, files, graphs, new.get("audit", []), validations, new.get("step_refused"),
+        Path(data).name if data is not None else None, data_rows, data_validations, removed,
     )
 
 

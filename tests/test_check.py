@@ -177,7 +177,7 @@ def test_bad_usage_is_a_clean_error(mnist_dir, tmp_path):
     unknown = _check(mnist_dir, "--runtime", "tensorrt")
     assert unknown.exit_code == 1 and "unknown runtime 'tensorrt'" in unknown.stderr
     role = _check(mnist_dir, "--role", "onnx_int8")
-    assert role.exit_code == 1 and "bundle the folder" in role.stderr
+    assert role.exit_code == 1 and f"edge-rnn bundle {mnist_dir} --variant int8" in role.stderr
     missing = _check(tmp_path)
     assert missing.exit_code == 1 and "manifest.json" in missing.stderr and "Traceback" not in missing.output
 

@@ -10,6 +10,10 @@ Layout of `DIR/manifest.json`::
      "files": {ROLE: {"path": "model.onnx", "sha256": "...", "bytes": 123}},
      "opset": 17, "versions": {...}, "config": {...}, "metrics": {...}}
 
+An `io` input an Embedding reads carries `"vocab": N` (ids must lie in 0…N−1; the device refuses others before
+onnxruntime runs). `labels` name the first output's values as `output_activations` says (labels.py): one per
+class (softmax), [negative, positive] for one sigmoid unit, or one per sigmoid unit (multi-label).
+
 Every field's type, range and length is checked against schema.FOLDER_MANIFEST when the manifest is loaded.
 """
 
@@ -184,7 +188,7 @@ def load_manifest(model_dir: str | os.PathLike[str]) -> dict[str, Any]:
     """Read and sanity-check `model_dir/manifest.json`; raise ModelFileError if missing or malformed."""
     path = manifest_path(model_dir)
     if not os.path.lexists(path):
-        raise ModelFileError(f"no {MANIFEST_NAME} in {model_dir} — train a model there first (edge-rnn train …)")
+        raise ModelFileError(not_a_model_folder(Path(model_dir)))
     # A directory, FIFO or device named manifest.json is refused as what it is; the size and the nesting are capped.
     manifest = read_json_capped(path, what="manifest", max_bytes=MAX_MANIFEST_BYTES, error=ModelFileError,
                                 hint="re-run the step that wrote it")
@@ -195,6 +199,29 @@ def load_manifest(model_dir: str | os.PathLike[str]) -> dict[str, Any]:
     validate(manifest, FOLDER_MANIFEST, where=path, hint=FOLDER_HINT)
     manifest.setdefault("files", {})
     return manifest
+
+
+# What a user gives where a model folder is wanted: a Keras file (export it first) or one of a folder's model files.
+_KERAS_SUFFIXES = (".keras", ".h5", ".hdf5")
+_MODEL_FILE_SUFFIXES = (".onnx", ".ort")
+
+
+def not_a_model_folder(model_dir: Path) -> str:
+    """Why `model_dir` has no manifest, and the next step: export a Keras file, give a model file's folder, or make
+    a folder (export into it, or train)."""
+    suffix = model_dir.suffix.lower()
+    if suffix in _KERAS_SUFFIXES and model_dir.is_file():
+        return (f"{model_dir} is a Keras model file, not an exported model folder — export it first: edge-rnn export "
+                f"{model_dir} (it makes the folder {model_dir.parent / model_dir.stem}, which this command takes)")
+    if suffix in _KERAS_SUFFIXES + _MODEL_FILE_SUFFIXES and not os.path.lexists(model_dir):
+        return f"no file {model_dir} — this command takes an exported model folder (edge-rnn export MODEL.keras makes one)"
+    if model_dir.is_file():
+        if suffix in _MODEL_FILE_SUFFIXES:
+            return f"{model_dir} is a model file; this command takes its folder — give {model_dir.parent}"
+        return f"{model_dir} is a file, not a model folder — give a folder made by edge-rnn export or edge-rnn train"
+    where = f"in {model_dir}" if model_dir.is_dir() else f"in {model_dir} (no such folder)"
+    return (f"no {MANIFEST_NAME} {where} — not a model folder: export a Keras model into it (edge-rnn export MODEL.keras "
+            f"--out {model_dir}) or train one there (edge-rnn train …)")
 
 
 def check_schema_version(manifest: dict[str, Any], *, where: object) -> None:
@@ -235,21 +262,37 @@ def _safe_relpath(model_dir: Path, relpath: Any) -> Path:
     return full
 
 
+def make_command(role: str, model_dir: str | os.PathLike[str], *, again: bool = False) -> str:
+    """The next step that makes the file of `role` in `model_dir`: "make it with `edge-rnn …`"."""
+    verb = "make it again" if again else "make it"
+    if role in ("onnx", "onnx_step"):
+        return f"{verb} with `edge-rnn export {model_dir}`"
+    if role == "ort_config" or role.endswith("_ort"):
+        return f"{verb} with `edge-rnn ort {model_dir}`"
+    if role.startswith("onnx_"):
+        variant = role.removeprefix("onnx_").removeprefix("step_").replace("_", "-")
+        return f"{verb} with `edge-rnn quantize {model_dir} --variant {variant}`"
+    if role == "keras":
+        return f"export your .keras file into the folder again (`edge-rnn export MODEL.keras --out {model_dir}`)"
+    return "train the model again (`edge-rnn train …`)"
+
+
 def verified_file(manifest: dict[str, Any], model_dir: str | os.PathLike[str], role: str) -> Path:
     """Path of the file of `role`, after checking it exists and matches the manifest's sha256 and size."""
     model_dir = Path(model_dir)
     entry = manifest.get("files", {}).get(role)
     if not isinstance(entry, dict):
-        raise ModelFileError(f"manifest in {model_dir} lists no '{role}' file — run the step that makes it")
+        raise ModelFileError(f"manifest in {model_dir} lists no '{role}' file — {make_command(role, model_dir)}")
     full = _safe_relpath(model_dir, entry.get("path"))
     kind = not_regular(full)
     if kind:  # never hashed or read: a FIFO would block, /dev/zero never ends
-        raise ModelFileError(f"{full} is {kind}, not a regular file — re-run the step that makes it")
+        raise ModelFileError(f"{full} is {kind}, not a regular file — {make_command(role, model_dir, again=True)}")
     if not full.is_file():
-        raise ModelFileError(f"{full} is listed in the manifest but missing — re-run the step that makes it")
+        raise ModelFileError(f"{full} is listed in the manifest but missing — {make_command(role, model_dir, again=True)}")
     if full.stat().st_size != entry.get("bytes") or sha256_file(full) != entry.get("sha256"):
         raise ModelFileError(
-            f"{full} does not match the sha256 in {manifest_path(model_dir)} — the file was changed or corrupted; re-export it"
+            f"{full} does not match the sha256 in {manifest_path(model_dir)} — the file was changed or corrupted; "
+            f"{make_command(role, model_dir, again=True)}"
         )
     if full.suffix == ".onnx":
         # Before onnxruntime or onnx.load follow an external-data path out of the folder (see onnxfile.py).

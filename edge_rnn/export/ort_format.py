@@ -99,7 +99,17 @@ def write_config(out_dir: Path) -> Path:
     return config
 
 
-def variant_roles(manifest: dict[str, Any], variants: Sequence[str] = ()) -> list[str]:
+# The variants `edge-rnn quantize` makes (quantize.VARIANTS; this module does not import the quantizer).
+QUANTIZED_VARIANTS = ("int8", "int8-static", "fp16")
+
+
+def _variant_of(role: str) -> str:
+    """'onnx' / 'onnx_step' → 'fp32'; 'onnx_int8_static' / 'onnx_step_int8_static' → 'int8-static'."""
+    rest = role.removeprefix("onnx").removeprefix("_step").removeprefix("_")
+    return rest.replace("_", "-") or "fp32"
+
+
+def variant_roles(manifest: dict[str, Any], variants: Sequence[str] = (), *, model_dir: str | os.PathLike[str] = "DIR") -> list[str]:
     """The ONNX roles of `variants` (fp32, int8, fp16, int8-static…; each with its step twin), or every ONNX file."""
     files = manifest.get("files", {})
     onnx_roles = [r for r, e in files.items() if isinstance(e, dict) and str(e.get("path", "")).endswith(".onnx")]
@@ -110,7 +120,11 @@ def variant_roles(manifest: dict[str, Any], variants: Sequence[str] = ()) -> lis
         suffix = "" if variant == "fp32" else "_" + variant.replace("-", "_")
         found = [r for r in (f"onnx{suffix}", f"onnx_step{suffix}") if r in onnx_roles]
         if not found:
-            raise EdgeRnnError(f"the folder has no {variant!r} model (its ONNX files: {', '.join(onnx_roles)}) — run `edge-rnn quantize --variant {variant}` first")
+            present = ", ".join(dict.fromkeys(_variant_of(r) for r in onnx_roles)) or "none"
+            if variant in QUANTIZED_VARIANTS:
+                raise EdgeRnnError(f"{model_dir} has no {variant} model yet (it has: {present}) — make it with "
+                                   f"`edge-rnn quantize {model_dir} --variant {variant}`, then run ort again")
+            raise EdgeRnnError(f"no variant {variant!r} in {model_dir} — it has: {present} (give one of these to --variant)")
         roles += found
     return roles
 
@@ -122,7 +136,7 @@ def add_ort(model_dir: str | os.PathLike[str], *, variants: Sequence[str] = ()) 
     with folder_lock(model_dir):  # no other writer between reading the manifest and saving it
         manifest = load_manifest(model_dir)
         written = {}
-        for role in variant_roles(manifest, variants):
+        for role in variant_roles(manifest, variants, model_dir=model_dir):
             ort_path, config = to_ort(verified_file(manifest, model_dir, role), model_dir)
             record_file(manifest, model_dir, role + ORT_ROLE_SUFFIX, ort_path.name)
             written[role + ORT_ROLE_SUFFIX] = ort_path.name

@@ -44,7 +44,7 @@ import numpy as np
 
 from ..errors import EdgeRnnError, require
 from ..export.graphs import op_counts
-from .cells import CELL_FORM, CELL_OPS, cell_forms, quantize_cell_weights
+from .cells import CELL_OPS, cell_forms, quantize_cell_weights
 from ..device.hostinfo import cpu_features
 from ..device.manifest import atomic_path, folder_lock, load_manifest, record_file, save_manifest, verified_file
 
@@ -97,7 +97,7 @@ WHY_FLOAT = {
         "LSTM": "quantize_dynamic left this LSTM float (unsupported attributes or weights not initializers)",
         "MatMul": "both inputs are activations (no weight to quantize) or the quantizer excluded it",
         "Gemm": "quantize_dynamic does not quantize Gemm; pre-processing fused MatMul+Add into it",
-        "Gather": "embedding Gather kept float (quantize_dynamic quantizes Gather only of large initializers)",
+        "Gather": "its table is not a float initializer of its own, or the quantizer excluded it",
     },
     "int8-static": {
         "LSTM": "onnxruntime has no static (QDQ) LSTM kernel; only quantize_dynamic makes DynamicQuantizeLSTM",
@@ -136,6 +136,38 @@ class QuantizeReport:
     @property
     def accuracy_control(self) -> dict[str, Any] | None:
         return self.coverage.get("accuracy_control")
+
+    def coverage_rows(self) -> list[dict[str, Any]]:
+        """Per node that computes with weights (read from the graph): node, how its weights are stored, how it
+        computes, its weights' bytes, and why it stayed float where it did."""
+        still = self.coverage.get("still_float", {})
+        rows = []
+        for n in self.coverage.get("nodes", []):
+            why = None if n["int8"] or self.variant == "fp16" else still.get(n["op"], {}).get("why")
+            rows.append({"node": n["node"], "stored": n["stored"], "computed": n["form"], "bytes": n["weight_bytes"], "why": why})
+        return rows
+
+    def verdict_line(self) -> str:
+        """One line a user can act on: the weights' size vs fp32, the step drift where it streams, and whether the
+        variant kept its promise on the user's data — or that it was not judged, and how to judge it."""
+        size = self.coverage["size"]
+        text = (f"{self.variant}: {size['weight_ratio']:.2f}× the weights of fp32 ({size['weight_bytes']:,} of "
+                f"{size['fp32_weight_bytes']:,} bytes)")
+        drift = self.coverage.get("step_drift")
+        if drift and drift.get("steps"):  # the outputs' drift: an LSTM's cell state is unbounded, its outputs are not
+            text += f", outputs' step drift {max(drift['outputs_max_abs_diff'].values(), default=0.0):.1e} over {drift['steps']:,} steps"
+        v = self.verdict
+        if v is None:
+            from ..tolerances import EVAL_MAX_ACCURACY_DROP_PP, EVAL_MAX_ERROR_INCREASE
+
+            return (text + f" — judged on {self.judged_on} only, not against its promise (accuracy within "
+                    f"{EVAL_MAX_ACCURACY_DROP_PP:g} pp of fp32, an error within {EVAL_MAX_ERROR_INCREASE:g} %): give --data FILE "
+                    "(your labelled data) to judge it")
+        change = round(-v["drop"] if v["unit"] == "pp" else v["drop"], 2) + 0.0
+        figures = f"{v['metric']} {v['fp32']:.4g} → {v['value']:.4g} ({change:+.2f} {v['unit']}, budget {v['budget']:g} {v['unit']})"
+        if v["ok"]:
+            return text + f" — within its promise on your data: {figures}"
+        return text + f" — BREAKS its promise on your data: {figures}: " + "; ".join(v["failures"])
 
     def judgement_lines(self) -> list[str]:
         """What the variant was judged on and how it did, and what accuracy control kept float: plain text lines."""
@@ -202,12 +234,75 @@ def weight_bytes(model) -> dict[str, Any]:
     return {"total": sum(sizes.values()), "by_dtype": dict(by_dtype), "by_op": dict(by_op.most_common())}
 
 
-def _qdq_ops(model) -> dict[str, int]:
-    """Compute ops fed by a DequantizeLinear of a weight initializer: what static QDQ quantized."""
+# Compute ops that hold int8 weights or multiply in int8 (QDQ conversions are not compute).
+INT8_COMPUTE_OPS = tuple(op for op in QUANTIZED_OPS if op not in QDQ_OPS)
+# Inputs of an op that hold its weights (ONNX input order); an op not named here: every input.
+WEIGHT_INPUT_INDEX = {"LSTM": (1, 2), "GRU": (1, 2), "RNN": (1, 2), "DynamicQuantizeLSTM": (1, 2), "MatMul": (0, 1),
+                      "Gemm": (0, 1), "FusedGemm": (0, 1), "FusedMatMul": (0, 1), "Gather": (0,), "Conv": (1,),
+                      "MatMulInteger": (0, 1), "DynamicQuantizeMatMul": (0, 1), "MatMulIntegerToFloat": (0, 1)}
+WEIGHT_DTYPES = ("float32", "float16", "float64", "int8", "uint8")
+INT8_DTYPES = ("int8", "uint8")
+
+
+def weight_nodes(model) -> list[dict[str, Any]]:
+    """Per node that computes with weights, read from the graph itself: each initializer followed through
+    DequantizeLinear/Cast (→ Mul by its scale) to the node that uses it, as weight_bytes does. A node's weights are
+    what reaches its weight inputs (WEIGHT_INPUT_INDEX); how they are stored is its largest weight's dtype, and how
+    they are computed is read from the path: an int8 kernel, int8 dequantized to float (DequantizeLinear, or Cast +
+    Mul at load), an int8 table whose gathered rows are dequantized, or float."""
+    onnx = require("onnx", "train")
     g = model.graph
-    inits = {t.name for t in g.initializer}
-    dq_of_weight = {n.output[0] for n in g.node if n.op_type == "DequantizeLinear" and n.input[0] in inits}
-    return dict(Counter(n.op_type for n in g.node if n.op_type != "DequantizeLinear" and dq_of_weight & set(n.input)))
+    inits = {t.name: t for t in g.initializer}
+    consumers: dict[str, list] = {}
+    for node in g.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+
+    def follow(node, tensor: str) -> tuple[Any, str, list[str]]:
+        via: list[str] = []
+        while (node.op_type in ("DequantizeLinear", "Cast") or (node.op_type == "Mul" and len(via) == 1)) and len(via) < 4:
+            nxt = consumers.get(node.output[0], [])
+            if len(nxt) != 1:
+                break
+            via.append(node.op_type)
+            tensor, node = node.output[0], nxt[0]
+        return node, tensor, via
+
+    reached: dict[int, list[dict[str, Any]]] = {}
+    for name, tensor in inits.items():
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).name
+        for user in consumers.get(name, []):
+            node, fed, via = follow(user, name)
+            weight_inputs = WEIGHT_INPUT_INDEX.get(node.op_type, range(len(node.input)))
+            # A DequantizeLinear's scale or zero point (of an activation, in QDQ) is not a weight of the node it feeds.
+            data = user.op_type != "DequantizeLinear" or user.input[0] == name
+            is_weight = data and dtype in WEIGHT_DTYPES and any(i < len(node.input) and node.input[i] == fed for i in weight_inputs)
+            reached.setdefault(id(node), []).append({"name": name, "dtype": dtype, "bytes": _dtype_bytes(tensor), "via": via,
+                                                     "weight": is_weight})
+    records = []
+    for node in g.node:
+        if node.op_type not in FLOAT_WEIGHT_OPS and node.op_type not in INT8_COMPUTE_OPS:
+            continue
+        found = reached.get(id(node), [])
+        weights = [w for w in found if w["weight"]]
+        if not weights:
+            continue  # computes on activations only: nothing to quantize
+        main = max(weights, key=lambda w: w["bytes"])
+        stored, via = main["dtype"], main["via"]
+        if node.op_type in INT8_COMPUTE_OPS:
+            form, int8 = f"{node.op_type} (int8)", True
+        elif stored in INT8_DTYPES and "DequantizeLinear" in via:
+            form, int8 = f"{node.op_type} after DequantizeLinear", True
+        elif stored in INT8_DTYPES and "Cast" in via:
+            form, int8 = f"{node.op_type}, float (made at load)", True
+        elif stored in INT8_DTYPES:
+            dq = any(c.op_type == "DequantizeLinear" for c in consumers.get(node.output[0], []))
+            form, int8 = (f"{node.op_type}, rows dequantized" if dq or node.op_type == "Gather" else f"{node.op_type} on int8"), True
+        else:
+            form, int8 = f"{node.op_type}, {stored}", False
+        records.append({"node": node.name, "op": node.op_type, "stored": stored, "form": form, "int8": int8,
+                        "via": "+".join(via) or "direct", "weight_bytes": sum(w["bytes"] for w in found)})
+    return records
 
 
 def runtime_op_counts(path: str | os.PathLike[str], *, opt_level: str = "all") -> dict[str, int]:
@@ -245,38 +340,39 @@ def coverage(
             "float16": {op: n for op, n in q_counts.items() if op in FLOAT_WEIGHT_OPS},
             "still_float": {},
             "note": "every float32 weight is stored as float16; inputs/outputs stay float32 (Cast at the edges)",
+            "nodes": weight_nodes(q_model),
             "size": size,
         }
         if runtime_ops is not None:
             # onnxruntime's CPU provider lacks float16 kernels for most ops and inserts Casts back to float32.
             report["runtime_ops"] = runtime_ops
         return report
-    if variant == "int8-static":
-        qdq = _qdq_ops(q_model)
-        quantized = {f"{op} (QDQ)": n for op, n in qdq.items()}
-        remaining = Counter({op: n for op, n in q_counts.items() if op in FLOAT_WEIGHT_OPS})
-        remaining.subtract(qdq)
-        still_float = {op: n for op, n in remaining.items() if n > 0}
-    else:
-        quantized = {op: n for op, n in q_counts.items() if op in QUANTIZED_OPS and op not in QDQ_OPS}
-        still_float = Counter({op: n for op, n in q_counts.items() if op in FLOAT_WEIGHT_OPS})
-    # A GRU/RNN whose weights quantize/cells.py stored int8 is quantized (for size): counted as such, not as float.
-    layers = cell_forms(q_model)
-    int8_cells = Counter(f"{c['op']} (int8 weights, float compute)" for c in layers if c["int8"] == CELL_FORM)
-    quantized.update(int8_cells)
-    for c in layers:
-        if c["int8"] == CELL_FORM:
-            still_float[c["op"]] -= 1
-    still_float = {op: n for op, n in still_float.items() if n > 0}
+    # Read from the produced graph, node by node: which weights reach each compute node, stored how.
+    nodes = weight_nodes(q_model)
+    quantized: Counter[str] = Counter()
+    float_nodes: dict[str, list[dict[str, Any]]] = {}
+    for n in nodes:
+        if not n["int8"]:
+            float_nodes.setdefault(n["op"], []).append(n)
+        elif n["op"] in INT8_COMPUTE_OPS:
+            quantized[n["op"]] += 1
+        elif n["via"].startswith("Cast"):  # quantize/cells.py: a GRU/RNN's int8 weights made float at load
+            quantized[f"{n['op']} (int8 weights, float compute)"] += 1
+        elif "DequantizeLinear" in n["via"]:
+            quantized[f"{n['op']} (QDQ)"] += 1
+        else:  # an int8 table read directly (Gather), its output dequantized
+            quantized[f"{n['op']} (int8 weights)"] += 1
     reasons = WHY_FLOAT.get(variant, {})
     report: dict[str, Any] = {
-        "quantized": quantized,
+        "quantized": dict(quantized),
         "still_float": {
-            op: {"count": n, "weight_bytes": q_w["by_op"].get(op, 0), "why": reasons.get(op, "no int8 kernel for this op")}
-            for op, n in still_float.items()
+            op: {"count": len(group), "weight_bytes": sum(n["weight_bytes"] for n in group),
+                 "why": reasons.get(op, "no int8 kernel for this op")}
+            for op, group in float_nodes.items()
         },
         "fp32_ops": {op: n for op, n in op_counts(fp32_model).items() if op in FLOAT_WEIGHT_OPS},
-        "layers": layers,
+        "layers": cell_forms(q_model),
+        "nodes": nodes,
         "size": size,
     }
     if runtime_ops is not None:
