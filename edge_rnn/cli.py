@@ -17,15 +17,19 @@ from .config import (
     CHAR_RNN_DIRNAME, CONNECT_TIMEOUT_S, DEFAULT_OUT, MAX_BATCH_SIZE, MAX_BENCH_ROUNDS, MAX_BENCH_RUNS, MAX_CHAR_ITERS, MAX_CHECK_BATCH, MAX_EPOCHS,
     MAX_GENERATE_LENGTH, MAX_HIDDEN, MAX_SEQ_LENGTH, MAX_TIME_STEPS, MNIST_DIRNAME, CharRnnConfig, ExportConfig, LstmConfig,
 )
-from .errors import DEBUG_ENV, EdgeRnnError, escaped_error
+from .errors import DEBUG_ENV, EdgeRnnError, ModelFileError, escaped_error
 from .device.manifest import check_writable_dir
 from .device.text import MAX_NAME_CHARS, MAX_PATH_CHARS, shown
+
+# -h works as --help, for the app and every subcommand.
+HELP_OPTIONS = {"help_option_names": ["-h", "--help"]}
 
 app = typer.Typer(
     help="Train recurrent networks, export them to ONNX, quantize, run on devices, prove parity, benchmark.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    context_settings=HELP_OPTIONS,
 )
 
 
@@ -44,7 +48,7 @@ def _main(
     """Train recurrent networks, export them to ONNX, quantize, run on devices, prove parity, benchmark."""
 
 
-train_app = typer.Typer(help="Train a model.", no_args_is_help=True)
+train_app = typer.Typer(help="Train a model.", no_args_is_help=True, context_settings=HELP_OPTIONS)
 app.add_typer(train_app, name="train")
 
 class _LazyConsole:
@@ -79,10 +83,99 @@ def escape(text: object, *, limit: int | None = MAX_NAME_CHARS) -> str:
     return rich_escape(shown(text, limit=limit))
 
 
-def Table(*args, **kwargs):  # noqa: N802 - stands in for rich.table.Table, imported where a table is drawn
+_FITTING_TABLE = None
+
+
+def _fitting_table_class():
+    """rich.table.Table that never cuts a cell with "…": drawn as a table when every column gets its widest word
+    (its widest cell for a no_wrap column; a fold column folds), else one row after another as `header  value` lines."""
+    global _FITTING_TABLE
+    if _FITTING_TABLE is not None:
+        return _FITTING_TABLE
+    from rich import box
+    from rich.measure import Measurement
     from rich.table import Table as RichTable
 
-    return RichTable(*args, **kwargs)
+    class FittingTable(RichTable):
+        def needed_width(self, console, options) -> int:
+            """The narrowest this table draws without cutting a cell (wrapping text at spaces)."""
+            total = self._extra_width
+            for i, column in enumerate(self.columns):
+                widest = 0
+                for cell in [column.header, *column._cells]:
+                    m = Measurement.get(console, options.update_width(10_000), cell)
+                    widest = max(widest, m.maximum if column.no_wrap else (1 if column.overflow == "fold" else m.minimum))
+                if column.min_width:
+                    widest = max(widest, column.min_width)
+                total += widest + self._get_padding_width(i)
+            return total
+
+        def vertical(self):
+            """Each row as `header  value` lines, rows apart: what a table too wide for the terminal becomes."""
+            grid = RichTable(title=self.title, caption=self.caption, caption_justify=self.caption_justify, box=None,
+                             show_header=False, padding=(0, 1), pad_edge=False)
+            grid.add_column(style="bold", no_wrap=True)
+            grid.add_column(overflow="fold")
+            for r in range(len(self.rows)):
+                if r:
+                    grid.add_row("", "")
+                for column in self.columns:
+                    header = column.header.replace("\n", " ") if isinstance(column.header, str) else column.header
+                    grid.add_row(header, column._cells[r])
+            return grid
+
+        def __rich_console__(self, console, options):
+            width = options.max_width if self.width is None else self.width
+            if self.columns and self.rows and self.needed_width(console, options) > width:
+                yield self.vertical()
+                return
+            if isinstance(self.title, str) and self.min_width is None:
+                # As wide as its title where the terminal allows: a title on one line, not folded over a narrow table.
+                from rich.text import Text
+
+                self.min_width = min(Text.from_markup(self.title).cell_len, width)
+                try:
+                    yield from super().__rich_console__(console, options)
+                finally:
+                    self.min_width = None
+                return
+            yield from super().__rich_console__(console, options)
+
+        def __rich_measure__(self, console, options):
+            if self.columns and self.rows and self.needed_width(console, options) > options.max_width:
+                return Measurement.get(console, options, self.vertical())
+            return super().__rich_measure__(console, options)
+
+    FittingTable.default_box = box.SIMPLE_HEAD
+    _FITTING_TABLE = FittingTable
+    return FittingTable
+
+
+def _ms(value: float) -> str:
+    """Milliseconds in at most 6 characters, 3–4 significant figures: 0.102, 35.12, 1,234 (the JSON keeps every digit)."""
+    return f"{value:.3f}" if value < 1 else f"{value:.2f}" if value < 100 else f"{value:,.0f}"
+
+
+def _per_s(value: float) -> str:
+    """A rate in at most 6 characters: 9,876, 12.3k, 123k, 1.23M (the JSON keeps every digit)."""
+    if value < 10_000:
+        return f"{value:,.0f}"
+    if value < 100_000:
+        return f"{value / 1e3:.1f}k"
+    if value < 1e6:
+        return f"{value / 1e3:.0f}k"
+    return f"{value / 1e6:.3g}M"
+
+
+def Table(*args, **kwargs):  # noqa: N802 - stands in for rich.table.Table, imported where a table is drawn
+    """A rich Table readable at 80 columns: no vertical rules or edges (two characters between columns), and
+    drawn row by row when even its widest words do not fit (see _fitting_table_class)."""
+    cls = _fitting_table_class()
+    kwargs.setdefault("box", cls.default_box)
+    kwargs.setdefault("show_edge", False)
+    kwargs.setdefault("padding", (0, 1))
+    kwargs.setdefault("collapse_padding", True)
+    return cls(*args, **kwargs)
 
 
 out = _LazyConsole(stderr=False)
@@ -142,10 +235,10 @@ def _epoch_progress(total: int):
 
 def _history_table(history: dict[str, list[float]]) -> Table:
     table = Table(title="training history")
-    table.add_column("epoch", justify="right")
+    table.add_column("epoch", justify="right", no_wrap=True)
     keys = [k for k in ("loss", "accuracy", "val_loss", "val_accuracy") if k in history]
     for key in keys:
-        table.add_column(key, justify="right")
+        table.add_column(key, justify="right", no_wrap=True)
     for i in range(len(history[keys[0]])):
         table.add_row(str(i + 1), *(f"{history[k][i]:.4f}" for k in keys))
     return table
@@ -269,8 +362,9 @@ def train_char_rnn(
 
 def _audit_table(audit: list[dict]) -> Table:
     table = Table(title="graph audit: each Keras layer → the ONNX ops it became")
+    # Names fold (a user's layer name can be long), op lists and notes wrap at their spaces: no cell is cut.
     for name in ("layer", "class", "ONNX ops", "time loop", "note"):
-        table.add_column(name)
+        table.add_column(name, overflow="fold", no_wrap=name == "time loop")
     for entry in audit:
         ops = entry["onnx_ops"]
         loop = "fused" if entry["fused"] else ("LOOP" if {"Loop", "Scan"} & set(ops) else "—")
@@ -295,6 +389,9 @@ def export(
 
     Example: edge-rnn export my_model.keras --out models/my_model --labels labels.txt --data test.npz
     """
+    if not os.path.lexists(model):  # answered before the exporter imports onnx, onnxruntime and TensorFlow
+        raise ModelFileError(f"no file or folder {model} — give a .keras model file or an exported model folder "
+                             "(edge-rnn export MODEL.keras)")
     from .exporter import export as run_export
 
     report = run_export(model, cfg=ExportConfig(opset=opset), out=out_dir, labels=labels, fail_on_loop=fail_on_loop, trust_h5=trust_h5,
@@ -315,6 +412,12 @@ def export(
     for role, path in report.files.items():
         ops = ", ".join(f"{op}×{n}" for op, n in report.graphs.get(role, {}).items())
         out.print(escape(path, limit=MAX_PATH_CHARS) + (f" (opset {report.opset}): {escape(ops, limit=None)}" if ops else ""), highlight=False)
+    by_command: dict[str, list[str]] = {}
+    for name, command in report.removed.items():
+        by_command.setdefault(command, []).append(name)
+    for command, names in by_command.items():
+        out.print(f"removed {escape(', '.join(names), limit=MAX_MESSAGE_CHARS)} (made from the previous weights) — "
+                  f"{escape(command, limit=MAX_MESSAGE_CHARS)}", highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -344,9 +447,11 @@ def quantize(
         [], "--calibration-data",
         help="int8-static calibration only: an .npz or .npy folder (as --data), or FILE.npy / NAME=FILE.npy per input (default: --data, else a built-in's training data).",
     ),
+    as_json: bool = typer.Option(False, "--json", help="Print each variant's full coverage record as one JSON document on stdout (nothing else on stdout)."),
 ) -> None:
-    """Quantize DIR/model.onnx (and the step model) with onnxruntime.quantization and report what was quantized; with
-    --data, judge every variant on your data (exit 1 when one breaks its promise; it is still written and recorded).
+    """Quantize DIR/model.onnx (and the step model) with onnxruntime.quantization; print per file what became int8 and
+    how, node by node (read from the file), what stayed float and why, and a verdict. With --data, judge every variant
+    on your data (exit 1 when one breaks its promise; it is still written and recorded).
 
     Example: edge-rnn quantize models/co2 --variant int8 --data co2_test.npz --max-drop 2
     """
@@ -358,12 +463,17 @@ def quantize(
 
     reports = run_quantize(model_dir, variants=tuple(variant), calibration=calibration, calibration_data=calibration_data,
                            data=data, metric=metric, max_drop=max_drop, max_rows=max_rows, accuracy_aware=accuracy_aware)
+    if as_json:
+        doc = {"model_dir": str(model_dir), "variants": [
+            {"variant": r.variant, "role": r.role, "path": str(r.path), "bytes": r.bytes, "fp32_bytes": r.fp32_bytes,
+             "verdict": r.verdict_line(), "coverage": r.coverage} for r in reports]}
+        typer.echo(json.dumps(doc, ensure_ascii=False))
+        return
     for report in reports:
-        ops = ", ".join(f"{op}×{n}" for op, n in report.op_counts.items())
-        out.print(f"{escape(report.path, limit=MAX_PATH_CHARS)}: {report.bytes:,} bytes ({report.bytes / report.fp32_bytes:.2f}× fp32) — {escape(ops, limit=None)}",
-                  highlight=False)
-        for line in report.judgement_lines():
-            out.print(f"  {escape(line, limit=MAX_MESSAGE_CHARS)}", highlight=False, soft_wrap=True)
+        out.print(f"{escape(report.path, limit=MAX_PATH_CHARS)} ({escape(report.role)}): {report.bytes:,} bytes, "
+                  f"{report.bytes / report.fp32_bytes:.2f}× the fp32 file", highlight=False)
+        for line in _coverage_lines(report):
+            out.print(line, highlight=False)
         drift = report.coverage.get("step_drift")
         if drift and "note" in drift:
             out.print(f"  step drift: {escape(drift['note'], limit=MAX_MESSAGE_CHARS)}", highlight=False)
@@ -372,7 +482,35 @@ def quantize(
             out.print(f"  step drift vs fp32 over {drift['steps']:,} steps{streams}: outputs max|Δ| "
                       f"{max(drift['outputs_max_abs_diff'].values(), default=0.0):.2e}, state max|Δ| "
                       f"{max(drift['state_max_abs_diff'].values(), default=0.0):.2e}", highlight=False)
-        out.print(f"  coverage: {escape(json.dumps(report.coverage), limit=None)}", highlight=False)
+        if report.verdict is not None or report.accuracy_control:
+            for line in report.judgement_lines():
+                out.print(f"  {escape(line, limit=MAX_MESSAGE_CHARS)}", highlight=False, soft_wrap=True)
+        out.print(f"  [bold]verdict[/] {escape(report.verdict_line(), limit=MAX_MESSAGE_CHARS)}", highlight=False)
+
+
+# The coverage table's columns (node, weights stored as, computed as, weight bytes): 2 + 28 + 1 + 7 + 1 + 30 + 1 + 10 = 80.
+_COVERAGE_WIDTHS = (28, 7, 30, 10)
+
+
+def _coverage_lines(report) -> list[str]:
+    """Per node that computes with weights: how they are stored and computed (read from the file), then the int8 and
+    float totals and why each float op stayed float; lines of at most 80 columns, names escaped."""
+    def cells(values: list[str]) -> str:
+        node, stored, computed, size = (shown(v, limit=w) for v, w in zip(values, _COVERAGE_WIDTHS))
+        w = _COVERAGE_WIDTHS
+        return escape(f"  {node:<{w[0]}} {stored:<{w[1]}} {computed:<{w[2]}} {size:>{w[3]}}".rstrip(), limit=None)
+
+    rows = report.coverage_rows()
+    lines = [cells(["node (layer)", "weights", "computed as", "bytes"])]
+    lines += [cells([r["node"], r["stored"], r["computed"], f"{r['bytes']:,}"]) for r in rows]
+    if not rows:
+        lines.append("  (no node computes with weights)")
+    quantized = ", ".join(f"{op}×{n}" for op, n in report.coverage.get("quantized", {}).items()) or "nothing"
+    lines.append(f"  int8: {escape(quantized, limit=None)}" if report.variant != "fp16" else
+                 f"  float16: {escape(', '.join(f'{op}×{n}' for op, n in report.coverage.get('float16', {}).items()) or 'nothing', limit=None)}")
+    for op, entry in report.coverage.get("still_float", {}).items():
+        lines.append(f"  float: {escape(op)}×{entry['count']} ({entry['weight_bytes']:,} bytes) — {escape(entry['why'], limit=MAX_MESSAGE_CHARS)}")
+    return lines
 
 
 @app.command("ort")
@@ -414,10 +552,16 @@ def infer(
 
     result = run_infer(model, inputs or [], named=named, top_k=top_k, threads=threads or None, role=role)
     if as_json:
-        rows = [
-            {"input": p.input, "label": p.label, "probability": p.probability, "top": [{"label": l, "probability": q} for l, q in p.top]}
-            for p in result.predictions
-        ]
+        # Every row: `labels` those chosen; `label`/`probability` the one chosen (a binary classifier's probability is
+        # of that label; multilabel: the surest of those chosen, null when none is) and `top` the k best; multilabel
+        # rows add `scores`, each label's own probability and whether it is chosen (≥ 0.5).
+        rows = []
+        for p in result.predictions:
+            row = {"input": p.input, "kind": p.kind, "label": p.label if p.chosen else None, "probability": p.probability,
+                   "labels": p.chosen, "top": [{"label": l, "probability": q} for l, q in p.top]}
+            if p.kind == "multilabel":
+                row["scores"] = [{"label": l, "probability": q, "chosen": l in p.chosen} for l, q in p.scores]
+            rows.append(row)
         payload = {"model": str(model), "predictions": rows}
         if result.outputs:
             payload["outputs"] = {name: y.tolist() for name, y in result.outputs.items()}
@@ -425,7 +569,13 @@ def infer(
         print(json.dumps(payload, indent=2, allow_nan=False))
         return
     # Plain text, not a rich table: the device's answer should not wait for rich's ~25 ms import.
-    if result.predictions:
+    if result.predictions and result.predictions[0].kind == "multilabel":
+        # Each label its own yes/no at 0.5: the labels chosen, then every label's probability.
+        names = [label for label, _ in result.predictions[0].scores]
+        rows = [[shown(p.input), ", ".join(shown(l) for l in p.chosen) or "(none)", *(f"{q:.4f}" for _, q in p.scores)]
+                for p in result.predictions]
+        print(_plain_table(["input", "labels (p ≥ 0.5)", *(shown(n) for n in names)], rows))
+    elif result.predictions:
         headers = ["input", "label", "probability"] + ([f"top {top_k}"] if top_k > 1 else [])
         rows = [[shown(p.input), shown(p.label), f"{p.probability:.4f}"]
                 + (["  ".join(f"{shown(l)}:{q:.3f}" for l, q in p.top)] if top_k > 1 else []) for p in result.predictions]
@@ -500,7 +650,7 @@ def stream(
     Example: edge-rnn stream models/sensor/model.step.onnx --input window.npy --max-steps 100
     """
     from .device.inputs import MAX_JSON_LINE_BYTES
-    from .device.runtime import stream as run_stream
+    from .device.runtime import labelled_stream, short_floats
     from .device.text import utf8_lines
 
     # stdin's bytes, decoded as UTF-8 whatever the locale says (a line that is not UTF-8 is refused by number).
@@ -508,11 +658,17 @@ def stream(
     if not inputs and stdin is None:
         raise EdgeRnnError("no --input and no stdin to read JSON rows from — give --input FILE.npy, or pipe one JSON row per line")
     lines = None if inputs else utf8_lines(stdin, max_bytes=MAX_JSON_LINE_BYTES)
-    steps = run_stream(model, inputs=inputs, lines=lines, max_steps=max_steps, threads=threads or None, role=role)
-    for t, outputs in enumerate(steps):
-        # Batch 1: each output without its batch axis. Flushed line by line: this is the device loop. The steps are
-        # finite (run_stream refuses a step that overflowed), so every line is JSON.
-        print(json.dumps({"step": t, "outputs": {name: y[0].tolist() for name, y in outputs.items()}}, allow_nan=False), flush=True)
+    steps = labelled_stream(model, inputs=inputs, lines=lines, max_steps=max_steps, threads=threads or None, role=role)
+    for t, (outputs, p) in enumerate(steps):
+        # Batch 1: each output without its batch axis, floats at their own precision (float32: ~7 digits, not the 17 of
+        # its double). Flushed line by line: this is the device loop. The steps are finite (the stream refuses a step
+        # that overflowed), so every line is JSON. Where the manifest has labels: the step's label(s), as `infer`'s.
+        line = {"step": t, "outputs": {name: short_floats(y[0]) for name, y in outputs.items()}}
+        if p is not None:
+            line.update({"label": p.label if p.chosen else None, "probability": short_floats(p.probability, dtype="float32"),
+                         "labels": p.chosen})
+        print(json.dumps(line, allow_nan=False), flush=True)
+
 
 
 @app.command("bundle")
@@ -551,7 +707,8 @@ def _metrics_table(recorded) -> Table:
     """RecordedMetrics as a table: one row per bundled model."""
     table = Table(title=f"recorded at bundling on {escape(recorded.data)}: {recorded.examples:,} examples, batch {recorded.batch}")
     for column in ("role", "output", "metric", "value", "95% interval", "promise"):
-        table.add_column(column, justify="right" if column in ("value", "95% interval") else "left")
+        figure = column in ("value", "95% interval")
+        table.add_column(column, justify="right" if figure else "left", no_wrap=figure, overflow="ellipsis" if figure else "fold")
     for m in recorded.roles:
         interval = "" if m.low is None or m.high is None else f"{_figure_text(m.metric, m.low, unit=False, digits=3)}–{_figure_text(m.metric, m.high, digits=3)}"
         promise = {True: "kept", False: "BROKEN", None: "—"}[m.ok]
@@ -571,6 +728,12 @@ def verify_cmd(
     """
     from .device.api import verify_bundle
 
+    if bundle.is_dir() or bundle.suffix.lower() in (".keras", ".h5", ".hdf5", ".onnx", ".ort"):
+        # What a user has before a bundle exists: the next step is the command that makes one.
+        folder = bundle if bundle.is_dir() else bundle.parent / bundle.stem if bundle.suffix.lower() in (".keras", ".h5", ".hdf5") else bundle.parent
+        first = f"edge-rnn export {bundle}, then " if bundle.suffix.lower() in (".keras", ".h5", ".hdf5") else ""
+        raise EdgeRnnError(f"{bundle} is not a bundle (a .tar.gz made by edge-rnn bundle) — make one: {first}edge-rnn bundle "
+                           f"{folder} -o {folder.name or 'model'}.tar.gz, then verify that file")
     checked = verify_bundle(bundle, run=run)
     for line in checked.lines:
         out.print(f"  {escape(line, limit=MAX_MESSAGE_CHARS)}", highlight=False)
@@ -617,43 +780,172 @@ def sample_numpy(
     _print_as_made(prime, chars)
 
 
-def _bench_tables(report) -> list[Table]:
-    """The measurements, the quantization coverage of each variant, and the targets as ratios."""
+BENCH_WIDE_ONLY = "load ms, p90, /s at the smaller batches, peak MB"
+
+
+def _bench_score_text(r, head: str) -> str:
+    """A bench row's accuracy cell under the compact table's heading: the figure, then its 95% interval (it wraps)."""
+    from .bench.report import accuracy_text
+
+    if r.accuracy is None:
+        return "—"
+    if head not in ("accuracy", "nats/char"):
+        return accuracy_text(r.metric, r.accuracy, r.accuracy_interval)
+    value, bound = (f"{r.accuracy:.2%}", "{:.1%}") if head == "accuracy" else (f"{r.accuracy:.4f}", "{:.4f}")
+    iv = r.accuracy_interval
+    return value + ("" if iv is None or None in iv else f" ({bound.format(iv[0])}–{bound.format(iv[1])})")
+
+
+def _recommendation_table(model: str, results, big: str | None) -> Table | None:
+    """For a user's model: the row to ship for each use — smallest file, fastest at batch 1, fastest at the largest
+    batch, most accurate where bench scored it on data — with its figure, fp32 onnxruntime's beside it, and its score.
+    The candidates are the model's own files (not the plain tf2onnx baselines); the step row, timed one step at a
+    time, is the pick for streaming."""
+    from .bench.report import accuracy_text, max_abs_diff_text
+
+    fp32 = next((r for r in results if (r.variant, r.runtime) == ("fp32", "onnxruntime")), None)
+    whole = [r for r in results if not r.variant.endswith("-plain") and r.variant != "step"]
+    if not whole:
+        return None
+    score = lambda r: accuracy_text(r.metric, r.accuracy, None) if r.accuracy is not None else f"max|Δ| {max_abs_diff_text(r.max_abs_diff)}"  # noqa: E731
+    kib = lambda r: f"{r.size_bytes / 1024:,.0f} KiB"  # noqa: E731
+    ms = lambda r: f"{_ms(r.latency_ms['p50'])} ms"  # noqa: E731
+    picks = [("smallest file", min(whole, key=lambda r: (r.size_bytes, r.latency_ms["p50"])), kib),
+             ("fastest at batch 1", min(whole, key=lambda r: r.latency_ms["p50"]), ms)]
+    if big:
+        picks.append((f"fastest at batch {big}", max(whole, key=lambda r: r.throughput_per_s[big]), lambda r: f"{_per_s(r.throughput_per_s[big])}/s"))
+    scored = [r for r in whole if r.accuracy is not None]
+    if scored:
+        lower = not scored[0].metric.endswith("accuracy")
+        best = min(scored, key=lambda r: ((r.accuracy if lower else -r.accuracy), r.size_bytes))
+        picks.append(("most accurate", best, lambda r: accuracy_text(r.metric, r.accuracy, None)))
+    step = next((r for r in results if r.variant == "step"), None)
+    if step is not None:
+        picks.append(("streaming", step, lambda r: f"{_ms(r.latency_ms['p50'])} ms/step"))
+    table = Table(title=f"{escape(model)}: which file for which use (the targets are the built-in models'; "
+                        f"timings at batch 1 unless stated)", pad_edge=False)
+    for name in ("use", "pick", "figure", "fp32 ort", "answers"):
+        table.add_column(name, no_wrap=name in ("figure", "fp32 ort"), justify="right" if name in ("figure", "fp32 ort") else "left")
+    for use, r, figure in picks:
+        versus = "—" if fp32 is None or r.variant == "step" else figure(fp32)
+        table.add_row(use, f"{escape(r.variant)} {escape(r.runtime)}", figure(r), versus, score(r))
+    return table
+
+
+def _bench_tables(report, *, wide: bool = False, width: int = 80) -> list[Table]:
+    """The measurements, the quantization coverage of each variant, and the targets as ratios.
+
+    By default one table per model, of the columns that fit 80 characters: variant, runtime, KiB, p50 and p99 ms at
+    batch 1, throughput at the largest batch, then accuracy (or the metric on --data), max |Δ| and top-1 agreement
+    vs onnxruntime fp32 where any row has them. `wide`: every column, every model in one table (--json keeps all)."""
     m = report.machine
     from .bench.report import accuracy_text, max_abs_diff_text
     from .device.hostinfo import describe
 
     scored = report.config.get("data")
+    quick = report.config.get("quick")
     on_data = f"; accuracy: on {escape(scored['file'])} at batch 1, 95% interval" if scored else ""
-    rows = Table(title=f"edge-rnn bench — {describe(m['cpu_features'])}, {m['threads']} thread(s), opt level {report.config['opt_level']}{on_data}")
+    host = f"{describe(m['cpu_features'])}, {m['threads']} thread(s), opt level {report.config['opt_level']}"
+    timing = "QUICK: ~0.1 s of timing per row, one round — indicative figures (drop --quick to measure)." if quick else ""
     batches = [str(b) for b in report.config["batch_sizes"]]
     diffs = any(r.max_abs_diff for r in report.results)
-    for name in ("model", "variant", "runtime", "size KiB", "load ms", "p50 ms", "p90 ms", "p99 ms",
-                 *(f"/s @{b}" for b in batches), "peak MB", "accuracy", *(["max|Δ| fp32"] if diffs else []), "agree fp32"):
-        rows.add_column(name, justify="left" if name in ("model", "variant", "runtime") else "right")
-    for r in report.results:
-        agree = "—" if r.agreement_with_fp32 is None else f"{r.agreement_with_fp32:.2%}"
-        rows.add_row(escape(r.model), escape(r.variant), escape(r.runtime), f"{r.size_bytes / 1024:,.0f}", f"{r.load_ms:.1f}",
-                     *(f"{r.latency_ms[p]:.3f}" for p in ("p50", "p90", "p99")),
-                     *(f"{r.throughput_per_s[b]:,.0f}" for b in batches), f"{r.peak_rss_mb:.0f}",
-                     accuracy_text(r.metric, r.accuracy, r.accuracy_interval), *([max_abs_diff_text(r.max_abs_diff)] if diffs else []), agree)
-    coverage = Table(title="quantization coverage (onnxruntime rows)")
-    for name in ("model", "variant", "quantized", "runs as int8", "still float (why)", "weights vs fp32"):
-        coverage.add_column(name)
-    for r in report.results:
-        if r.coverage is None or r.variant == "fp32":
+    agree_text = lambda r: "—" if r.agreement_with_fp32 is None else f"{r.agreement_with_fp32:.2%}"  # noqa: E731
+    from rich.console import Console
+
+    console = Console(width=width)
+    tables = []
+    if wide:
+        rows = Table(title=f"edge-rnn bench — {host}{on_data}", caption=timing or None, caption_justify="left", pad_edge=False)
+        for name in ("model", "variant", "runtime", "size KiB", "load ms", "p50 ms", "p90 ms", "p99 ms",
+                     *(f"/s @{b}" for b in batches), "peak MB", "accuracy", *(["max|Δ| fp32"] if diffs else []), "agree fp32"):
+            text = name in ("model", "variant", "runtime", "accuracy")
+            rows.add_column(name, justify="left" if text else "right", no_wrap=not text, overflow="fold")
+        for r in report.results:
+            rows.add_row(escape(r.model), escape(r.variant), escape(r.runtime), f"{r.size_bytes / 1024:,.0f}", _ms(r.load_ms),
+                         *(_ms(r.latency_ms[p]) for p in ("p50", "p90", "p99")),
+                         *(_per_s(r.throughput_per_s[b]) for b in batches), f"{r.peak_rss_mb:.0f}",
+                         accuracy_text(r.metric, r.accuracy, r.accuracy_interval), *([max_abs_diff_text(r.max_abs_diff)] if diffs else []),
+                         agree_text(r))
+        tables.append(rows)
+    else:
+        big = batches[-1] if batches else None
+        models = list(dict.fromkeys(r.model for r in report.results))
+        for k, model in enumerate(models):
+            results = [r for r in report.results if r.model == model]
+            has_acc = any(r.accuracy is not None for r in results)
+            has_diff = any(r.max_abs_diff for r in results)
+            has_agree = any(r.agreement_with_fp32 is not None for r in results)
+            metrics = {r.metric for r in results if r.accuracy is not None}
+            acc_head = ("nats/char" if metrics == {"val_nats_per_char"} else "accuracy" if all(x.endswith("accuracy") for x in metrics)
+                        else escape(metrics.pop()) if len(metrics) == 1 else "metric")
+            cells = {"variant": lambda r: escape(r.variant), "runtime": lambda r: escape(r.runtime),
+                     "KiB": lambda r: f"{r.size_bytes / 1024:,.0f}", "p50 ms": lambda r: _ms(r.latency_ms["p50"]),
+                     "p99 ms": lambda r: _ms(r.latency_ms["p99"])}
+            if big:
+                cells[f"/s @{big}"] = lambda r: _per_s(r.throughput_per_s[big])
+            if has_acc:
+                cells[acc_head] = lambda r, head=acc_head: _bench_score_text(r, head)
+            if has_diff:
+                cells["max|Δ|"] = lambda r: max_abs_diff_text(r.max_abs_diff)
+            if has_agree:
+                cells["agree"] = agree_text
+            # Narrower than the terminal: p99, then max|Δ| (kept in the JSON) give way before any figure is cut.
+            left_out = []
+            for drop in (None, "p99 ms", "max|Δ|"):
+                if drop is not None and drop in cells and len(cells) > 2:
+                    del cells[drop]
+                    left_out.append(drop)
+                table = Table(title=f"edge-rnn bench {escape(model)} — {host}{on_data}", caption_justify="left", pad_edge=False)
+                for i, name in enumerate(cells):
+                    text = i < 2 or name == acc_head
+                    # The score wraps at its space (figure, then interval), never inside a figure.
+                    table.add_column(name, justify="left" if text else "right", no_wrap=i < 2 or not text)
+                for r in results:
+                    table.add_row(*(cell(r) for cell in cells.values()))
+                if table.needed_width(console, console.options) <= width:
+                    break
+            caption = [timing] if timing else []
+            if left_out:
+                caption.append(f"Left out at this width: {', '.join(left_out)} (--wide shows every column).")
+            if k == len(models) - 1:
+                caption.append(f"{'p50, p99' if 'p99 ms' in cells else 'p50'}: ms per call at batch 1; /s @{big}: samples (sequences) per second at batch {big}"
+                               + ("; max|Δ|, agree: vs onnxruntime fp32" if diffs or has_agree else "")
+                               + f". --wide adds {BENCH_WIDE_ONLY}; --json keeps every figure.")
+            table.caption = " ".join(caption) or None
+            tables.append(table)
+    for model in dict.fromkeys(r.model for r in report.results):
+        quantized_rows = [r for r in report.results if r.model == model and r.coverage is not None and r.variant != "fp32"]
+        if not quantized_rows:
             continue
-        c = r.coverage
-        fmt = lambda ops: ", ".join(f"{escape(op)}×{n}" for op, n in ops.items()) or "—"  # noqa: E731
-        floats = "; ".join(f"{escape(op)}×{v['count']} ({escape(v['why'])})" for op, v in c.get("still_float", {}).items()) or "—"
-        quantized = fmt(c.get("quantized", {})) if c.get("quantized") else ("all weights → float16" if "float16" in c else "—")
-        coverage.add_row(escape(r.model), escape(r.variant), quantized, fmt(c.get("runtime_int8_ops", {})), floats, f"{c['size']['weight_ratio']:.2f}×")
-    targets = Table(title="targets (batch-1 p50 latency unless stated)")
+        # An op a line; why an op stayed float is a line under the table: the op names never fold.
+        coverage = Table(title=f"{escape(model)}: quantization coverage (onnxruntime rows)", caption_justify="left", pad_edge=False)
+        for name in ("variant", "quantized", "runs as int8", "still float", "weights\nvs fp32"):
+            coverage.add_column(name, no_wrap=name != "still float", justify="right" if name.startswith("weights") else "left")
+        whys = []
+        for r in quantized_rows:
+            c = r.coverage
+            fmt = lambda ops: "\n".join(f"{escape(op)}×{n}" for op, n in ops.items()) or "—"  # noqa: E731
+            still = c.get("still_float", {})
+            whys += [f"{escape(r.variant)} {escape(op)}: {escape(v['why'], limit=MAX_MESSAGE_CHARS)}" for op, v in still.items()]
+            quantized = fmt(c.get("quantized", {})) if c.get("quantized") else ("all weights\n→ float16" if "float16" in c else "—")
+            coverage.add_row(escape(r.variant), quantized, fmt(c.get("runtime_int8_ops", {})), fmt({op: v["count"] for op, v in still.items()}),
+                             f"{c['size']['weight_ratio']:.2f}×")
+        coverage.caption = ("Still float: " + "; ".join(whys) + ".") if whys else None
+        tables.append(coverage)
+    # The targets are the built-in models' (mnist-lstm, char-rnn); a user's model gets a pick per use instead.
+    kinds = report.config.get("kinds", {})
+    users = [m for m in dict.fromkeys(r.model for r in report.results) if kinds.get(m) == "outputs"]
+    built_in = [t for t in report.targets if not any(t.name.startswith(f"{m}: ") for m in users)]
+    targets = Table(title="targets (batch-1 p50 latency unless stated)", pad_edge=False)
     for name in ("target", "measured", "goal", "met"):
-        targets.add_column(name)
-    for t in report.targets:
-        targets.add_row(t.name, f"{t.ratio:.3g}", t.goal, "[green]yes[/]" if t.met else "[red]no[/]")
-    return [rows, coverage, targets] + ([_budget_table(report.budget)] if report.budget is not None and report.budget.rows else [])
+        targets.add_column(name, no_wrap=name != "target", justify="right" if name == "measured" else "left")
+    for t in built_in:
+        targets.add_row(escape(t.name, limit=None), f"{t.ratio:.3g}", t.goal, "[green]yes[/]" if t.met else "[red]no[/]")
+    tables += [targets] if built_in else []
+    for model in users:
+        table = _recommendation_table(model, [r for r in report.results if r.model == model], batches[-1] if batches else None)
+        tables += [table] if table is not None else []
+    return tables + ([_budget_table(report.budget)] if report.budget is not None and report.budget.rows else [])
 
 
 def _budget_table(report) -> Table:
@@ -695,6 +987,9 @@ def bench(
     time_steps: Optional[int] = typer.Option(None, "--time-steps", min=1, max=MAX_TIME_STEPS, help="Time steps for models with a dynamic time axis (default 32; a fixed axis keeps its length)."),
     data: Optional[Path] = typer.Option(None, "--data", help="Labelled data (FILE.npz or a folder of .npy, as for evaluate) every row answers at batch 1 (its first rows, up to a cap a note names): the accuracy column becomes its metric with a 95% interval. One model folder."),
     budget: bool = typer.Option(False, "--budget", help="Only the per-step budget of each step model: state bytes per stream, weights bytes, peak memory and step latency p50/p99 at one stream. Needs numpy and onnxruntime alone: runs on a board's device install."),
+    quick: bool = typer.Option(False, "--quick", help="About 0.1 s of timing per row and one round (unless --runs/--rounds say otherwise): a first look in seconds, figures marked indicative in the table and the JSON."),
+    wide: bool = typer.Option(False, "--wide", help=f"Every column in one table ({BENCH_WIDE_ONLY} too), for a wide terminal."),
+    verbose: bool = typer.Option(False, "--verbose", help="Let onnxruntime, tf2onnx, TensorFlow and Python warnings print their logs."),
 ) -> None:
     """Measure size, load time, latency, throughput, memory and accuracy (max |Δ| vs ONNX fp32 for exported Keras models,
     or with --data the metric on your data) of every variant and baseline, side by side, and each step model's budget.
@@ -707,7 +1002,7 @@ def bench(
     from .bench.report import write_json
 
     if budget:
-        for flag, value in (("--plot", plot), ("--data", data), ("--time-steps", time_steps)):
+        for flag, value in (("--plot", plot), ("--data", data), ("--time-steps", time_steps), ("--quick", quick or None), ("--wide", wide or None)):
             if value is not None:
                 raise EdgeRnnError(f"{flag} is not used with --budget, which steps each step model at one stream — drop it")
         _bench_budget(model_dirs or default_model_dirs(), threads=threads, opt_level=opt_level, steps=runs, rounds=rounds, json_path=json_path)
@@ -716,19 +1011,23 @@ def bench(
     from .bench.report import plot as draw_plot
 
     cfg = BenchConfig(threads=threads, opt_level=opt_level, runs=runs or BenchConfig.runs, calibration=calibration,
-                      rounds=rounds or BenchConfig.rounds, time_steps=time_steps)
+                      rounds=rounds or BenchConfig.rounds, time_steps=time_steps, verbose=verbose)
+    if quick:
+        cfg = cfg.quick_config(runs=runs, rounds=rounds)
     if plot is not None:
         check_plot_path(plot)
     report = run_bench(
         model_dirs or default_model_dirs(), cfg=cfg,
         on_row=lambda model, variant, runtime: err.print(f"measuring {escape(model)} {escape(variant)} on {escape(runtime)}", highlight=False), data=data,
     )
-    _warn(report.notes)
+    # Wrapped to the terminal: a row missing and why, a variant made, a row that failed.
+    for note in report.notes:
+        err.print(f"[bold yellow]note:[/] {escape(note, limit=MAX_MESSAGE_CHARS)}", highlight=False)
     if json_path is not None:
         write_json(report, path=json_path)
     if plot is not None:
         draw_plot(report, path=plot)
-    for table in _bench_tables(report):
+    for table in _bench_tables(report, wide=wide, width=out.width):
         out.print(table)
     for path in (json_path, plot):
         if path is not None:
@@ -757,13 +1056,17 @@ CHECK_STATUS = {"ok": "[green]ok[/]", "wrong": "[bold red]WRONG[/]", "cannot loa
 def _check_table(report) -> Table:
     """One row per runtime: version, status, max |Δ| per input set, top-1 agreement, batch-1 latency (reasons below it)."""
     sets = ", ".join(f"{n} {name}" for name, n in report.sets.items())
-    table = Table(title=f"edge-rnn check: {escape(report.file, limit=MAX_PATH_CHARS)} vs the {escape(report.expected_from)} on {sets} inputs")
-    for name in ("runtime", "version", "answers", *(f"max|Δ| {s[:3] if s == 'reference' else s}" for s in report.sets), "top-1", "ms b1"):
-        table.add_column(name, justify="right" if name.startswith(("max", "top", "p50")) else "left", no_wrap=True)
+    table = Table(title=f"edge-rnn check: {escape(report.file, limit=MAX_PATH_CHARS)} vs the {escape(report.expected_from)} on {sets} inputs",
+                  pad_edge=False)
+    # Figures never wrap; a long version folds, a status wraps at its space: 80 columns hold every figure.
+    short = {"reference": "ref", "random": "rand"}
+    for name in ("runtime", "version", "answers", *(f"max|Δ| {escape(short.get(s, s))}" for s in report.sets), "top-1", "ms b1"):
+        table.add_column(name, justify="right" if name.startswith(("max", "top", "ms")) else "left", no_wrap=name not in ("version", "answers"),
+                         overflow="fold" if name == "version" else "ellipsis")
     for r in report.results:
         diffs = [f"{max(r.max_abs_diff[s].values()):.1e}" if r.max_abs_diff.get(s) else "—" for s in report.sets]
         agree = "—" if r.agreement is None else f"{r.agreement:.2%}"
-        latency = "—" if r.latency_ms is None else f"{r.latency_ms:.3f}"
+        latency = "—" if r.latency_ms is None else _ms(r.latency_ms)
         table.add_row(escape(r.runtime), escape(r.version or "—"), CHECK_STATUS[r.status], *diffs, agree, latency)
     return table
 

@@ -258,9 +258,16 @@ def test_user_model_renders(user_report, tmp_path):
     text = markdown(doc)
     assert "max\\|Δ\\| fp32" in text and "| sensor | fp32-plain | onnxruntime |" in text
     console = Console(record=True, width=250)
-    for table in _bench_tables(report):
+    for table in _bench_tables(report, wide=True, width=250):
         console.print(table)
     assert "max|Δ| fp32" in console.export_text()
+    # The default (80-column) table keeps the column, and the int8 row's max |Δ| is there whole.
+    int8 = next(r for r in report.results if (r.variant, r.runtime) == ("int8", "onnxruntime"))
+    narrow = Console(record=True, width=80)
+    for table in _bench_tables(report):
+        narrow.print(table)
+    text = narrow.export_text()
+    assert "max|Δ|" in text and f"{max(int8.max_abs_diff.values()):.1e}" in text and "…" not in text
     if importlib.util.find_spec("matplotlib") is not None:
         plot(report, path=tmp_path / "bench.png")
         assert (tmp_path / "bench.png").read_bytes()[:4] == b"\x89PNG"

@@ -91,6 +91,9 @@ BENCH_DATA_ROWS = 1_000
 # Rows read from the data at a time in the measuring child.
 DATA_CHUNK = 256
 
+# `bench --quick`: at least this many timed batch-1 runs per row (and 0.1 s), stopping after 0.1 s once they are done.
+QUICK_RUNS = 20
+
 # Called before each row with (model, variant, runtime).
 RowCallback = Callable[[str, str, str], None]
 
@@ -119,6 +122,15 @@ class BenchConfig:
     # Add each step model's per-step budget (edge_rnn.bench.budget, with its own step counts) at these threads,
     # opt level and rounds: a few seconds a model.
     budget: bool = True
+    # `bench --quick` (BenchConfig.quick_config): ~0.1 s of timing per row, one round; the figures are indicative.
+    quick: bool = False
+    # Third-party logs and warnings (onnxruntime, tf2onnx, TensorFlow, Python warnings) reach the terminal (edge_rnn.bench.quiet).
+    verbose: bool = False
+
+    def quick_config(self, *, runs: int | None = None, rounds: int | None = None) -> "BenchConfig":
+        """This config made short: ~0.1 s of batch-1 timing and ~0.05 s per batch size per row, one round (unless given)."""
+        return dataclasses.replace(self, quick=True, runs=runs or QUICK_RUNS, warmup=5, min_seconds=0.1, max_seconds=0.1,
+                                   throughput_seconds=0.05, rounds=rounds or 1)
 
 
 @dataclass
@@ -619,10 +631,14 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux and BSD: KiB
 
 
-def _child(row: _Row, cfg: BenchConfig, queue) -> None:
-    """Measure one row and put (result dict | error string) on the queue."""
+def _child(row: _Row, cfg: BenchConfig, stderr_path: str | None, queue) -> None:
+    """Measure one row and put (result dict | error string) on the queue; unless cfg.verbose, the libraries' logs are
+    dropped and the process's stderr goes to `stderr_path` (the parent quotes its last line if the process dies)."""
+    from .quiet import quiet_libraries, stderr_to
+
     try:
-        out = MEASURES[row.kind](row, cfg)
+        with quiet_libraries(not cfg.verbose), stderr_to(stderr_path):
+            out = MEASURES[row.kind](row, cfg)
         out["peak_rss_mb"] = _peak_rss_mb()
         queue.put(out)
     except (EdgeRnnError, ImportError, RuntimeError, ValueError, OSError) as exc:
@@ -632,13 +648,20 @@ def _child(row: _Row, cfg: BenchConfig, queue) -> None:
 
 
 def _run_row(row: _Row, cfg: BenchConfig) -> dict[str, Any] | str:
-    got = run_in_child(_child, (row, cfg), threads=cfg.threads, timeout_s=cfg.row_timeout, poll_s=1.0)
+    from .quiet import last_line
+
+    with tempfile.TemporaryDirectory(prefix="edge-rnn-row-") as tmp:
+        stderr_path = None if cfg.verbose else str(Path(tmp) / "stderr.txt")
+        got = run_in_child(_child, (row, cfg, stderr_path), threads=cfg.threads, timeout_s=cfg.row_timeout, poll_s=1.0)
+        said = last_line(stderr_path) if stderr_path is not None and got.died is not None else ""
     if got.timed_out:
         return f"no result within {cfg.row_timeout:.0f} s"
     if got.error is not None:
         return got.error
     if got.died is not None:
-        return f"the measuring process died (exit code {got.died}) — see its stderr above"
+        if cfg.verbose:
+            return f"the measuring process died (exit code {got.died}) — see its stderr above"
+        return f"the measuring process died (exit code {got.died})" + (f"; its last words: {said}" if said else "") + " — --verbose shows its whole stderr"
     return got.value
 
 
@@ -893,12 +916,26 @@ def _plan_model(
         keras_path = verified_file(manifest, model_dir, "keras")
         for runtime in kind.keras_runtimes:
             rows.append(row("fp32", runtime, keras_path))
-        if kind.litert:
-            if _has("ai_edge_litert"):
-                for variant, by_batch in _litert_files(keras_model, manifest, work, cfg.batch_sizes).items():
-                    rows.append(row(variant, "litert", by_batch["1"], batch_files=by_batch))
-            else:
-                notes.append(f"{name}: LiteRT rows skipped: ai-edge-litert is not installed — pip install 'edge-rnn[bench]'")
+        if "keras-predict" not in kind.keras_runtimes:
+            notes.append(f"{name}: no keras-predict row: bench times a Keras model of yours through tf.function only "
+                         "(model.predict adds its own per-call cost on top of the same graph)")
+        if not kind.litert:
+            notes.append(f"{name}: no LiteRT rows: bench converts only the built-in mnist-lstm to LiteRT (one float input, a fixed "
+                         "shape per batch size); for yours, convert model.keras with tf.lite.TFLiteConverter and time that file")
+        elif not _has("ai_edge_litert"):
+            notes.append(f"{name}: no LiteRT rows: ai-edge-litert is not installed — pip install 'edge-rnn[bench]'")
+        else:
+            try:
+                litert_files = _litert_files(keras_model, manifest, work, cfg.batch_sizes)
+            except Exception as exc:  # the converter's own failure on this graph: a row missing, not a failed bench
+                litert_files = {}
+                reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                notes.append(f"{name}: no LiteRT rows: the TFLite converter cannot convert this model: {reason}")
+            for variant, by_batch in litert_files.items():
+                rows.append(row(variant, "litert", by_batch["1"], batch_files=by_batch))
+    elif not kind.onnx_runtimes:
+        notes.append(f"{name}: no openvino, tract, Keras or LiteRT rows: bench times this model one generated character at a time "
+                     "(state fed back), which onnxruntime and its NumPy reference run here")
     return rows, coverage, graph_ops
 
 
@@ -1023,6 +1060,15 @@ def bench(
         raise ModelFileError("no model folders given — run `edge-rnn pipeline` first, or pass model folders")
     if data is not None and len(model_dirs) != 1:
         raise EdgeRnnError(f"--data scores one model: give one model folder with it (got {len(model_dirs)})")
+    from .quiet import quiet_libraries
+
+    with quiet_libraries(not cfg.verbose):
+        return _bench(model_dirs, cfg=cfg, on_row=on_row, data=data)
+
+
+def _bench(model_dirs: Sequence[str | os.PathLike[str]], *, cfg: BenchConfig, on_row: RowCallback | None,
+           data: str | os.PathLike[str] | None) -> BenchReport:
+    """bench() once its arguments are checked."""
     notes: list[str] = []
     results: list[BenchResult] = []
     with tempfile.TemporaryDirectory(prefix="edge-rnn-bench-") as tmp:
@@ -1031,6 +1077,8 @@ def bench(
             work = Path(tmp) / model_dir.name
             work.mkdir()
             plans.append(_plan_model(model_dir, cfg, work, notes, data=Path(data) if data is not None else None))
+        # Model → how bench scored it (a KINDS key): the built-ins are "classify" and "generate", a user's model "outputs".
+        kinds = {row.model: row.kind for rows, _, _ in plans for row in rows if row.kind != STEP_KIND}
         for rows, coverage, graph_ops in plans:
             measured: list[list[dict[str, Any]]] = [[] for _ in rows]
             failed: set[int] = set()
@@ -1075,6 +1123,7 @@ def bench(
         notes += budget.notes
     config = dataclasses.asdict(cfg)
     config["batch_sizes"] = list(cfg.batch_sizes)
+    config["kinds"] = kinds
     if data is not None:
         config["data"] = {"file": Path(data).name, "max_rows": BENCH_DATA_ROWS, "batch": 1}
     return BenchReport(results, machine_info(threads=cfg.threads), config, targets(results), notes, budget)
