@@ -55,8 +55,14 @@ def variant_role(manifest: dict[str, Any], variant: str, *, model_dir: Path) -> 
     if role not in files and "_step" in role and twin in files and steppable_role(manifest, twin):
         role = twin
     if role not in files:
-        hint = "edge-rnn quantize" if role not in FP32_ROLES else "edge-rnn export"
-        raise EdgeRnnError(f"{model_dir} has no {variant} model (role {role!r}) — make it with `{hint} {model_dir}` first")
+        have = ", ".join(v for v, r in VARIANT_ROLES.items() if r in files) or "none"
+        if role == "onnx":
+            step = f"make it with `edge-rnn export {model_dir}` first"
+        elif role in FP32_ROLES:  # no step model: the export said why (manifest `step_refused`)
+            step = f"the export made none ({manifest.get('step_refused') or 'the model does not stream'})"
+        else:
+            step = f"make it with `edge-rnn quantize {model_dir} --variant {variant.removeprefix('step-')}` first"
+        raise EdgeRnnError(f"{model_dir} has no {variant} model (role {role!r}; it has: {have}) — {step}")
     return role
 
 
@@ -189,8 +195,27 @@ def _stable_rows(candidates: Bundle, inputs: dict[str, np.ndarray], outputs: dic
             delta = np.abs(got[name].astype(np.float64) - ref.astype(np.float64)).reshape(len(ref), -1).max(axis=1)
             ok &= delta <= tolerances[name]["atol"]
             if tolerances[name]["argmax_min"] is not None:
-                ok &= got[name].argmax(-1) == ref.argmax(-1)
+                from .device.labels import agreement, label_kind
+
+                ok &= agreement(ref, got[name], 0.0, kind=label_kind(manifest, classes=ref.shape[-1]))[0]
     return ok
+
+
+def _sure_first(manifest: dict[str, Any], outputs: dict[str, np.ndarray], *, count: int) -> np.ndarray:
+    """`count` candidate rows, in candidate order: for a classifier, those the source model is sure of first (up to
+    half of `count`, QUANT_CONFIDENT_MARGIN as the self-test judges it), then the others; otherwise the first `count`."""
+    from .device.labels import agreement, label_kind
+    from .tolerances import QUANT_CONFIDENT_MARGIN
+
+    total = len(next(iter(outputs.values())))
+    first = manifest["io"]["outputs"][0]["name"]
+    ref = outputs.get(first)
+    if ref is None or not _classifier_output(manifest, first, ref):
+        return np.arange(min(count, total))
+    _, sure = agreement(ref, ref, QUANT_CONFIDENT_MARGIN, kind=label_kind(manifest, classes=ref.shape[-1]))
+    chosen = set(np.flatnonzero(sure)[: count // 2].tolist())
+    chosen.update([i for i in range(total) if i not in chosen][: count - len(chosen)])
+    return np.asarray(sorted(chosen), dtype=np.intp)
 
 
 def data_digest(path: str | os.PathLike[str]) -> str:
@@ -258,12 +283,18 @@ def make_bundle(
 
     adapter = adapter_for(manifest)
     drawn: dict[str, Any] | None = None
+    source = adapter.load(model_dir, manifest)
     if data is None:
-        inputs = adapter.reference_inputs(manifest, count=config.count, time_steps=config.time_steps, seed=config.seed)
+        inputs = adapter.reference_inputs(manifest, count=config.count * config.candidates, time_steps=config.time_steps,
+                                          seed=config.seed)
     else:
         inputs, drawn = _data_reference(manifest, Path(data), count=config.count)
-    outputs = adapter.reference(adapter.load(model_dir, manifest), inputs, io=manifest["io"])
+    outputs = adapter.reference(source, inputs, io=manifest["io"])
     outputs = {name: np.asarray(y) for name, y in outputs.items()}
+    if data is None:
+        rows = _sure_first(manifest, outputs, count=config.count)
+        inputs = {k: v[rows] for k, v in inputs.items()}
+        outputs = {k: v[rows] for k, v in outputs.items()}
     if drawn is not None:
         candidates = Bundle(out_path, dict(manifest, files={r: entries[r] for r in roles}),
                             {entries[r]["path"]: files[entries[r]["path"]] for r in roles})

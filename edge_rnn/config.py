@@ -81,6 +81,9 @@ class BundleConfig:
     count: int = 16
     time_steps: int = 16
     seed: int = 0
+    # Without --data, a classifier's reference inputs are picked from `count` × this many candidates: the inputs the
+    # source model is sure of first (up to half), so the self-test's "top-1 (sure)" has inputs to judge.
+    candidates: int = 8
     # With --data, every bundled model is scored at this batch: the device's (a dynamic int8 model quantizes its
     # activations with a scale spanning its batch, so only the deployed batch gives the device's figure).
     data_batch: int = 1

@@ -369,3 +369,39 @@ def test_ort_forms_are_bundled_and_self_tested(char_dir, tmp_path):
     assert {"onnx_int8", "onnx_int8_ort", "onnx_int8_ort_config", "reference"} == set(manifest["files"])
     result = _cli("verify", out, "--run")
     assert result.exit_code == 0 and "onnx_int8_ort" in result.output, result.output
+
+
+def test_a_classifiers_reference_inputs_hold_inputs_its_source_is_sure_of(tmp_path):
+    """Without --data, a Keras classifier's reference inputs are made-up; picked sure-first from 8× candidates, so the
+    self-test's "top-1 (sure)" judges inputs (up to half the set) instead of staying blank."""
+    import keras
+
+    from edge_rnn.config import BundleConfig
+    from edge_rnn.device.labels import agreement
+    from edge_rnn.models import adapter_for
+    from edge_rnn.tolerances import QUANT_CONFIDENT_MARGIN
+
+    keras.utils.set_random_seed(0)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(512, 20, 6)).astype(np.float32)
+    y = (x[:, :, 0].mean(1) > 0).astype(np.int64) + (x[:, :, 1].mean(1) > 0.3)
+    model = keras.Sequential([keras.Input((None, 6), name="x"), keras.layers.GRU(16), keras.layers.Dense(3, activation="softmax", name="y")])
+    model.compile("adam", "sparse_categorical_crossentropy")
+    model.fit(x, y, epochs=5, verbose=0)
+    model.save(tmp_path / "c.keras")
+    (tmp_path / "labels.txt").write_text("low\nmid\nhigh\n")
+    assert _cli("export", tmp_path / "c.keras", "--labels", tmp_path / "labels.txt", "--out", tmp_path / "c").exit_code == 0
+    assert _cli("quantize", tmp_path / "c", "--variant", "int8").exit_code == 0
+    assert _cli("bundle", tmp_path / "c", "--variant", "int8", "-o", tmp_path / "c.tar.gz").exit_code == 0
+    count = BundleConfig().count
+    # What the first `count` made-up inputs alone would give: the source is sure of fewer of them.
+    from edge_rnn.device.manifest import load_manifest
+
+    manifest = load_manifest(tmp_path / "c")
+    adapter = adapter_for(manifest)
+    plain = adapter.reference(adapter.load(tmp_path / "c", manifest),
+                              adapter.reference_inputs(manifest, count=count, time_steps=16, seed=0), io=manifest["io"])["y"]
+    _, plain_sure = agreement(plain, plain, QUANT_CONFIDENT_MARGIN, kind="softmax")
+    (result,) = [r for r in self_test(open_bundle(tmp_path / "c.tar.gz")).results if r.role == "onnx_int8"]
+    assert result.ok, result
+    assert result.sure >= min(count // 2, 1 + int(plain_sure.sum())), (result.sure, int(plain_sure.sum()))
