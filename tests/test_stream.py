@@ -198,6 +198,8 @@ def test_stream_cli_equals_the_sequence_model(folders, tmp_path):
     stdin = "".join(json.dumps(row.tolist()) + "\n" for row in x)
     assert stream_lines(run_cli("stream", folder / "model.step.onnx", input=stdin)) == lines
     assert stream_lines(run_cli("stream", folder / "model.step.onnx", "--max-steps", 2, input=stdin)) == lines[:2]
+    # The folder itself streams through its step model, as `infer FOLDER` runs its sequence model.
+    assert stream_lines(run_cli("stream", folder, input=stdin)) == lines
 
 
 def test_stream_cli_two_inputs_and_ids(folders, tmp_path):

@@ -543,7 +543,8 @@ def load(path: str | os.PathLike[str], *, role: str | None = None, threads: int 
         if not isinstance(entry, dict) or not isinstance(entry.get("path"), str):
             listed = [r for r, e in manifest["files"].items() if isinstance(e, dict) and str(e.get("path", "")).endswith((".onnx", ".ort"))]
             raise ModelFileError(f"{path} holds no {role!r} model (its manifest lists {listed}) — export it first, or pass role= one of them")
-        return Model(load_model(path / entry["path"], threads=threads), threads=threads)
+        # The folder and its role: the file is checked as listed (a directory or FIFO in its place is named as such).
+        return Model(load_model(path, role=role, threads=threads), threads=threads)
     if role is not None:
         raise InputError(f"role picks a file of a bundle or a model folder; {path} is one model file — drop role")
     return Model(load_model(path, threads=threads), threads=threads)

@@ -165,13 +165,21 @@ def load_model(
     # Checked by suffix here: importing the bundle reader (tarfile, gzip) costs ~5 ms of a plain file's start.
     if path.name.endswith(BUNDLE_SUFFIX):
         return load_bundle_model(path, role=role, step=step, threads=threads, opt_level=opt_level)
+    if path.is_dir():
+        # A model folder: `role`'s file, else the step model where one is wanted and listed, else the sequence model.
+        manifest = load_manifest(path)
+        files = manifest.get("files", {})
+        role = role or ("onnx_step" if step and "onnx_step" in files else "onnx")
+        verified = verified_file(manifest, path, role)
+        return _build(verified, verified, model_dir=path, role=role, manifest=manifest, threads=threads, opt_level=opt_level)
     if role is not None:
-        raise InputError(f"--role picks a file inside a bundle; {path} is a model file — drop --role")
+        raise InputError(f"--role picks a file inside a bundle or a model folder; {path} is a model file — drop --role")
     kind = not_regular(path)
     if kind:
         raise ModelFileError(f"model file {path} is {kind}, not a regular file — give the .onnx file or its folder")
     if not path.is_file():
-        raise ModelFileError(f"no model file {path} — run `edge-rnn export` (and `edge-rnn quantize`) first")
+        raise ModelFileError(f"no model file {path} — give an exported model folder, one of its .onnx files or a bundle "
+                             "(`edge-rnn export MODEL.keras` makes a folder)")
     model_dir = path.parent
     manifest = load_manifest(model_dir)
     role = role_of(manifest, model_dir, path)
