@@ -461,13 +461,19 @@ def quantize(
     if accuracy_aware is None:  # accuracy control is what a budget on your data asks for, where it applies
         accuracy_aware = data is not None and any(v in ACCURACY_VARIANTS for v in variant)
 
-    reports = run_quantize(model_dir, variants=tuple(variant), calibration=calibration, calibration_data=calibration_data,
-                           data=data, metric=metric, max_drop=max_drop, max_rows=max_rows, accuracy_aware=accuracy_aware)
+    from .quantize import PromiseBroken
+
+    try:
+        reports = run_quantize(model_dir, variants=tuple(variant), calibration=calibration, calibration_data=calibration_data,
+                               data=data, metric=metric, max_drop=max_drop, max_rows=max_rows, accuracy_aware=accuracy_aware)
+    except PromiseBroken as broken:
+        if not as_json:
+            raise
+        # Every variant was written and recorded: the report says which broke its promise; the error line follows.
+        _print_quantize_json(model_dir, broken.reports)
+        raise
     if as_json:
-        doc = {"model_dir": str(model_dir), "variants": [
-            {"variant": r.variant, "role": r.role, "path": str(r.path), "bytes": r.bytes, "fp32_bytes": r.fp32_bytes,
-             "verdict": r.verdict_line(), "coverage": r.coverage} for r in reports]}
-        typer.echo(json.dumps(doc, ensure_ascii=False))
+        _print_quantize_json(model_dir, reports)
         return
     for report in reports:
         out.print(f"{escape(report.path, limit=MAX_PATH_CHARS)} ({escape(report.role)}): {report.bytes:,} bytes, "
@@ -486,6 +492,14 @@ def quantize(
             for line in report.judgement_lines():
                 out.print(f"  {escape(line, limit=MAX_MESSAGE_CHARS)}", highlight=False, soft_wrap=True)
         out.print(f"  [bold]verdict[/] {escape(report.verdict_line(), limit=MAX_MESSAGE_CHARS)}", highlight=False)
+
+
+def _print_quantize_json(model_dir: Path, reports) -> None:
+    """quantize --json: one JSON document on stdout, every variant's verdict and full coverage record."""
+    doc = {"model_dir": str(model_dir), "variants": [
+        {"variant": r.variant, "role": r.role, "path": str(r.path), "bytes": r.bytes, "fp32_bytes": r.fp32_bytes,
+         "ok": r.ok, "verdict": r.verdict_line(), "coverage": r.coverage} for r in reports]}
+    typer.echo(json.dumps(doc, ensure_ascii=False))
 
 
 # The coverage table's columns (node, weights stored as, computed as, weight bytes): 2 + 28 + 1 + 7 + 1 + 30 + 1 + 10 = 80.

@@ -96,6 +96,21 @@ def test_a_broken_int8_model_fails_on_the_data_and_is_still_recorded(user_models
     assert any("it is sure of" in f for f in verdict["failures"])
 
 
+def test_a_broken_promise_with_json_still_prints_the_report(user_models, tmp_path, broken_lstm_scale):
+    """quantize --json: the report, as one JSON document on stdout, says which variant broke its promise (every
+    variant is written and recorded); the one-line error follows on stderr, exit 1."""
+    import json
+
+    folder, data = copy(user_models, "digits", tmp_path)
+    result = run("quantize", folder, "--data", data, "--max-rows", ROWS, "--judge-only", "--json")
+    assert result.exit_code == 1, result.output
+    doc = json.loads(result.stdout)
+    by_role = {v["role"]: v for v in doc["variants"]}
+    assert by_role["onnx_int8"]["ok"] is False and "BREAKS its promise" in by_role["onnx_int8"]["verdict"]
+    assert by_role["onnx_int8"]["coverage"]["verdict"]["drop"] > 1.0
+    assert "onnx_int8 broke its promise" in result.stderr and "Traceback" not in result.output
+
+
 def test_accuracy_aware_keeps_a_broken_lstm_float(user_models, tmp_path, broken_lstm_scale):
     folder, data = copy(user_models, "digits", tmp_path)
     result = run("quantize", folder, "--data", data, "--max-rows", ROWS, "--accuracy-aware")
