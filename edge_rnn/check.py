@@ -59,10 +59,31 @@ LATENCY_SECONDS = 0.5
 LATENCY_WARMUP = 3
 # One runtime's whole measurement (onnx.reference, pure NumPy, is the slowest: seconds, not minutes).
 RUNTIME_TIMEOUT_S = 300.0
-# The roles a model folder can be checked in: the ones whose tolerance against the source model is fp32's.
-FOLDER_ROLES = ("onnx",)
 
-OK, WRONG, CANNOT_LOAD, NOT_INSTALLED = "ok", "wrong", "cannot load", "not installed"
+OK, WRONG, CANNOT_LOAD, NOT_INSTALLED, UNSUPPORTED = "ok", "wrong", "cannot load", "not installed", "unsupported"
+
+# What a runtime is known to accept and ignore, per ONNX recurrent op: on a graph that uses one it answers as if the
+# graph did not (the MNIST LSTM's Relu activations, a masked model's sequence_lens), so its answer says nothing about
+# the file. Such a runtime is reported `unsupported`, naming the node and what it ignores, and does not fail the check.
+# - onnx.reference (onnx 1.23): its LSTM, GRU and RNN take these and drop them (onnx/reference/ops/op_lstm.py,
+#   op_gru.py, op_rnn.py: "TODO: support overridden attributes", every one `# noqa: ARG002`); an RNN activation
+#   other than Tanh/Affine it refuses (cannot load).
+# - tract (0.23): measured on one-op graphs against onnxruntime (tests/test_check.py, where tract is installed);
+#   a sequence_lens input it refuses (cannot load).
+IGNORED_BY = {
+    "onnx.reference": {
+        "LSTM": ("activations", "activation_alpha", "activation_beta", "clip", "input_forget", "sequence_lens"),
+        "GRU": ("activations", "activation_alpha", "activation_beta", "clip", "sequence_lens"),
+        "RNN": ("clip", "sequence_lens"),
+    },
+    "tract": {
+        "LSTM": ("activations", "clip", "input_forget"),
+        "GRU": ("activations", "clip"),
+        "RNN": ("activations", "clip"),
+    },
+}
+# The activations a recurrent op applies without the attribute (the ONNX operator specification), per direction.
+DEFAULT_ACTIVATIONS = {"LSTM": ("Sigmoid", "Tanh", "Tanh"), "GRU": ("Sigmoid", "Tanh"), "RNN": ("Tanh",)}
 
 
 @dataclass
@@ -142,6 +163,45 @@ def _random_inputs(manifest: dict[str, Any], *, batch: int, seed: int) -> Arrays
     return adapter_for(manifest).sample_inputs(manifest, batch=batch, time_steps=time_steps, seed=seed)
 
 
+def known_gaps(runtime_name: str, path: str | os.PathLike[str]) -> list[str]:
+    """What the graph at `path` uses that runtime `runtime_name` is known to ignore (IGNORED_BY), one line per node:
+    `LSTM 'lstm' activations Sigmoid, Relu, Relu (it applies Sigmoid, Tanh, Tanh)`; [] when nothing is known."""
+    ignores = IGNORED_BY.get(runtime_name)
+    if not ignores:
+        return []
+    try:
+        import onnx
+        from onnx import helper
+
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:  # noqa: BLE001 — without onnx, or on a file it cannot parse, nothing is known
+        return []
+    found = []
+    for node in model.graph.node:
+        if node.domain not in ("", "ai.onnx") or node.op_type not in ignores:
+            continue
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        used = []
+        for name in ignores[node.op_type]:
+            if name == "sequence_lens":
+                if len(node.input) > 4 and node.input[4]:
+                    used.append("its sequence_lens input (the padding mask)")
+            elif name == "activations":
+                given = [a.decode() if isinstance(a, bytes) else str(a) for a in attrs.get(name, [])]
+                default = list(DEFAULT_ACTIVATIONS[node.op_type]) * (2 if attrs.get("direction") == b"bidirectional" else 1)
+                if given and [a.lower() for a in given] != [a.lower() for a in default]:
+                    used.append(f"activations {', '.join(given)} (it applies {', '.join(default)})")
+            elif name == "input_forget":
+                if attrs.get(name, 0):
+                    used.append("input_forget=1")
+            elif name in attrs:
+                value = attrs[name]
+                used.append(f"{name} {', '.join(f'{v:g}' for v in value) if isinstance(value, list) else f'{value:g}'}")
+        if used:
+            found.append(f"{node.op_type} {node.name!r} {'; '.join(used)}")
+    return found
+
+
 def _variant_name(role: str) -> str:
     """A manifest role's `bundle --variant` name: onnx_int8 → int8, onnx_step_int8 → step-int8, onnx_int8_static → int8-static."""
     from .device.bundle import VARIANT_ROLES
@@ -149,18 +209,32 @@ def _variant_name(role: str) -> str:
     return next((v for v, r in VARIANT_ROLES.items() if r == role), role)
 
 
+def _folder_roles(manifest: dict[str, Any]) -> list[str]:
+    """The roles of a folder `check` runs: every whole-sequence ONNX file (fp32 and its quantized variants)."""
+    return [r for r, f in manifest["files"].items() if str(f.get("path", "")).endswith(".onnx") and "_step" not in r]
+
+
 def _folder_vectors(model_dir: Path, *, role: str, batch: int, seed: int) -> _Vectors:
+    """A folder's realistic (reference) and random inputs with the source model's answers. The fp32 file is judged on
+    both at its export tolerance; a quantized variant on the reference set at the bound a bundle stores for it
+    (`bundle.tolerances_for`, with its top-1 and mean promises) and on the random set against onnxruntime on the same
+    file (whether another runtime computes the same int8 graph), as a bundle's is."""
+    from .bundle import FP32_ROLES, tolerances_for
     from .models import adapter_for
     from .models.keras_model import fixed_time_steps
 
     manifest = load_manifest(model_dir)
-    if role not in FOLDER_ROLES:
-        raise EdgeRnnError(
-            f"--role {role}: a model folder is checked in role {', '.join(FOLDER_ROLES)} (fp32, whose tolerance against the "
-            "source model is known); a quantized variant is checked in a bundle, at the tolerance it was validated at: "
-            f"edge-rnn bundle {model_dir} --variant {_variant_name(role)} -o {model_dir.name}.tar.gz, then "
-            f"edge-rnn check {model_dir.name}.tar.gz --role {role}"
-        )
+    roles = _folder_roles(manifest)
+    if role not in roles:
+        if role.endswith("_ort") and role in manifest["files"]:
+            why = f"{manifest['files'][role]['path']} is ORT format, which only onnxruntime opens — check the .onnx it was made from"
+        elif role in manifest["files"] and "_step" in role:
+            why = (f"check runs whole sequences; a step model's answers are proved at export (step == sequence) and on a "
+                   f"device by edge-rnn bundle {model_dir} --variant {_variant_name(role)}, then edge-rnn verify BUNDLE --run")
+        else:
+            made = f" (edge-rnn quantize {model_dir} --variant {_variant_name(role)} makes it)" if role.startswith("onnx_") else ""
+            why = f"{model_dir} holds no {role} file{made}"
+        raise InputError(f"--role {role}: {why} — choose from {', '.join(roles)}")
     path = verified_file(manifest, model_dir, role)
     adapter = adapter_for(manifest)
     time_steps = fixed_time_steps(manifest) or DEFAULT_TIME_STEPS
@@ -168,6 +242,7 @@ def _folder_vectors(model_dir: Path, *, role: str, batch: int, seed: int) -> _Ve
         "reference": adapter.sample_inputs(manifest, batch=REFERENCE_COUNT, time_steps=time_steps, seed=seed),
         "random": adapter.sample_inputs(manifest, batch=batch, time_steps=time_steps, seed=seed + 1),
     }
+    quantized = role not in FP32_ROLES
     notes = []
     try:
         source = adapter.load(model_dir, manifest)
@@ -175,10 +250,22 @@ def _folder_vectors(model_dir: Path, *, role: str, batch: int, seed: int) -> _Ve
         source, expected, expected_from = None, {}, "onnxruntime (same file)"
         notes.append(f"no source-model answers: {exc} — every runtime is compared with onnxruntime on the same file instead")
     else:
-        expected = {name: adapter.reference(source, x, io=manifest["io"]) for name, x in inputs.items()}
-        expected_from = f"source model ({adapter.name} adapter)"
-    tolerance = lambda output, ref, x: adapter.tolerance(output, ref, stepped=False, source=source, inputs=x)  # noqa: E731
-    return _Vectors(inputs, expected, expected_from, tolerance, manifest["model"], path, manifest["io"], role, str(path), notes)
+        answered = ("reference",) if quantized else tuple(inputs)
+        expected = {name: adapter.reference(source, inputs[name], io=manifest["io"]) for name in answered}
+        expected_from = (f"source model ({adapter.name} adapter) (reference set) and onnxruntime on the same file (random set)"
+                         if quantized else f"source model ({adapter.name} adapter)")
+    if not quantized:
+        tolerance = lambda output, ref, x: adapter.tolerance(output, ref, stepped=False, source=source, inputs=x)  # noqa: E731
+        return _Vectors(inputs, expected, expected_from, tolerance, manifest["model"], path, manifest["io"], role, str(path), notes)
+
+    def tolerance(output: str, ref: Any, x: Arrays) -> tuple[float, str]:
+        bound = tolerances_for(role, {output: ref}, manifest=manifest, adapter=adapter)[output]
+        return bound["atol"], f"atol {bound['atol']:.3g} (the bound a bundle of {role} stores)"
+
+    stored = tolerances_for(role, expected.get("reference", {}), manifest=manifest, adapter=adapter)
+    promises = {name: {k: bound.get(k) for k in ("argmax_min", "mean_atol")} for name, bound in stored.items()}
+    return _Vectors(inputs, expected, expected_from, tolerance, manifest["model"], path, manifest["io"], role, str(path),
+                    notes, promises)
 
 
 def _bundle_vectors(bundle_path: Path, *, role: str | None, batch: int, seed: int, workdir: Path) -> _Vectors:
@@ -452,6 +539,14 @@ def _check(vectors: _Vectors, names: list[str], *, threads: int) -> CheckReport:
     for result in results:
         if result.status == OK:
             _judge(result, measured[result.runtime]["outputs"], vectors, expected, tolerances)
+        gaps = known_gaps(result.runtime, vectors.path) if result.status in (OK, WRONG) else []
+        if gaps:
+            ignored = (f"{result.runtime} {result.version} is known to ignore what this graph uses: {'; '.join(gaps)}")
+            if result.status == WRONG:
+                result.status = UNSUPPORTED
+                result.reason = f"{ignored} — so its answer says nothing about the file and does not fail the check ({result.reason})"
+            else:
+                result.reason = f"{ignored} — these inputs did not show it"
     results = [r for r in results if r.runtime in names]
     machine = cpu_features()
     machine["description"] = describe(machine)

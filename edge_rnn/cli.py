@@ -1064,7 +1064,8 @@ def _bench_budget(paths: List[Path], *, threads: int, opt_level: str, steps: Opt
         out.print(f"→ {json_path}")
 
 
-CHECK_STATUS = {"ok": "[green]ok[/]", "wrong": "[bold red]WRONG[/]", "cannot load": "[yellow]cannot load[/]", "not installed": "[dim]not installed[/]"}
+CHECK_STATUS = {"ok": "[green]ok[/]", "wrong": "[bold red]WRONG[/]", "cannot load": "[yellow]cannot load[/]", "not installed": "[dim]not installed[/]",
+                "unsupported": "[yellow]unsupported[/]"}
 
 
 def _check_table(report) -> Table:
@@ -1090,7 +1091,7 @@ def _check_table(report) -> Table:
 def check(
     target: Path = typer.Argument(..., help="A model folder (made by export or pipeline), or a bundle (.tar.gz made by edge-rnn bundle)."),
     runtimes: List[str] = typer.Option([], "--runtime", help="onnxruntime | openvino | tract | onnx.reference; repeat it (default: all of them)."),
-    role: Optional[str] = typer.Option(None, help="Which model to run, by manifest role (default: a folder's onnx, a bundle's default role)."),
+    role: Optional[str] = typer.Option(None, help="Which model to run, by manifest role such as onnx_int8 (default: a folder's onnx, a bundle's default role)."),
     batch: int = typer.Option(256, min=1, max=MAX_CHECK_BATCH, help="Size of the random batch every runtime also answers, beside the reference vectors."),
     threads: int = typer.Option(1, min=1, max=256, help="Threads for every runtime."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
@@ -1101,7 +1102,9 @@ def check(
 
     Exit code 1 when a named, installed runtime answers wrong (outside the file's fp32 tolerance, or a bundle's
     stored tolerance for the role), or when onnxruntime — the device's runtime — cannot load the file; another runtime
-    that is not installed or cannot load it is reported, not failed.
+    that is not installed or cannot load it is reported, not failed, and so is one known to ignore an attribute or
+    input the graph uses (onnx.reference on the MNIST LSTM's Relu activations or a mask's sequence_lens: unsupported).
+    A folder's quantized variant (--role onnx_int8) is judged at the bound its bundle would store.
 
     Example: edge-rnn check artifacts/mnist-lstm.tar.gz --role onnx_int8 --runtime onnxruntime --runtime openvino
     """
