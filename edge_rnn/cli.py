@@ -600,6 +600,19 @@ def infer(
             print(f"  {shown(row)}: {json.dumps(values.astype(float).round(4).tolist())}")
 
 
+def _json_floats(y, digits: int, *, dtype: str | None = None):
+    """An output for a JSON line: floats rounded to `digits` decimals (as infer prints them), or with 0 each the shortest
+    decimal that reads back as the same float (float32: not the 17 digits of its double); other dtypes as they are."""
+    import numpy as np
+
+    from .device.runtime import short_floats
+
+    y = np.asarray(y, dtype=dtype)
+    if digits == 0 or y.dtype.kind != "f":
+        return short_floats(y)
+    return np.round(y.astype(np.float64), digits).tolist()
+
+
 def _plain_table(headers: list[str], rows: list[list[str]]) -> str:
     """Columns padded to their widest cell: the first left-aligned, the others right-aligned."""
     widths = [max(len(str(r[i])) for r in [headers, *rows]) for i in range(len(headers))]
@@ -658,13 +671,15 @@ def stream(
     max_steps: Optional[int] = typer.Option(None, "--max-steps", min=1, help="Stop after this many steps."),
     threads: int = typer.Option(1, min=0, max=256, help="onnxruntime intra-op threads (0 = onnxruntime's default)."),
     role: Optional[str] = typer.Option(None, "--role", help="Which file of a bundle to run (a manifest role such as onnx_int8; default: the first step form)."),
+    digits: int = typer.Option(4, "--digits", min=0, max=12, help="Decimals of each float, as infer prints them (0: every float at its own float32 precision, for a program)."),
 ) -> None:
-    """Feed a sequence one time step at a time, carrying the recurrent state; print each step's outputs as a JSON line.
+    """Feed a sequence one time step at a time, carrying the recurrent state; print each step's outputs as a JSON line
+    (with the step's label and probability where the manifest has labels).
 
     Example: edge-rnn stream models/sensor/model.step.onnx --input window.npy --max-steps 100
     """
     from .device.inputs import MAX_JSON_LINE_BYTES
-    from .device.runtime import labelled_stream, short_floats
+    from .device.runtime import labelled_stream
     from .device.text import utf8_lines
 
     # stdin's bytes, decoded as UTF-8 whatever the locale says (a line that is not UTF-8 is refused by number).
@@ -677,9 +692,9 @@ def stream(
         # Batch 1: each output without its batch axis, floats at their own precision (float32: ~7 digits, not the 17 of
         # its double). Flushed line by line: this is the device loop. The steps are finite (the stream refuses a step
         # that overflowed), so every line is JSON. Where the manifest has labels: the step's label(s), as `infer`'s.
-        line = {"step": t, "outputs": {name: short_floats(y[0]) for name, y in outputs.items()}}
+        line = {"step": t, "outputs": {name: _json_floats(y[0], digits) for name, y in outputs.items()}}
         if p is not None:
-            line.update({"label": p.label if p.chosen else None, "probability": short_floats(p.probability, dtype="float32"),
+            line.update({"label": p.label if p.chosen else None, "probability": _json_floats(p.probability, digits, dtype="float32"),
                          "labels": p.chosen})
         print(json.dumps(line, allow_nan=False), flush=True)
 

@@ -134,7 +134,7 @@ for path in paths:
             steps = next(iter(seq.values())).shape[1]
             got = [stream.step(**{n: x[:, t] for n, x in seq.items()}) for t in range(steps)]
             answer = got[-1]
-            commands.append(f"stream {path} --role {role} --threads 1 " + " ".join(f"--input {n}={where}/{tag}.{n}.npy" for n in seq))
+            commands.append(f"stream {path} --role {role} --threads 1 --digits 0 " + " ".join(f"--input {n}={where}/{tag}.{n}.npy" for n in seq))
         else:
             answer = model.predict(**seq)
             commands.append(f"infer {path} --role {role} --threads 1 --json {cli_inputs}")

@@ -175,7 +175,7 @@ def test_stream_prints_the_steps_label_and_short_floats(kinds):
     root, folders = kinds
     x = np.load(root / "bx.npy")[0]
     np.save(root / "seq.npy", x)
-    result = run("stream", folders["binary"] / "model.step.onnx", "--input", root / "seq.npy")
+    result = run("stream", folders["binary"] / "model.step.onnx", "--input", root / "seq.npy", "--digits", "0")
     assert result.exit_code == 0, result.output
     lines = [json.loads(line) for line in result.output.splitlines()]
     assert len(lines) == 6
@@ -184,6 +184,11 @@ def test_stream_prints_the_steps_label_and_short_floats(kinds):
         assert line["label"] == (POS if q >= 0.5 else NEG) and line["labels"] == [line["label"]]
         assert line["probability"] == pytest.approx(max(q, 1 - q), abs=1e-6)
         assert len(repr(q)) <= 12  # float32's own digits, not the 17 of its double
+    # By default, floats rounded to 4 decimals as infer prints them; the labels are the same.
+    rounded = [json.loads(line) for line in run("stream", folders["binary"] / "model.step.onnx", "--input", root / "seq.npy").output.splitlines()]
+    for line, exact in zip(rounded, lines):
+        assert line["outputs"]["score"][0] == round(exact["outputs"]["score"][0], 4) and line["label"] == exact["label"]
+        assert line["probability"] == round(exact["probability"], 4) and len(repr(line["probability"])) <= 6
     assert lines[-1]["outputs"]["score"][0] == pytest.approx(float(ort_answers(folders["binary"] / "model.onnx", x[None])[0, 0]), abs=1e-5)
 
 

@@ -189,17 +189,17 @@ def test_stream_cli_equals_the_sequence_model(folders, tmp_path):
     folder = folders["gru_rnn_stack"]
     x = floats(T, F, seed=5)
     np.save(tmp_path / "x.npy", x)
-    lines = stream_lines(run_cli("stream", folder / "model.step.onnx", "--input", tmp_path / "x.npy"))
+    lines = stream_lines(run_cli("stream", folder / "model.step.onnx", "--input", tmp_path / "x.npy", "--digits", 0))
     whole = sequence_outputs(folder, {"x": x[None]})["out"]  # (1, T, 2)
     assert [line["step"] for line in lines] == list(range(T))
     for t, line in enumerate(lines):
         np.testing.assert_allclose(np.array(line["outputs"]["out"]), whole[0, t : t + 1], atol=STEP_SEQUENCE_ATOL, rtol=0)
     # The same rows from stdin, one JSON array per line, give the same lines; --max-steps stops early.
     stdin = "".join(json.dumps(row.tolist()) + "\n" for row in x)
-    assert stream_lines(run_cli("stream", folder / "model.step.onnx", input=stdin)) == lines
-    assert stream_lines(run_cli("stream", folder / "model.step.onnx", "--max-steps", 2, input=stdin)) == lines[:2]
+    assert stream_lines(run_cli("stream", folder / "model.step.onnx", "--digits", 0, input=stdin)) == lines
+    assert stream_lines(run_cli("stream", folder / "model.step.onnx", "--max-steps", 2, "--digits", 0, input=stdin)) == lines[:2]
     # The folder itself streams through its step model, as `infer FOLDER` runs its sequence model.
-    assert stream_lines(run_cli("stream", folder, input=stdin)) == lines
+    assert stream_lines(run_cli("stream", folder, "--digits", 0, input=stdin)) == lines
 
 
 def test_stream_cli_two_inputs_and_ids(folders, tmp_path):
@@ -208,13 +208,13 @@ def test_stream_cli_two_inputs_and_ids(folders, tmp_path):
     np.save(tmp_path / "f.npy", features)
     folder = folders["two_inputs"]
     lines = stream_lines(run_cli("stream", folder / "model.step.onnx", "--input", f"x={tmp_path / 'x.npy'}",
-                                 "--input", f"features={tmp_path / 'f.npy'}"))
+                                 "--input", f"features={tmp_path / 'f.npy'}", "--digits", 0))
     for t, line in enumerate(lines):
         want = prefix_outputs(folder, {"x": x, "features": features[None]}, t)["out"]
         np.testing.assert_allclose(np.array(line["outputs"]["out"]), want[0], atol=STEP_SEQUENCE_ATOL, rtol=0)
     # ids from stdin: one id per line; a padded tail keeps the output of the last real step.
     ids = [3, 7, 1, 0, 0]
-    lines = stream_lines(run_cli("stream", folders["masked_ids"] / "model.step.onnx", input="\n".join(map(str, ids)) + "\n"))
+    lines = stream_lines(run_cli("stream", folders["masked_ids"] / "model.step.onnx", "--digits", 0, input="\n".join(map(str, ids)) + "\n"))
     want = sequence_outputs(folders["masked_ids"], {"ids": np.array([ids], np.int32)})["out"][0]
     np.testing.assert_allclose(np.array(lines[-1]["outputs"]["out"]), want, atol=STEP_SEQUENCE_ATOL, rtol=0)
     assert lines[-1]["outputs"] == lines[2]["outputs"]
@@ -337,10 +337,10 @@ def test_stream_and_infer_without_tensorflow(folders, tmp_path):
         assert "HEAVY_MODULES=\n" in proc.stderr
         return proc.stdout
 
-    lines = [json.loads(line) for line in device("stream", folders["stacked_lstm"] / "model.step.onnx", "--input", tmp_path / "x.npy").splitlines()]
+    lines = [json.loads(line) for line in device("stream", folders["stacked_lstm"] / "model.step.onnx", "--input", tmp_path / "x.npy", "--digits", "0").splitlines()]
     want = sequence_outputs(folders["stacked_lstm"], {"x": x[None]})["out"][0]
     np.testing.assert_allclose(np.array(lines[-1]["outputs"]["out"]), want, atol=STEP_SEQUENCE_ATOL, rtol=0)
-    from_stdin = device("stream", folders["stacked_lstm"] / "model.step.onnx", stdin="".join(json.dumps(r.tolist()) + "\n" for r in x))
+    from_stdin = device("stream", folders["stacked_lstm"] / "model.step.onnx", "--digits", "0", stdin="".join(json.dumps(r.tolist()) + "\n" for r in x))
     assert [json.loads(line) for line in from_stdin.splitlines()] == lines
     payload = json.loads(device("infer", folders["stacked_lstm"] / "model.onnx", tmp_path / "x.npy", "--json"))
     np.testing.assert_allclose(np.array(payload["outputs"]["out"])[0], want, atol=1e-6, rtol=0)
