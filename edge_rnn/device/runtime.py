@@ -315,6 +315,7 @@ def onnx_step(model: LoadedModel | Stepper) -> StepFn:
     stepper = model if isinstance(model, Stepper) else Stepper(model)
     (ids_name,), (logits_name,), (state,) = [s["name"] for s in stepper.input_specs], stepper.output_names, stepper.model.state
     last: list[Any] = [None]
+    bound = stepper.bound_step(ids_name, logits_name)
 
     def step(ids: np.ndarray, h: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         if h.shape[0] != stepper.batch:
@@ -322,8 +323,8 @@ def onnx_step(model: LoadedModel | Stepper) -> StepFn:
             return logits, h_next
         if h is not last[0]:
             stepper.state = {state["input"]: h}
-        logits = stepper.step({ids_name: ids})[logits_name]
-        last[0] = stepper.state[state["input"]]
+        logits = bound(ids) if bound is not None else stepper.step({ids_name: ids})[logits_name]
+        last[0] = stepper.current(state["input"])
         return logits, last[0]
 
     return step

@@ -20,7 +20,7 @@ batch, so a row stepped beside others would answer differently than alone.
 from __future__ import annotations
 
 import os
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import numpy.typing as npt
@@ -172,6 +172,34 @@ class Stepper:
             self._cur = 1 - self._cur
             return {name: buf.copy() for name, buf in self._outputs.items()}
         return self._run(feeds)
+
+    def bound_step(self, name: str, output: str) -> Callable[[np.ndarray], np.ndarray] | None:
+        """For a model stepped through one input: x → a copy of `output`, state carried, as `step({name: x})[output]`
+        answers, without building or checking dicts per call (generation's inner loop: one character, ~15 µs of
+        Python saved per step). None where the buffers are not bound or rows run alone."""
+        if not self._bindings or self._single is not None or set(self._inputs) != {name} or output not in self._outputs:
+            return None
+        buf, out, bindings, run = self._inputs[name], self._outputs[output], self._bindings, self.model.session.run_with_iobinding
+
+        def step(x: np.ndarray) -> np.ndarray:
+            if x.shape != buf.shape:
+                return self.step({name: x})[output]
+            try:
+                np.copyto(buf, x, casting="same_kind")
+            except TypeError as exc:
+                raise InputError(f"input {name!r} has dtype {x.dtype}; the model takes {buf.dtype}") from exc
+            try:
+                run(bindings[self._cur])
+            except ORT_ERRORS as exc:
+                raise InputError(f"{self.model.path.name} rejected the input: {str(exc).splitlines()[0]}") from exc
+            self._cur = 1 - self._cur
+            return out.copy()
+
+        return step
+
+    def current(self, name: str) -> np.ndarray:
+        """A copy of one state input's current value, float32 (batch, units)."""
+        return self._states[self._cur][name].copy()
 
     def _run(self, feeds: dict[str, np.ndarray], *, rows: npt.NDArray[np.intp] | None = None) -> dict[str, np.ndarray]:
         """The same step through session.run, for shapes the bound buffers do not fit and for some rows only
