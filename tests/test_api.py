@@ -247,6 +247,8 @@ def test_char_rnn_streams_and_predict(char_dir, tmp_path):
 def test_errors_are_one_line(mnist_dir, user_models, tmp_path):
     model = edge_rnn.load(mnist_dir)
     stream = model.stream(streams=4)
+    # The state names follow Keras' layer names (state.lstm.h, or state.lstm_3.h where other LSTMs were built first).
+    h_name = next(name for name in stream.state() if name.endswith(".h"))
     cases = [
         (lambda: model.predict(np.zeros((2, 28, 27), np.uint8)), ("shape (2, 28, 27)", "(batch, 28, 28)")),
         (lambda: model.predict(np.full((1, 28, 28), 2.0)), ("[0, 1]",)),
@@ -258,8 +260,8 @@ def test_errors_are_one_line(mnist_dir, user_models, tmp_path):
         (lambda: stream.step(np.zeros((2, 28), np.float32), slots=[1, 1]), ("slot 1 appears twice",)),
         (lambda: stream.step(frame=np.zeros((4, 28), np.float32)), ("unknown input 'frame'",)),
         (lambda: stream.reset([-1]), ("slot -1 is out of range",)),
-        (lambda: stream.set_state({"state.lstm.x": np.zeros((4, 128))}), ("unknown state tensor",)),
-        (lambda: stream.set_state({"state.lstm.h": np.full((4, 128), np.nan)}), ("NaN",)),
+        (lambda: stream.set_state({h_name[:-1] + "x": np.zeros((4, 128))}), ("unknown state tensor",)),
+        (lambda: stream.set_state({h_name: np.full((4, 128), np.nan)}), ("NaN",)),
         (lambda: model.stream(streams=0), ("streams must be",)),
         (lambda: edge_rnn.load(tmp_path / "nope.onnx"), ("no model file",)),
         (lambda: edge_rnn.load(mnist_dir, role="onnx_fp16"), ("no 'onnx_fp16' model",)),
