@@ -242,3 +242,14 @@ def test_the_full_report_carries_the_budget(mnist_dir):
     for table in _bench_tables(report):
         console.print(table)
     assert "per-step budget" in console.export_text()
+
+
+def test_a_masked_model_is_stepped_without_padding(user_models):
+    """The text model masks id 0: the budget's frames draw real ids only, so both step files are measured (a drawn 0
+    followed by a real id was refused as a real step after padding, and the rows were left unmeasured)."""
+    folder, _ = user_models["text"]
+    measured = budget([folder], cfg=BudgetConfig(steps=50, warmup=5))
+    assert not measured.notes, measured.notes
+    rows = {r.variant: r for r in measured.rows}
+    assert set(rows) == {"step", "step-int8"}
+    assert all(r.step_us["p50"] > 0 for r in rows.values())

@@ -6,6 +6,7 @@ Real models throughout (tests/conftest.py); each command runs through the CLI wi
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 import shutil
@@ -142,10 +143,17 @@ def test_bench_quick_user_model_with_data(tmp_path, user_models, capfd):
     fp32 = next(r for r in doc["results"] if (r["variant"], r["runtime"]) == ("fp32", "onnxruntime"))
     low, high = fp32["accuracy_interval"]
     assert f"({low:.1%}–{high:.1%})" in result.stdout
-    # A user's model gets no LiteRT or keras-predict row, and one line says why for each.
+    # A user's model gets LiteRT rows (its Keras model converted at the timed shapes) where ai-edge-litert is installed,
+    # the fp32 one answering as onnxruntime fp32 does; else one line says why. No keras-predict row, and a line says why.
     flat = " ".join(result.output.split())
     runtimes = {r["runtime"] for r in doc["results"]}
-    assert "litert" not in runtimes and "no LiteRT rows: bench converts only the built-in mnist-lstm" in flat
+    litert = {r["variant"]: r for r in doc["results"] if r["runtime"] == "litert"}
+    if importlib.util.find_spec("ai_edge_litert") is not None:
+        assert set(litert) == {"fp32", "int8"} and all(r["size_bytes"] > 0 and r["latency_ms"]["p50"] > 0 for r in litert.values())
+        assert max(litert["fp32"]["max_abs_diff"].values()) <= 1e-5 and litert["fp32"]["accuracy_interval"]
+        assert max(litert["int8"]["max_abs_diff"].values()) < 0.2
+    else:
+        assert not litert and "no LiteRT rows: ai-edge-litert is not installed" in flat
     assert "keras-predict" not in runtimes and "no keras-predict row:" in flat
     for runtime in ("openvino", "tract"):
         assert runtime in runtimes or f"no {runtime} row: it is not installed" in flat

@@ -211,9 +211,12 @@ def _memory_mib() -> tuple[float, float, str]:
 
 def _frames(stream, temporal: set[str], rng: np.random.Generator, *, count: int) -> list[dict[str, np.ndarray]]:
     """`count` one-step inputs for one stream as a device program passes them: (1, features…) arrays of the graph's
-    dtype (a sequence input without its time axis); floats uniform in [0, 1), ids in the input's vocabulary."""
+    dtype (a sequence input without its time axis); floats uniform in [0, 1), ids in the input's vocabulary (not a
+    masked input's padding id 0)."""
     specs = {s["name"]: s for s in stream.loaded.io["inputs"]}
     vocab = stream.loaded.manifest.get("vocab")
+    # A masked input's padding value is never drawn: a real step after padding is refused (post-padding only).
+    padding = {m["input"]: m.get("value", 0) for m in stream.loaded.manifest.get("masking", [])}
     frames: list[dict[str, np.ndarray]] = [{} for _ in range(count)]
     for info in stream.inputs:
         dims = info.shape[2:] if info.name in temporal else info.shape[1:]
@@ -223,7 +226,8 @@ def _frames(stream, temporal: set[str], rng: np.random.Generator, *, count: int)
                 frame[info.name] = rng.random(shape, dtype=np.float64).astype(info.dtype)
             else:
                 size = specs.get(info.name, {}).get("vocab") or (len(vocab) if isinstance(vocab, list) else 1)
-                frame[info.name] = rng.integers(0, size, shape).astype(info.dtype)
+                low = 1 if padding.get(info.name) == 0 and size > 1 else 0
+                frame[info.name] = rng.integers(low, size, shape).astype(info.dtype)
     return frames
 
 

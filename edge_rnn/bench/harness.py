@@ -15,8 +15,8 @@ Rows per model folder (when the model and the installed extras have them):
   whole-sequence call of the fp32 model at batch 1 in alternating blocks (the step-vs-sequence cost;
   its peak memory includes that sequence session).
 - Keras: `model.predict` and the model called through a `tf.function` (`[train]` extra), per the kind.
-- LiteRT fp32 and dynamic-range int8 for the built-in classifier, converted with tf.lite.TFLiteConverter
-  and run with the ai-edge-litert interpreter (`[bench]` extra). The Keras 3 LSTM lowers to a TensorList
+- LiteRT fp32 and dynamic-range int8 for the built-in classifier and any Keras model, converted with
+  tf.lite.TFLiteConverter and run with the ai-edge-litert interpreter (`[bench]` extra). The Keras 3 LSTM lowers to a TensorList
   that the converter needs at a static shape, and XNNPACK cannot resize it, so each batch size is its own
   conversion of the same weights; the batch-1 file is the one whose size is reported.
 - char RNN: the NumPy (float64) reference.
@@ -503,7 +503,60 @@ def _feeds_predict(row: _Row, cfg: BenchConfig) -> tuple[Callable[[dict[str, np.
             return [o.numpy() for o in (out if isinstance(out, (list, tuple)) else [out])]
 
         return predict_tf, load_ms
+    if row.runtime == "litert":
+        return _litert_predict(row, cfg, outputs)
     raise EdgeRnnError(f"unknown runtime {row.runtime!r} for a Keras model's row")
+
+
+def _litert_predict(row: _Row, cfg: BenchConfig, outputs: list[str]) -> tuple[Callable[[dict[str, np.ndarray]], list[np.ndarray]], float]:
+    """predict(feeds) over LiteRT's fixed-shape interpreters, one per batch size (row.extra["batch_files"]): a batch
+    with a file of its own runs as it is; any other number of rows runs in chunks of the largest, the last padded."""
+    litert = require("ai_edge_litert.interpreter", "bench")
+    names = [s["name"] for s in row.extra["io"]["inputs"]]
+
+    def fixed(path: str) -> Callable[[dict[str, np.ndarray]], list[np.ndarray]]:
+        it = litert.Interpreter(model_path=path, num_threads=cfg.threads)
+        it.allocate_tensors()
+        by_name = {d["name"]: d["index"] for d in it.get_input_details()}
+        inputs = [by_name[n] if n in by_name else it.get_input_details()[i]["index"] for i, n in enumerate(names)]
+        # A concrete function's outputs are Identity, Identity_1, …, in the order the model returns them.
+        def position(detail: dict[str, Any]) -> int:
+            suffix = detail["name"].rpartition("_")[2]
+            return int(suffix) if suffix.isdigit() else 0
+
+        outs = [d["index"] for d in sorted(it.get_output_details(), key=position)]
+
+        def predict(feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+            for index, n in zip(inputs, names):
+                it.set_tensor(index, feeds[n])
+            it.invoke()
+            return [it.get_tensor(i) for i in outs][: len(outputs)]
+
+        return predict
+
+    t0 = time.perf_counter()
+    by_batch = {1: fixed(row.path)}
+    load_ms = (time.perf_counter() - t0) * 1e3
+    largest = max(int(b) for b in row.extra["batch_files"])
+
+    def run(batch: int) -> Callable[[dict[str, np.ndarray]], list[np.ndarray]]:
+        if batch not in by_batch:
+            by_batch[batch] = fixed(row.extra["batch_files"][str(batch)])
+        return by_batch[batch]
+
+    def predict_any(feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        n = len(next(iter(feeds.values())))
+        if n == 1 or str(n) in row.extra["batch_files"]:
+            return run(n)(feeds)
+        parts = []
+        for i in range(0, n, largest):
+            chunk = {k: v[i : i + largest] for k, v in feeds.items()}
+            rows = len(next(iter(chunk.values())))
+            padded = {k: np.concatenate([v, np.zeros((largest - rows, *v.shape[1:]), v.dtype)]) for k, v in chunk.items()}
+            parts.append([y[:rows] for y in run(largest)(padded)])
+        return [np.concatenate(ys) for ys in zip(*parts)]
+
+    return predict_any, load_ms
 
 
 def _measure_outputs(row: _Row, cfg: BenchConfig) -> dict[str, Any]:
@@ -705,16 +758,18 @@ def _plain_baselines(keras_model, manifest: dict[str, Any], work: Path, opset: i
     return plain
 
 
-def _litert_files(keras_model, manifest: dict[str, Any], work: Path, batch_sizes: Sequence[int]) -> dict[str, dict[str, str]]:
-    """LiteRT fp32 and dynamic-range int8 flatbuffers of the Keras model, one per batch size (frozen weights)."""
+def _litert_files(keras_model, manifest: dict[str, Any], work: Path, batch_sizes: Sequence[int], *,
+                  time_steps: int) -> dict[str, dict[str, str]]:
+    """LiteRT fp32 and dynamic-range int8 flatbuffers of the Keras model, one per batch size (frozen weights), every
+    input at the shape the other rows are timed at: the batch, then `time_steps` for a free time axis."""
     tf = require("tensorflow", "train")
     from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
 
-    spec = manifest["io"]["inputs"][0]
     files: dict[str, dict[str, str]] = {"fp32": {}, "int8": {}}
     for batch in (1, *batch_sizes):
-        shape = [batch, *spec["shape"][1:]]
-        fn = tf.function(lambda x: keras_model(x, training=False), input_signature=[tf.TensorSpec(shape, tf.float32)])
+        specs = [tf.TensorSpec([batch, *(d if isinstance(d, int) else time_steps for d in s["shape"][1:])], s["dtype"], name=s["name"])
+                 for s in manifest["io"]["inputs"]]
+        fn = tf.function(lambda *xs: keras_model(xs[0] if len(xs) == 1 else list(xs), training=False), input_signature=specs)
         # Frozen constants: a converted graph that reads resource variables fails at invoke.
         frozen = convert_variables_to_constants_v2(fn.get_concrete_function())
         for variant in files:
@@ -779,14 +834,14 @@ class Kind:
     eval_data: Callable[..., tuple[dict[str, np.ndarray], dict[str, Any]]]  # in the parent: (arrays for the .npz, row extra)
     measure: Callable[[_Row, BenchConfig], dict[str, Any]]  # in the child: one row's measurements
     keras_runtimes: tuple[str, ...]  # Keras-side rows beside the ONNX ones, for folders holding model.keras
-    litert: bool  # LiteRT rows: the built-in classifier only (one float input, a static shape per batch size)
+    litert: bool  # LiteRT rows (a static shape per batch size): the classifier and any Keras model's outputs
     onnx_runtimes: bool  # ONNX_RUNTIMES rows on the fp32 file: kinds whose rows feed whole inputs
 
 
 KINDS: dict[str, Kind] = {
     "classify": Kind(_classify_data, _measure_classifier, ("keras-predict", "tf.function"), litert=True, onnx_runtimes=True),
     "generate": Kind(_generate_data, _measure_generator, (), litert=False, onnx_runtimes=False),
-    "outputs": Kind(_outputs_data, _measure_outputs, ("tf.function",), litert=False, onnx_runtimes=True),
+    "outputs": Kind(_outputs_data, _measure_outputs, ("tf.function",), litert=True, onnx_runtimes=True),
 }
 # The step row is measured the same way for every kind.
 STEP_KIND = "step"
@@ -920,13 +975,12 @@ def _plan_model(
             notes.append(f"{name}: no keras-predict row: bench times a Keras model of yours through tf.function only "
                          "(model.predict adds its own per-call cost on top of the same graph)")
         if not kind.litert:
-            notes.append(f"{name}: no LiteRT rows: bench converts only the built-in mnist-lstm to LiteRT (one float input, a fixed "
-                         "shape per batch size); for yours, convert model.keras with tf.lite.TFLiteConverter and time that file")
+            notes.append(f"{name}: no LiteRT rows: bench times this model one generated character at a time")
         elif not _has("ai_edge_litert"):
             notes.append(f"{name}: no LiteRT rows: ai-edge-litert is not installed — pip install 'edge-rnn[bench]'")
         else:
             try:
-                litert_files = _litert_files(keras_model, manifest, work, cfg.batch_sizes)
+                litert_files = _litert_files(keras_model, manifest, work, cfg.batch_sizes, time_steps=time_steps)
             except Exception as exc:  # the converter's own failure on this graph: a row missing, not a failed bench
                 litert_files = {}
                 reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
