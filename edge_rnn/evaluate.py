@@ -173,7 +173,7 @@ def evaluate(
     """
     from .device.bundle import is_bundle, open_bundle
     from .device.session import load_bundle_model
-    from .device.manifest import load_manifest, not_a_model_folder, role_of
+    from .device.manifest import load_manifest, not_a_model_file, role_of
 
     if not 1 <= batch <= MAX_EVAL_BATCH:
         raise InputError(f"--batch must be between 1 and {MAX_EVAL_BATCH:,}")
@@ -194,22 +194,20 @@ def evaluate(
             model_dir = path
             manifest = load_manifest(model_dir)
             chosen = roles or roles_in(manifest.get("files", {}))
-        elif path.is_file():
-            if path.suffix.lower() in (".keras", ".h5", ".hdf5"):
-                raise ModelFileError(not_a_model_folder(path))
+        elif not_a_model_file(path) is None:
             model_dir = path.parent
             manifest = load_manifest(model_dir)
             role = role_of(manifest, model_dir, path)
             chosen = roles or (["onnx", role] if role != "onnx" and "onnx" in manifest.get("files", {}) else [role])
-        else:
-            raise InputError(f"no model at {path} — give a model folder, a model file with its manifest.json, or a bundle (.tar.gz)")
+        else:  # a Keras file, a missing file, a file that is no model
+            raise ModelFileError(not_a_model_file(path))
         models = _folder_models(model_dir, manifest, chosen, threads=threads)
         if source:
             keras_runner = _source_runner(model_dir, manifest, notes)
             if keras_runner is not None:
                 runners.append(keras_runner)
     if not models:
-        raise InputError(f"{path} holds no ONNX model to evaluate — run `edge-rnn export` first")
+        raise InputError(f"{path} holds no ONNX model to evaluate — make one with `edge-rnn export {path}`")
     if "onnx" not in models:
         notes.append("no fp32 sequence model here: variants are compared with the fp32 step model where there is one")
     evaluation = evaluate_models(manifest, models, data=data, batch=batch, metric=metric, max_drop=max_drop, extra=runners,

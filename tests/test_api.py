@@ -264,8 +264,8 @@ def test_errors_are_one_line(mnist_dir, user_models, tmp_path):
         (lambda: stream.set_state({h_name: np.full((4, 128), np.nan)}), ("NaN",)),
         (lambda: model.stream(streams=0), ("streams must be",)),
         (lambda: edge_rnn.load(tmp_path / "nope.onnx"), ("no model file",)),
-        (lambda: edge_rnn.load(mnist_dir, role="onnx_fp16"), ("no 'onnx_fp16' model",)),
-        (lambda: edge_rnn.load(mnist_dir / "model.onnx", role="onnx_int8"), ("drop role",)),
+        (lambda: edge_rnn.load(mnist_dir, role="onnx_fp16"), ("lists no 'onnx_fp16' file", f"edge-rnn quantize {mnist_dir} --variant fp16")),
+        (lambda: edge_rnn.load(mnist_dir / "model.onnx", role="onnx_int8"), ("drop --role",)),
         (lambda: model.self_test(), ("bundle",)),
     ]
     for call, fragments in cases:

@@ -33,7 +33,7 @@ import numpy.typing as npt
 from ..errors import InputError, ModelFileError
 from .inputs import MASKS, ORT_DTYPES, check_post_padded, convert_array, preprocess_pixels
 from .labels import Decision, decide, first_activation, label_kind, labels_problem
-from .manifest import BUNDLE_SUFFIX, load_manifest
+from .manifest import BUNDLE_SUFFIX, load_manifest, missing_role
 from .session import LoadedModel, load_model
 from .stepper import Stepper, check_steppable, step_role_of
 
@@ -541,13 +541,11 @@ def load(path: str | os.PathLike[str], *, role: str | None = None, threads: int 
         role = role or FOLDER_ROLE
         entry = manifest["files"].get(role)
         if not isinstance(entry, dict) or not isinstance(entry.get("path"), str):
-            listed = [r for r, e in manifest["files"].items() if isinstance(e, dict) and str(e.get("path", "")).endswith((".onnx", ".ort"))]
-            raise ModelFileError(f"{path} holds no {role!r} model (its manifest lists {listed}) — export it first, or pass role= one of them")
+            raise missing_role(manifest, path, role)
         # The folder and its role: the file is checked as listed (a directory or FIFO in its place is named as such).
         return Model(load_model(path, role=role, threads=threads), threads=threads)
-    if role is not None:
-        raise InputError(f"role picks a file of a bundle or a model folder; {path} is one model file — drop role")
-    return Model(load_model(path, threads=threads), threads=threads)
+    # A model file: load_model refuses a role for it, and says what the path is when it is no model file.
+    return Model(load_model(path, role=role, threads=threads), threads=threads)
 
 
 def load_stream(path: str | os.PathLike[str], *, streams: int = 1, role: str | None = None, threads: int | None = 1) -> Stream:
@@ -597,9 +595,12 @@ class Verification:
 def verify_bundle(path: str | os.PathLike[str], *, run: bool = False, threads: int | None = 1) -> Verification:
     """Every member of a bundle against its manifest (sha256, size, reference block, recorded metrics); with `run`,
     the self-test too (see Model.self_test). Integrity failures raise ModelFileError; a failed self-test is reported."""
-    from .bundle import open_bundle, recorded_metrics, verify
+    from .bundle import not_a_bundle, open_bundle, recorded_metrics, verify
     from .selftest import self_test
 
+    problem = not_a_bundle(Path(path))
+    if problem is not None:
+        raise ModelFileError(problem)
     opened = open_bundle(path)
     checked = Verification(Path(path), verify(opened), recorded_metrics(opened))
     if run:

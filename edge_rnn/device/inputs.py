@@ -245,6 +245,8 @@ def parse_input_specs(specs: Sequence[str | os.PathLike[str]], *, names: Sequenc
             raise InputError(f"{text!r}: name the input it feeds, NAME=FILE.npy, with NAME one of {', '.join(names)}")
         if key in files:
             raise InputError(f"input {key!r} is given twice ({files[key]} and {path})")
+        if path.is_dir():
+            raise InputError(f"input file {path} is a directory, not a regular file — give a .npy file (numpy.save) instead")
         if path.suffix.lower() != ".npy":
             raise InputError(f"{path}: unsupported input type {path.suffix!r}; give a .npy array (numpy.save)")
         files[key] = path

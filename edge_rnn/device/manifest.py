@@ -207,8 +207,8 @@ _MODEL_FILE_SUFFIXES = (".onnx", ".ort")
 
 
 def not_a_model_folder(model_dir: Path) -> str:
-    """Why `model_dir` has no manifest, and the next step: export a Keras file, give a model file's folder, or make
-    a folder (export into it, or train)."""
+    """Why `model_dir` has no manifest, and the next step: export a Keras file, give a model file's folder, give the
+    folder a bundle was made from, or make a folder (export into it, or train)."""
     suffix = model_dir.suffix.lower()
     if suffix in _KERAS_SUFFIXES and model_dir.is_file():
         return (f"{model_dir} is a Keras model file, not an exported model folder — export it first: edge-rnn export "
@@ -216,12 +216,50 @@ def not_a_model_folder(model_dir: Path) -> str:
     if suffix in _KERAS_SUFFIXES + _MODEL_FILE_SUFFIXES and not os.path.lexists(model_dir):
         return f"no file {model_dir} — this command takes an exported model folder (edge-rnn export MODEL.keras makes one)"
     if model_dir.is_file():
+        if model_dir.name.endswith(BUNDLE_SUFFIX):
+            return (f"{model_dir} is a bundle; this command takes a model folder — give the folder the bundle was made "
+                    "from (edge-rnn bundle DIR made it)")
         if suffix in _MODEL_FILE_SUFFIXES:
             return f"{model_dir} is a model file; this command takes its folder — give {model_dir.parent}"
+        if os.path.lexists(manifest_path(model_dir.parent)):
+            return f"{model_dir} is a file of the model folder {model_dir.parent}; this command takes the folder — give {model_dir.parent}"
         return f"{model_dir} is a file, not a model folder — give a folder made by edge-rnn export or edge-rnn train"
     where = f"in {model_dir}" if model_dir.is_dir() else f"in {model_dir} (no such folder)"
     return (f"no {MANIFEST_NAME} {where} — not a model folder: export a Keras model into it (edge-rnn export MODEL.keras "
             f"--out {model_dir}) or train one there (edge-rnn train …)")
+
+
+def not_a_model_file(path: Path) -> str | None:
+    """Why `path`, given where one model file is wanted, is none (a Keras file, another file of a model folder, a file
+    that is missing), with the next step; None for an .onnx or .ort file that exists."""
+    suffix = path.suffix.lower()
+    if suffix in _KERAS_SUFFIXES and path.is_file():
+        return not_a_model_folder(path)
+    folder = path.parent
+    in_folder = os.path.lexists(manifest_path(folder))
+    if not path.is_file():
+        if not in_folder:
+            return (f"no model file {path} — give an exported model folder, one of its .onnx files or a bundle "
+                    "(`edge-rnn export MODEL.keras` makes a folder)")
+        variant = path.name.split(".")[-2] if path.name.count(".") >= 2 else ""
+        if suffix == ".ort":
+            make = f"make the .ort files with `edge-rnn ort {folder}`"
+        elif variant in QUANTIZED_VARIANTS:
+            make = f"make it with `edge-rnn quantize {folder} --variant {variant}`"
+        else:
+            make = f"give {folder} or one of the files it has"
+        return f"no model file {path} — {folder} has: {', '.join(_model_files(folder)) or 'no model file'}; {make}"
+    if suffix not in _MODEL_FILE_SUFFIXES:
+        if in_folder:
+            return (f"{path} is not a model file (.onnx or .ort) — give its folder {folder}, or one of its model files: "
+                    f"{', '.join(_model_files(folder)) or 'none yet'}")
+        return f"{path} is not a model file (.onnx or .ort) — give an exported model folder, one of its .onnx files or a bundle"
+    return None
+
+
+def _model_files(folder: Path) -> list[str]:
+    """The .onnx and .ort files in `folder`, by name."""
+    return sorted(p.name for p in folder.iterdir() if p.suffix in _MODEL_FILE_SUFFIXES and p.is_file())
 
 
 def check_schema_version(manifest: dict[str, Any], *, where: object) -> None:
@@ -262,19 +300,44 @@ def _safe_relpath(model_dir: Path, relpath: Any) -> Path:
     return full
 
 
-def make_command(role: str, model_dir: str | os.PathLike[str], *, again: bool = False) -> str:
-    """The next step that makes the file of `role` in `model_dir`: "make it with `edge-rnn …`"."""
+# The variants `edge-rnn quantize` makes (quantize.VARIANTS: the device side does not import the quantizer).
+QUANTIZED_VARIANTS = ("int8", "int8-static", "fp16")
+
+
+def make_command(role: str, model_dir: str | os.PathLike[str], *, again: bool = False, task: str | None = None) -> str | None:
+    """The next step that makes the file of `role` in `model_dir` (whose manifest says `task`): "make it with
+    `edge-rnn …`"; None for a role no edge-rnn command makes (a misspelt one)."""
     verb = "make it again" if again else "make it"
     if role in ("onnx", "onnx_step"):
         return f"{verb} with `edge-rnn export {model_dir}`"
     if role == "ort_config" or role.endswith("_ort"):
         return f"{verb} with `edge-rnn ort {model_dir}`"
-    if role.startswith("onnx_"):
-        variant = role.removeprefix("onnx_").removeprefix("step_").replace("_", "-")
+    variant = role.removeprefix("onnx_").removeprefix("step_").replace("_", "-")
+    if role.startswith("onnx_") and variant in QUANTIZED_VARIANTS:
         return f"{verb} with `edge-rnn quantize {model_dir} --variant {variant}`"
     if role == "keras":
         return f"export your .keras file into the folder again (`edge-rnn export MODEL.keras --out {model_dir}`)"
-    return "train the model again (`edge-rnn train …`)"
+    if role == "checkpoint":
+        if again:
+            return f"train it again (`edge-rnn train char-rnn --out {model_dir}`)"
+        run = f"edge-rnn generate {model_dir}" if task == "generate" else f"edge-rnn infer {model_dir} FILE.npy"
+        return f"only a char RNN trained by edge-rnn has one (`edge-rnn train char-rnn --out DIR`); run this folder's ONNX model with `{run}`"
+    return None
+
+
+def missing_role(manifest: dict[str, Any], model_dir: str | os.PathLike[str], role: str) -> ModelFileError:
+    """The error for a `role` the manifest does not list: the command that makes it, or the roles there are."""
+    make = make_command(role, model_dir, task=manifest.get("task"))
+    if make is None:
+        listed = [r for r, e in manifest.get("files", {}).items()
+                  if isinstance(e, dict) and str(e.get("path", "")).endswith(_MODEL_FILE_SUFFIXES)]
+        make = f"choose --role from {', '.join(listed)}" if listed else f"it has no model yet: `edge-rnn export {model_dir}` makes one"
+    return ModelFileError(f"manifest in {model_dir} lists no '{role}' file — {make}")
+
+
+def _remake(role: str, model_dir: str | os.PathLike[str]) -> str:
+    """The next step for a listed file that is missing or changed."""
+    return make_command(role, model_dir, again=True) or "the manifest lists it but no edge-rnn command makes it: re-run the step that wrote it"
 
 
 def verified_file(manifest: dict[str, Any], model_dir: str | os.PathLike[str], role: str) -> Path:
@@ -282,17 +345,17 @@ def verified_file(manifest: dict[str, Any], model_dir: str | os.PathLike[str], r
     model_dir = Path(model_dir)
     entry = manifest.get("files", {}).get(role)
     if not isinstance(entry, dict):
-        raise ModelFileError(f"manifest in {model_dir} lists no '{role}' file — {make_command(role, model_dir)}")
+        raise missing_role(manifest, model_dir, role)
     full = _safe_relpath(model_dir, entry.get("path"))
     kind = not_regular(full)
     if kind:  # never hashed or read: a FIFO would block, /dev/zero never ends
-        raise ModelFileError(f"{full} is {kind}, not a regular file — {make_command(role, model_dir, again=True)}")
+        raise ModelFileError(f"{full} is {kind}, not a regular file — {_remake(role, model_dir)}")
     if not full.is_file():
-        raise ModelFileError(f"{full} is listed in the manifest but missing — {make_command(role, model_dir, again=True)}")
+        raise ModelFileError(f"{full} is listed in the manifest but missing — {_remake(role, model_dir)}")
     if full.stat().st_size != entry.get("bytes") or sha256_file(full) != entry.get("sha256"):
         raise ModelFileError(
             f"{full} does not match the sha256 in {manifest_path(model_dir)} — the file was changed or corrupted; "
-            f"{make_command(role, model_dir, again=True)}"
+            f"{_remake(role, model_dir)}"
         )
     if full.suffix == ".onnx":
         # Before onnxruntime or onnx.load follow an external-data path out of the folder (see onnxfile.py).

@@ -143,7 +143,7 @@ def infer(
 
     api_model = load(model_path, threads=threads, role=role)
     model = api_model.loaded
-    require_command(model, "infer")
+    require_command(model, "infer", given=model_path)
     _refuse_step_file(model)
     labels = model.manifest.get("labels")
     if labels is not None and not 1 <= top_k <= len(labels):
@@ -281,7 +281,7 @@ def labelled_stream(
         stream_ = Stream(model_path)
     else:
         stream_ = load_stream(model_path, threads=threads, role=role)
-    require_command(stream_.loaded, "stream")
+    require_command(stream_.loaded, "stream", given=None if isinstance(model_path, LoadedModel) else model_path)
     if lines is not None:
         steps = _json_steps(stream_, lines)
     else:
@@ -355,7 +355,7 @@ def iter_generate(
     from .sampling import generation_h0, iter_sample
 
     model = load(model_path, threads=threads, role=role).loaded
-    require_command(model, "generate")
+    require_command(model, "generate", given=model_path)
     hidden = int(model.manifest["config"]["hidden"])
     h0 = generation_h0(model.manifest, hidden=hidden)
     (state,) = model.state

@@ -25,7 +25,7 @@ from onnxruntime.capi import onnxruntime_pybind11_state as _ort_state
 from ..errors import InputError, ModelFileError
 from .labels import first_activation, labels_problem
 from .bounded import not_regular
-from .manifest import BUNDLE_SUFFIX, load_manifest, role_of, verified_file
+from .manifest import BUNDLE_SUFFIX, load_manifest, not_a_model_file, role_of, verified_file
 
 if TYPE_CHECKING:  # the bundle reader (tarfile, gzip) is imported when a bundle is opened, not by every load
     from .bundle import Bundle
@@ -177,9 +177,9 @@ def load_model(
     kind = not_regular(path)
     if kind:
         raise ModelFileError(f"model file {path} is {kind}, not a regular file — give the .onnx file or its folder")
-    if not path.is_file():
-        raise ModelFileError(f"no model file {path} — give an exported model folder, one of its .onnx files or a bundle "
-                             "(`edge-rnn export MODEL.keras` makes a folder)")
+    problem = not_a_model_file(path)
+    if problem is not None:
+        raise ModelFileError(problem)
     model_dir = path.parent
     manifest = load_manifest(model_dir)
     role = role_of(manifest, model_dir, path)
@@ -304,11 +304,18 @@ TASKS: dict[str, TaskSpec] = {
 }
 
 
-def require_command(model: LoadedModel, command: str) -> None:
-    """Raise InputError when `command` does not serve the model's task, naming the command that does."""
+# What each command takes after the model, in the command a refusal suggests.
+COMMAND_ARGS = {"infer": "FILE.npy", "generate": "--prime 'TEXT'", "stream": "--input FILE.npy"}
+
+
+def require_command(model: LoadedModel, command: str, *, given: str | os.PathLike[str] | None = None) -> None:
+    """Raise InputError when `command` does not serve the model's task, naming the command that does, with the path
+    the user `given` (default: the model file)."""
     commands = TASKS[model.manifest["task"]].commands
     if command not in commands:
-        raise InputError(f"{model.path} is a {model.manifest['task']!r} model — use `edge-rnn {commands[0]}` for it")
+        given = model.path if given is None else given
+        raise InputError(f"{given} is a {model.manifest['task']!r} model, which `edge-rnn {command}` does not run — use "
+                         f"`edge-rnn {commands[0]} {given} {COMMAND_ARGS[commands[0]]}`")
 
 
 def load_bundle_model(path: str | os.PathLike[str], *, role: str | None = None, step: bool = False,
