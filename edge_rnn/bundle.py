@@ -61,7 +61,9 @@ def variant_role(manifest: dict[str, Any], variant: str, *, model_dir: Path) -> 
         elif role in FP32_ROLES:  # no step model: the export said why (manifest `step_refused`)
             step = f"the export made none ({manifest.get('step_refused') or 'the model does not stream'})"
         else:
-            step = f"make it with `edge-rnn quantize {model_dir} --variant {variant.removeprefix('step-')}` first"
+            quantize = f"edge-rnn quantize {model_dir} --variant {variant.removeprefix('step-')}"
+            # Quantizing needs the fp32 export: a folder that has none is exported first.
+            step = f"make it with `{quantize}` first" if "onnx" in files else f"export it first: `edge-rnn export {model_dir}`, then `{quantize}`"
         raise EdgeRnnError(f"{model_dir} has no {variant} model (role {role!r}; it has: {have}) — {step}")
     return role
 

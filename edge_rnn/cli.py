@@ -757,12 +757,6 @@ def verify_cmd(
     """
     from .device.api import verify_bundle
 
-    if bundle.is_dir() or bundle.suffix.lower() in (".keras", ".h5", ".hdf5", ".onnx", ".ort"):
-        # What a user has before a bundle exists: the next step is the command that makes one.
-        folder = bundle if bundle.is_dir() else bundle.parent / bundle.stem if bundle.suffix.lower() in (".keras", ".h5", ".hdf5") else bundle.parent
-        first = f"edge-rnn export {bundle}, then " if bundle.suffix.lower() in (".keras", ".h5", ".hdf5") else ""
-        raise EdgeRnnError(f"{bundle} is not a bundle (a .tar.gz made by edge-rnn bundle) — make one: {first}edge-rnn bundle "
-                           f"{folder} -o {folder.name or 'model'}.tar.gz, then verify that file")
     checked = verify_bundle(bundle, run=run)
     for line in checked.lines:
         out.print(f"  {escape(line, limit=MAX_MESSAGE_CHARS)}", highlight=False)

@@ -209,6 +209,25 @@ def _parse_manifest(path: Path, data: bytes) -> dict[str, Any]:
     return manifest
 
 
+def not_a_bundle(path: Path) -> str | None:
+    """What a user gives where a bundle is wanted before one exists (a model folder, a Keras or model file, another
+    file), with the commands that make one; None for a name ending in .tar.gz."""
+    if is_bundle(path) and not path.is_dir():
+        return None
+    what = f"{path} is not a bundle (a .tar.gz made by edge-rnn bundle)"
+    keras = path.suffix.lower() in (".keras", ".h5", ".hdf5")
+    if path.is_dir():
+        folder = path
+    elif keras:
+        folder = path.parent / path.stem
+    elif path.suffix.lower() in (".onnx", ".ort") or (path.parent / MANIFEST_NAME).exists():
+        folder = path.parent
+    else:
+        return f"{what} — give a bundle, or make one from a model folder: edge-rnn bundle DIR -o NAME.tar.gz"
+    first = f"edge-rnn export {path}, then " if keras else ""
+    return f"{what} — make one: {first}edge-rnn bundle {folder} -o {folder.name or 'model'}.tar.gz, then verify that file"
+
+
 def open_bundle(path: str | os.PathLike[str]) -> Bundle:
     """Read a bundle into memory, refusing anything unsafe or not as its manifest lists (see the module docstring)."""
     path = Path(path)
