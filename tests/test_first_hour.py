@@ -291,3 +291,76 @@ def test_export_of_a_missing_file_answers_before_loading_tensorflow(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert "HEAVY=\n" in proc.stdout, proc.stdout + proc.stderr
     assert "no file or folder nothere.keras" in proc.stderr and "edge-rnn export MODEL.keras" in proc.stderr
+
+
+# --- 5. the sweep of every device command's errors: the real problem and the real next step -------------------------
+
+
+@pytest.fixture()
+def x_npy(tmp_path):
+    path = tmp_path / "x.npy"
+    np.save(path, np.zeros((1, LINE), np.int32))
+    return path
+
+
+def test_a_keras_file_given_to_a_device_command_says_export_it(embedding, x_npy):
+    keras_file = embedding / "first.keras"
+    for args in (("infer", keras_file, x_npy), ("generate", keras_file), ("stream", keras_file, "--input", x_npy)):
+        one_line_error(run(*args), "is a Keras model file", f"edge-rnn export {keras_file}")
+
+
+def test_a_file_that_is_no_model_names_the_folder_or_the_command_that_makes_it(kws, x_npy):
+    folder = kws[0]
+    one_line_error(run("infer", folder / "model.fp16.onnx", x_npy), "no model file", "model.int8.onnx",
+                   f"edge-rnn quantize {folder} --variant fp16")
+    one_line_error(run("infer", folder / "model.int8.ort", x_npy), f"edge-rnn ort {folder}")
+    one_line_error(run("infer", folder / "manifest.json", x_npy), "is not a model file (.onnx or .ort)", f"give its folder {folder}")
+    one_line_error(run("evaluate", folder / "manifest.json", "--data", x_npy), f"give its folder {folder}")
+
+
+def test_a_folder_trained_but_not_exported_names_the_export(mnist_copy, x_npy):
+    manifest = json.loads((mnist_copy / "manifest.json").read_text())
+    manifest["files"] = {r: e for r, e in manifest["files"].items() if not r.startswith("onnx")}
+    (mnist_copy / "manifest.json").write_text(json.dumps(manifest))
+    one_line_error(run("infer", mnist_copy, x_npy), "lists no 'onnx' file", f"edge-rnn export {mnist_copy}")
+    one_line_error(run("evaluate", mnist_copy, "--data", x_npy), f"make one with `edge-rnn export {mnist_copy}`")
+    one_line_error(run("bundle", mnist_copy, "-o", mnist_copy.parent / "b.tar.gz"),
+                   f"export it first: `edge-rnn export {mnist_copy}`, then `edge-rnn quantize {mnist_copy} --variant int8`")
+
+
+def test_a_misspelt_role_lists_the_roles_there_are(kws, x_npy):
+    folder = kws[0]
+    for args in (("infer", folder, x_npy, "--role", "onnx_int9"), ("stream", folder, "--input", x_npy, "--role", "onnx_int9")):
+        one_line_error(run(*args), "lists no 'onnx_int9' file", "choose --role from onnx, onnx_step")
+    one_line_error(run("infer", folder / "model.onnx", x_npy, "--role", "onnx_int8"), "drop --role")
+
+
+def test_the_wrong_command_for_a_model_names_the_right_one_with_its_path(mnist_dir, char_dir, x_npy):
+    one_line_error(run("generate", mnist_dir), "is a 'classify' model", f"edge-rnn infer {mnist_dir} FILE.npy")
+    one_line_error(run("infer", char_dir, x_npy), "is a 'generate' model", f"edge-rnn generate {char_dir} --prime")
+    one_line_error(run("sample", mnist_dir), "lists no 'checkpoint' file", "edge-rnn train char-rnn",
+                   f"edge-rnn infer {mnist_dir} FILE.npy")
+    one_line_error(run("generate", char_dir / "checkpoint.npz"), "is not a model file", f"give its folder {char_dir}")
+    one_line_error(run("sample", char_dir / "checkpoint.npz"), "is a file of the model folder", f"give {char_dir}")
+
+
+def test_a_lost_checkpoint_names_the_training_command(char_dir, tmp_path):
+    folder = shutil.copytree(char_dir, tmp_path / "char")
+    (folder / "checkpoint.npz").unlink()
+    one_line_error(run("sample", folder), "listed in the manifest but missing", f"edge-rnn train char-rnn --out {folder}")
+
+
+def test_a_bundle_where_a_folder_is_wanted_and_a_file_where_a_bundle_is(kws, x_npy, tmp_path):
+    folder = kws[0]
+    bundle = tmp_path / "kws.tar.gz"
+    assert run("bundle", folder, "-o", bundle).exit_code == 0
+    for args in (("sample", bundle), ("bench", bundle, "--quick"), ("ort", bundle)):
+        one_line_error(run(*args), "is a bundle", "give the folder the bundle was made from")
+    one_line_error(run("generate", bundle), "is a 'keras' model", f"edge-rnn infer {bundle} FILE.npy")
+    one_line_error(run("verify", x_npy), "is not a bundle", "edge-rnn bundle DIR -o NAME.tar.gz")
+
+
+def test_a_folder_given_as_an_input_file(kws, tmp_path):
+    folder = kws[0]
+    for args in (("infer", folder, tmp_path), ("stream", folder, "--input", tmp_path)):
+        one_line_error(run(*args), "is a directory", "give a .npy file")
