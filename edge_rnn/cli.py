@@ -770,7 +770,9 @@ def verify_cmd(
     for column in ("role", "output", "max |Δ|", "tolerance", "top-1 (sure)", "result"):
         table.add_column(column, justify="left" if column in ("role", "output", "result") else "right")
     for r in report.results:
-        top1 = "" if r.agreement is None else f"{r.agreement:.0%} of {r.sure}"
+        # A classifier output with its top-1 promise: the agreement, or "none sure" when no reference input is sure enough
+        # to judge it (the bound on |Δ| still holds); "—" for outputs without a top-1 promise (no labels: not a classifier).
+        top1 = f"{r.agreement:.0%} of {r.sure}" if r.agreement is not None else "none sure" if r.argmax_min is not None else "—"
         table.add_row(escape(r.role), escape(r.output), f"{r.max_abs_diff:.2e}", f"{r.atol:.2e}", top1,
                       "ok" if r.ok else escape(f"FAIL {r.failure}".strip(), limit=MAX_MESSAGE_CHARS))
     out.print(table)
@@ -819,11 +821,12 @@ def _bench_score_text(r, head: str) -> str:
     return value + ("" if iv is None or None in iv else f" ({bound.format(iv[0])}–{bound.format(iv[1])})")
 
 
-def _recommendation_table(model: str, results, big: str | None) -> Table | None:
+def _recommendation_table(model: str, results, big: str | None, *, budget=()) -> Table | None:
     """For a user's model: the row to ship for each use — smallest file, fastest at batch 1, fastest at the largest
     batch, most accurate where bench scored it on data — with its figure, fp32 onnxruntime's beside it, and its score.
-    The candidates are the model's own files (not the plain tf2onnx baselines); the step row, timed one step at a
-    time, is the pick for streaming."""
+    The candidates are the model's own files (not the plain tf2onnx baselines, which the caption names); streaming
+    picks the fastest step file of the per-step budget at what a device program pays per step (Stream.step, with its
+    input checks), else the step row (the graph alone)."""
     from .bench.report import accuracy_text, max_abs_diff_text
 
     fp32 = next((r for r in results if (r.variant, r.runtime) == ("fp32", "onnxruntime")), None)
@@ -843,13 +846,25 @@ def _recommendation_table(model: str, results, big: str | None) -> Table | None:
         best = min(scored, key=lambda r: ((r.accuracy if lower else -r.accuracy), r.size_bytes))
         picks.append(("most accurate", best, lambda r: accuracy_text(r.metric, r.accuracy, None)))
     step = next((r for r in results if r.variant == "step"), None)
-    if step is not None:
+    stepped = min(budget, key=lambda b: b.step_us["p50"]) if budget else None
+    if stepped is not None:
+        picks.append(("streaming", stepped, None))
+    elif step is not None:
         picks.append(("streaming", step, lambda r: f"{_ms(r.latency_ms['p50'])} ms/step"))
-    table = Table(title=f"{escape(model)}: which file for which use (the targets are the built-in models'; "
-                        f"timings at batch 1 unless stated)", pad_edge=False)
+    plain = sorted({r.variant for r in results if r.variant.endswith("-plain")})
+    caption = ("Picks among your model's own files. "
+               + (f"{', '.join(plain)}: tf2onnx's plain export, a baseline, not a pick. " if plain else "")
+               + ("streaming: Stream.step as a device program calls it (the per-step budget); the step row above times the graph alone."
+                  if stepped is not None else "streaming: the step row, the graph alone (bench --budget adds Stream.step's input checks)."))
+    table = Table(title=f"{escape(model)}: which file for which use (timings at batch 1 unless stated)", caption=caption,
+                  pad_edge=False)
     for name in ("use", "pick", "figure", "fp32 ort", "answers"):
         table.add_column(name, no_wrap=name in ("figure", "fp32 ort"), justify="right" if name in ("figure", "fp32 ort") else "left")
     for use, r, figure in picks:
+        if figure is None:  # a budget row: Stream.step p50 of that step file
+            table.add_row(use, f"{escape(r.variant)} onnxruntime", f"{r.step_us['p50'] / 1e3:.3f} ms/step", "—",
+                          score(step) if r.variant == "step" and step is not None else "—")
+            continue
         versus = "—" if fp32 is None or r.variant == "step" else figure(fp32)
         table.add_row(use, f"{escape(r.variant)} {escape(r.runtime)}", figure(r), versus, score(r))
     return table
@@ -966,7 +981,9 @@ def _bench_tables(report, *, wide: bool = False, width: int = 80) -> list[Table]
         targets.add_row(escape(t.name, limit=None), f"{t.ratio:.3g}", t.goal, "[green]yes[/]" if t.met else "[red]no[/]")
     tables += [targets] if built_in else []
     for model in users:
-        table = _recommendation_table(model, [r for r in report.results if r.model == model], batches[-1] if batches else None)
+        budget = [b for b in (report.budget.rows if report.budget is not None else []) if b.model == model]
+        table = _recommendation_table(model, [r for r in report.results if r.model == model], batches[-1] if batches else None,
+                                      budget=budget)
         tables += [table] if table is not None else []
     return tables + ([_budget_table(report.budget)] if report.budget is not None and report.budget.rows else [])
 
@@ -1021,9 +1038,11 @@ def bench(
     On a board (device install): edge-rnn bench mnist.tar.gz --budget --json budget.json
     """
     from .bench.harness import BenchConfig, default_model_dirs
-    from .bench.report import check_plot_path
+    from .bench.report import check_output_path, check_plot_path
     from .bench.report import write_json
 
+    if json_path is not None:
+        check_output_path(json_path, flag="--json")
     if budget:
         for flag, value in (("--plot", plot), ("--data", data), ("--time-steps", time_steps), ("--quick", quick or None), ("--wide", wide or None)):
             if value is not None:

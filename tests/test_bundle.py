@@ -405,3 +405,23 @@ def test_a_classifiers_reference_inputs_hold_inputs_its_source_is_sure_of(tmp_pa
     (result,) = [r for r in self_test(open_bundle(tmp_path / "c.tar.gz")).results if r.role == "onnx_int8"]
     assert result.ok, result
     assert result.sure >= min(count // 2, 1 + int(plain_sure.sum())), (result.sure, int(plain_sure.sum()))
+
+
+def test_verify_says_none_sure_instead_of_a_blank_top1(tmp_path):
+    """An untrained labelled classifier is sure of no input: its top-1 promise cannot be judged, and the self-test table
+    says "none sure" (it was blank, like an output that has no such promise — which shows "—")."""
+    import keras
+
+    keras.utils.set_random_seed(1)
+    model = keras.Sequential([keras.Input((None, 6), name="x"), keras.layers.GRU(4),
+                              keras.layers.Dense(3, activation="softmax", name="y", kernel_initializer="zeros")])
+    model.save(tmp_path / "u.keras")
+    (tmp_path / "labels.txt").write_text("a\nb\nc\n")
+    assert _cli("export", tmp_path / "u.keras", "--labels", tmp_path / "labels.txt", "--out", tmp_path / "u").exit_code == 0
+    assert _cli("bundle", tmp_path / "u", "--variant", "fp32", "-o", tmp_path / "u.tar.gz").exit_code == 0
+    rows = [line.split() for line in _cli("verify", tmp_path / "u.tar.gz", "--run").output.splitlines() if line.strip().startswith("onnx ")]
+    assert rows and all(" ".join(r[-3:-1]) == "none sure" for r in rows), rows
+    assert _cli("export", tmp_path / "u.keras", "--out", tmp_path / "n").exit_code == 0  # no labels: no top-1 promise
+    assert _cli("bundle", tmp_path / "n", "--variant", "fp32", "-o", tmp_path / "n.tar.gz").exit_code == 0
+    rows = [line.split() for line in _cli("verify", tmp_path / "n.tar.gz", "--run").output.splitlines() if line.strip().startswith("onnx ")]
+    assert rows and all(r[-2] == "—" for r in rows), rows

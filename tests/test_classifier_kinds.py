@@ -209,6 +209,11 @@ def test_api_classify_follows_the_kind(kinds):
         out = stream.step(x[0, t][None])
     (last,) = stream.classify(out)
     assert last.label == (POS if out["score"][0, -1] >= 0.5 else NEG)
+    # What step did not return is one line saying what classify takes (it was a bare IndexError).
+    for wrong, needle in ((x[0, 0][None], "step first"), ({"score": np.array([0.3])}, "should be (streams, 1)")):
+        with pytest.raises(edge_rnn.InputError) as exc:
+            stream.classify(wrong)
+        assert needle in str(exc.value) and "\n" not in str(exc.value)
 
     multi = edge_rnn.load(folders["multi"])
     mx = np.load(root / "mx.npy")

@@ -272,8 +272,9 @@ def test_bundle_check_and_verify_name_the_command(kws):
     folder = kws[0]
     one_line_error(run("bundle", folder, "--variant", "fp16", "-o", folder.parent / "b.tar.gz"),
                    "it has: fp32, int8, step, step-int8", f"edge-rnn quantize {folder} --variant fp16")
-    one_line_error(run("check", folder, "--role", "onnx_int8"), f"edge-rnn bundle {folder} --variant int8",
-                   "--role onnx_int8")
+    # check takes the folder's int8 variant itself (at its bundle bound); a step role it sends to bundle + verify.
+    one_line_error(run("check", folder, "--role", "onnx_step_int8"), f"edge-rnn bundle {folder} --variant step-int8",
+                   "verify BUNDLE --run", "choose from onnx, onnx_int8")
     one_line_error(run("verify", folder), "is not a bundle", f"edge-rnn bundle {folder} -o kws.tar.gz")
 
 
@@ -326,6 +327,27 @@ def test_a_folder_trained_but_not_exported_names_the_export(mnist_copy, x_npy):
     one_line_error(run("evaluate", mnist_copy, "--data", x_npy), f"make one with `edge-rnn export {mnist_copy}`")
     one_line_error(run("bundle", mnist_copy, "-o", mnist_copy.parent / "b.tar.gz"),
                    f"export it first: `edge-rnn export {mnist_copy}`, then `edge-rnn quantize {mnist_copy} --variant int8`")
+    # ort (was an UnboundLocalError traceback) and bench --budget (was "re-export the folder with edge-rnn").
+    one_line_error(run("ort", mnist_copy), "lists no 'onnx' file", f"edge-rnn export {mnist_copy}")
+    one_line_error(run("bench", mnist_copy, "--budget"), "no per-step budget", f"edge-rnn export {mnist_copy}")
+
+
+def test_stream_of_a_sequence_role_names_the_step_role(kws, x_npy):
+    """Was "stream model.step.onnx (its step form) instead", a path a folder or a bundle given with --role cannot take."""
+    one_line_error(run("stream", kws[0], "--role", "onnx_int8", "--input", x_npy), "runs whole sequences",
+                   "--role onnx_step_int8 (a folder or a bundle), or the file model.step.int8.onnx")
+
+
+def test_bench_refuses_bad_output_paths_and_a_keras_file_before_measuring(kws, embedding, tmp_path):
+    import time
+
+    start = time.monotonic()
+    one_line_error(run("bench", kws[0], "--json", tmp_path), "is a folder", f"--json {tmp_path / 'bench.json'}")
+    one_line_error(run("bench", kws[0], "--json", tmp_path / "no" / "b.json"), "does not exist", f"mkdir -p {tmp_path / 'no'}")
+    one_line_error(run("bench", kws[0], "--plot", tmp_path), "is a folder")
+    one_line_error(run("bench", embedding / "first.keras", "--budget"), f"edge-rnn export {embedding / 'first.keras'}")
+    one_line_error(run("bench", kws[0] / "model.onnx", "--budget"), f"one file of the model folder {kws[0]}")
+    assert time.monotonic() - start < 30  # refused before any row is measured
 
 
 def test_a_misspelt_role_lists_the_roles_there_are(kws, x_npy):

@@ -170,6 +170,10 @@ def test_bench_quick_user_model_with_data(tmp_path, user_models, capfd):
     assert f"{_ms(fastest['latency_ms']['p50'])} ms" in uses["fastest at batch 1"]
     best = max(own, key=lambda r: (r["accuracy"], -r["size_bytes"]))
     assert f"{best['variant']} {best['runtime']}" in uses["most accurate"] and f"{best['accuracy']:.2%}" in uses["most accurate"]
+    # The caption says what the picks are among, and what the -plain rows are (they were unexplained).
+    assert "Picks among your model's own files." in flat and "targets are the built-in" not in flat
+    plain = sorted({r["variant"] for r in doc["results"] if r["variant"].endswith("-plain")})
+    assert plain and f"{', '.join(plain)}: tf2onnx's plain export, a baseline, not a pick." in flat
     captured = capfd.readouterr()
     for noise in NOISE:
         assert noise not in result.output and noise not in captured.err, noise

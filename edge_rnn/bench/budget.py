@@ -375,11 +375,16 @@ def _plan(path: Path, notes: list[str]) -> list[_Planned]:
             file = verified_file(manifest, path, role)
             planned.append(_Planned(manifest["model"], role, str(file), None, str(file), file.read_bytes()))
     else:
-        raise ModelFileError(f"{path} is not a model folder or a bundle (.tar.gz) — give one of those (`edge-rnn bundle DIR` makes a bundle)")
+        from ..device.manifest import not_a_model_file
+
+        why = not_a_model_file(path) if path.suffix.lower() in (".keras", ".h5", ".hdf5", ".onnx", ".ort") else None
+        if why is None and path.is_file() and (path.parent / "manifest.json").is_file():
+            why = f"{path} is one file of the model folder {path.parent} — give the folder (every step model in it is measured)"
+        raise ModelFileError(why or f"{path} is not a model folder or a bundle (.tar.gz) — give one of those (`edge-rnn bundle DIR` makes a bundle)")
     if not planned:
         refused = manifest.get("step_refused")
         why = f"it has no step form: {refused}" if refused else "it holds no step model — " + (
-            "bundle the folder with --variant step" if path.is_file() else "re-export the folder with edge-rnn")
+            "bundle the folder with --variant step" if path.is_file() else f"export it with `edge-rnn export {path}`")
         notes.append(f"{path}: no per-step budget — {why}")
     return planned
 

@@ -27,8 +27,18 @@ RUNTIME_MARKERS = {"onnxruntime": "o", "litert": "s", "keras-predict": "^", "tf.
 PLOT_FORMATS = ("png", "svg", "pdf")
 
 
+def check_output_path(path: str | os.PathLike[str], *, flag: str) -> None:
+    """Fail before measuring, not after: an output file's place must be a file name in a folder that exists."""
+    path = Path(path)
+    if path.is_dir():
+        raise EdgeRnnError(f"{flag} {path} is a folder — give a file name, e.g. {flag} {path / ('bench.json' if flag == '--json' else 'bench.png')}")
+    if not path.parent.is_dir():
+        raise EdgeRnnError(f"{flag} {path}: the folder {path.parent} does not exist — create it (mkdir -p {path.parent}) or give another path")
+
+
 def check_plot_path(path: str | os.PathLike[str]) -> None:
     """Fail before measuring, not after: the plot needs matplotlib and a .png, .svg or .pdf name."""
+    check_output_path(path, flag="--plot")
     if Path(path).suffix[1:].lower() not in PLOT_FORMATS:
         raise EdgeRnnError(f"--plot {path}: give a file name ending in {', '.join('.' + f for f in PLOT_FORMATS)}")
     require("matplotlib", "bench")

@@ -517,7 +517,15 @@ def _classify(labels: list[str] | None, outputs: list[TensorInfo], manifest: dic
         raise InputError(f"{where}: this model has no labels for its first output — use predict (or export with --labels)")
     if not 1 <= top_k <= len(labels):
         raise InputError(f"{where}: top_k must be between 1 and {len(labels)}")
-    scores = answers[outputs[0].name]
+    first = outputs[0].name
+    if not isinstance(answers, Mapping) or first not in answers:
+        got = f"a {type(answers).__name__}" if not isinstance(answers, Mapping) else f"a dict of {', '.join(map(repr, answers)) or 'nothing'}"
+        raise InputError(f"{where} takes what step returned — a dict holding {first!r} — got {got}; "
+                         "step first (outputs = stream.step(x)), then classify(outputs)")
+    scores = np.asarray(answers[first])
+    want = outputs[0].shape[-1] if outputs[0].shape else None
+    if scores.ndim < 2 or not scores.size or (isinstance(want, int) and scores.shape[-1] != want):
+        raise InputError(f"{where}: {first!r} has shape {scores.shape}; it should be (streams, {want}) as step returns it")
     return decide(scores.reshape(len(scores), -1)[:, -scores.shape[-1]:], labels=labels, kind=kind, top_k=top_k)
 
 

@@ -270,7 +270,8 @@ def check_steppable(model: LoadedModel) -> None:
     step_role = step_role_of(model.role)
     entry = model.manifest.get("files", {}).get(step_role)
     if isinstance(entry, dict):
-        raise InputError(f"{model.path.name} runs whole sequences; stream {entry.get('path')} (its step form) instead")
+        raise InputError(f"{model.path.name} runs whole sequences; stream its step form instead: --role {step_role} "
+                         f"(a folder or a bundle), or the file {entry.get('path')}")
     raise ModelFileError(f"{model.path.name} runs whole sequences and {model.model_dir} holds no step form of it — re-export the folder with edge-rnn")
 
 

@@ -136,7 +136,12 @@ def add_ort(model_dir: str | os.PathLike[str], *, variants: Sequence[str] = ()) 
     with folder_lock(model_dir):  # no other writer between reading the manifest and saving it
         manifest = load_manifest(model_dir)
         written = {}
-        for role in variant_roles(manifest, variants, model_dir=model_dir):
+        roles = variant_roles(manifest, variants, model_dir=model_dir)
+        if not roles:  # a folder trained but never exported
+            from ..device.manifest import missing_role
+
+            raise missing_role(manifest, model_dir, "onnx")
+        for role in roles:
             ort_path, config = to_ort(verified_file(manifest, model_dir, role), model_dir)
             record_file(manifest, model_dir, role + ORT_ROLE_SUFFIX, ort_path.name)
             written[role + ORT_ROLE_SUFFIX] = ort_path.name
