@@ -208,7 +208,8 @@ def test_weight_bytes_counts_every_kind_of_stored_tensor():
 def test_bad_usage_is_one_line(mnist_dir, tmp_path):
     runner = CliRunner()
     one_line_error(runner.invoke(app, ["bench", str(mnist_dir), "--budget", "--plot", str(tmp_path / "p.png")]), "--plot", "--budget")
-    one_line_error(runner.invoke(app, ["bench", str(mnist_dir / "model.onnx"), "--budget"]), "not a model folder or a bundle")
+    one_line_error(runner.invoke(app, ["bench", str(mnist_dir / "model.onnx"), "--budget"]), "one file of the model folder", "give the folder")
+    one_line_error(runner.invoke(app, ["bench", str(tmp_path), "--budget"]), "manifest.json")
     # A folder without a step model has no per-step budget, and says so.
     no_step = tmp_path / "no-step"
     shutil.copytree(mnist_dir, no_step)

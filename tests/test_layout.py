@@ -12,7 +12,8 @@ PACKAGE = Path(__file__).resolve().parent.parent / "edge_rnn"
 
 # What each part of edge_rnn may import from the others (besides itself). The device path stands alone; export is
 # a converter library the adapters (models) use; the stages (exporter, quantize, bundle, bench, check, pipeline)
-# sit on top; only cli (and __main__) import cli.
+# sit on top (check judges a folder's quantized variant at the bound the bundle stage stores for it); only cli (and
+# __main__) import cli.
 ALLOWED = {
     "edge_rnn": {"device", "errors"},
     "errors": set(),
@@ -28,7 +29,7 @@ ALLOWED = {
     "quantize": {"accuracy_aware", "config", "device", "errors", "evaluate", "export", "models", "tolerances"},
     "bundle": {"config", "device", "errors", "evaluate", "export", "models", "tolerances"},
     "bench": {"config", "device", "errors", "evaluate", "export", "models", "quantize", "tolerances", "train"},
-    "check": {"bench", "config", "device", "errors", "evaluate", "models", "tolerances"},
+    "check": {"bench", "bundle", "config", "device", "errors", "evaluate", "models", "tolerances"},
     "pipeline": {"config", "device", "errors", "export", "exporter", "quantize", "tolerances", "train"},
     "cli": {"bench", "bundle", "check", "config", "device", "errors", "evaluate", "export", "exporter", "pipeline",
             "quantize", "train"},

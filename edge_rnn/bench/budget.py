@@ -384,7 +384,9 @@ def _plan(path: Path, notes: list[str]) -> list[_Planned]:
     if not planned:
         refused = manifest.get("step_refused")
         why = f"it has no step form: {refused}" if refused else "it holds no step model — " + (
-            "bundle the folder with --variant step" if path.is_file() else f"export it with `edge-rnn export {path}`")
+            "bundle the folder with --variant step" if path.is_file()
+            else f"re-export it (`edge-rnn export {path}`) to make its step model" if "onnx" in manifest.get("files", {})
+            else f"export it with `edge-rnn export {path}`")
         notes.append(f"{path}: no per-step budget — {why}")
     return planned
 
