@@ -223,17 +223,24 @@ def _folder_vectors(model_dir: Path, *, role: str, batch: int, seed: int) -> _Ve
     from .models import adapter_for
     from .models.keras_model import fixed_time_steps
 
+    from .device.manifest import make_command, missing_role
+
     manifest = load_manifest(model_dir)
     roles = _folder_roles(manifest)
+    if not roles:  # trained, never exported
+        raise missing_role(manifest, model_dir, "onnx")
     if role not in roles:
-        if role.endswith("_ort") and role in manifest["files"]:
-            why = f"{manifest['files'][role]['path']} is ORT format, which only onnxruntime opens — check the .onnx it was made from"
-        elif role in manifest["files"] and "_step" in role:
+        files = manifest["files"]
+        if role.endswith("_ort") and role in files:
+            why = f"{files[role]['path']} is ORT format, which only onnxruntime opens — check the .onnx it was made from"
+        elif "_step" in role:
             why = (f"check runs whole sequences; a step model's answers are proved at export (step == sequence) and on a "
                    f"device by edge-rnn bundle {model_dir} --variant {_variant_name(role)}, then edge-rnn verify BUNDLE --run")
+        elif role in files:
+            why = f"{files[role].get('path')} is not an ONNX model file; check runs the folder's .onnx files"
         else:
-            made = f" (edge-rnn quantize {model_dir} --variant {_variant_name(role)} makes it)" if role.startswith("onnx_") else ""
-            why = f"{model_dir} holds no {role} file{made}"
+            make = make_command(role, model_dir)
+            why = f"{model_dir} holds no {role} file" + (f" ({make})" if make else "")
         raise InputError(f"--role {role}: {why} — choose from {', '.join(roles)}")
     path = verified_file(manifest, model_dir, role)
     adapter = adapter_for(manifest)
@@ -243,6 +250,10 @@ def _folder_vectors(model_dir: Path, *, role: str, batch: int, seed: int) -> _Ve
         "random": adapter.sample_inputs(manifest, batch=batch, time_steps=time_steps, seed=seed + 1),
     }
     quantized = role not in FP32_ROLES
+    if quantized:
+        # Judged at the bound a bundle stores, so on inputs drawn as a bundle draws its reference vectors (held-out text
+        # from a zero state for the char RNN, real digits for mnist-lstm), not the random set's.
+        inputs["reference"] = adapter.reference_inputs(manifest, count=REFERENCE_COUNT, time_steps=time_steps, seed=seed)
     notes = []
     try:
         source = adapter.load(model_dir, manifest)

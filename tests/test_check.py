@@ -304,6 +304,8 @@ def test_bad_usage_is_a_clean_error(mnist_dir, tmp_path):
     words = " ".join(step.stderr.split())
     assert step.exit_code == 1 and "whole sequences" in words and f"edge-rnn bundle {mnist_dir} --variant step" in words
     assert "choose from onnx, onnx_int8" in words
+    misspelt = _check(mnist_dir, "--role", "onnx_int9")
+    assert misspelt.exit_code == 1 and "quantize" not in misspelt.stderr and "choose from onnx, onnx_int8" in " ".join(misspelt.stderr.split())
     absent = _check(mnist_dir, "--role", "onnx_fp16")
     words = " ".join(absent.stderr.split())
     assert absent.exit_code == 1 and f"edge-rnn quantize {mnist_dir} --variant fp16" in words and "Traceback" not in absent.output

@@ -329,6 +329,7 @@ def test_a_folder_trained_but_not_exported_names_the_export(mnist_copy, x_npy):
                    f"export it first: `edge-rnn export {mnist_copy}`, then `edge-rnn quantize {mnist_copy} --variant int8`")
     # ort (was an UnboundLocalError traceback) and bench --budget (was "re-export the folder with edge-rnn").
     one_line_error(run("ort", mnist_copy), "lists no 'onnx' file", f"edge-rnn export {mnist_copy}")
+    one_line_error(run("check", mnist_copy), "lists no 'onnx' file", f"edge-rnn export {mnist_copy}")
     one_line_error(run("bench", mnist_copy, "--budget"), "no per-step budget", f"edge-rnn export {mnist_copy}")
 
 

@@ -58,6 +58,7 @@ import contextlib
 import dataclasses
 import os
 import resource
+import re
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -518,19 +519,24 @@ def _litert_predict(row: _Row, cfg: BenchConfig, outputs: list[str]) -> tuple[Ca
         it = litert.Interpreter(model_path=path, num_threads=cfg.threads)
         it.allocate_tensors()
         by_name = {d["name"]: d["index"] for d in it.get_input_details()}
-        inputs = [by_name[n] if n in by_name else it.get_input_details()[i]["index"] for i, n in enumerate(names)]
+        if len(names) == 1 and len(by_name) == 1:
+            inputs = list(by_name.values())
+        elif set(names) <= set(by_name):
+            inputs = [by_name[n] for n in names]
+        else:
+            raise EdgeRnnError(f"the LiteRT file's inputs {sorted(by_name)} are not the model's {names}")
         # A concrete function's outputs are Identity, Identity_1, …, in the order the model returns them.
-        def position(detail: dict[str, Any]) -> int:
-            suffix = detail["name"].rpartition("_")[2]
-            return int(suffix) if suffix.isdigit() else 0
-
-        outs = [d["index"] for d in sorted(it.get_output_details(), key=position)]
+        details = it.get_output_details()
+        order = {d["name"]: int(d["name"].rpartition("_")[2]) if d["name"].rpartition("_")[2].isdigit() else 0 for d in details}
+        if len(details) != len(outputs) or (len(details) > 1 and not all(re.fullmatch(r"Identity(_\d+)?", d["name"]) for d in details)):
+            raise EdgeRnnError(f"the LiteRT file's outputs {[d['name'] for d in details]} cannot be matched to the model's {outputs}")
+        outs = [d["index"] for d in sorted(details, key=lambda d: order[d["name"]])]
 
         def predict(feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
             for index, n in zip(inputs, names):
                 it.set_tensor(index, feeds[n])
             it.invoke()
-            return [it.get_tensor(i) for i in outs][: len(outputs)]
+            return [it.get_tensor(i) for i in outs]
 
         return predict
 
@@ -765,10 +771,18 @@ def _litert_files(keras_model, manifest: dict[str, Any], work: Path, batch_sizes
     tf = require("tensorflow", "train")
     from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
 
+    from ..models.keras_model import temporal_inputs
+
+    temporal = temporal_inputs(manifest)
+
+    def dims(spec: dict[str, Any], batch: int) -> list[int]:
+        # As every other row is fed (keras_model.make_inputs): a temporal input's axis 1 is T, another free axis 1.
+        return [batch if a == 0 else time_steps if a == 1 and spec["name"] in temporal and not isinstance(d, int)
+                else d if isinstance(d, int) else 1 for a, d in enumerate(spec["shape"])]
+
     files: dict[str, dict[str, str]] = {"fp32": {}, "int8": {}}
     for batch in (1, *batch_sizes):
-        specs = [tf.TensorSpec([batch, *(d if isinstance(d, int) else time_steps for d in s["shape"][1:])], s["dtype"], name=s["name"])
-                 for s in manifest["io"]["inputs"]]
+        specs = [tf.TensorSpec(dims(s, batch), s["dtype"], name=s["name"]) for s in manifest["io"]["inputs"]]
         fn = tf.function(lambda *xs: keras_model(xs[0] if len(xs) == 1 else list(xs), training=False), input_signature=specs)
         # Frozen constants: a converted graph that reads resource variables fails at invoke.
         frozen = convert_variables_to_constants_v2(fn.get_concrete_function())
@@ -786,6 +800,12 @@ def _has(module: str) -> bool:
     import importlib.util
 
     return importlib.util.find_spec(module) is not None
+
+
+def _fixed_time_steps(manifest: dict[str, Any]) -> int | None:
+    from ..models.keras_model import fixed_time_steps
+
+    return fixed_time_steps(manifest)
 
 
 def _recurrent_ops(model) -> dict[str, int]:
@@ -978,6 +998,9 @@ def _plan_model(
             notes.append(f"{name}: no LiteRT rows: bench times this model one generated character at a time")
         elif not _has("ai_edge_litert"):
             notes.append(f"{name}: no LiteRT rows: ai-edge-litert is not installed — pip install 'edge-rnn[bench]'")
+        elif score is not None and kind.eval_data is _outputs_data and _fixed_time_steps(manifest) is None:
+            notes.append(f"{name}: no LiteRT rows with --data: a LiteRT file is converted at one fixed shape, and your data's "
+                         "time axis is not the one the rows are timed at (bench without --data times them)")
         else:
             try:
                 litert_files = _litert_files(keras_model, manifest, work, cfg.batch_sizes, time_steps=time_steps)

@@ -524,6 +524,8 @@ def _classify(labels: list[str] | None, outputs: list[TensorInfo], manifest: dic
                          "step first (outputs = stream.step(x)), then classify(outputs)")
     scores = np.asarray(answers[first])
     want = outputs[0].shape[-1] if outputs[0].shape else None
+    if scores.dtype.kind not in "fiu":
+        raise InputError(f"{where}: {first!r} holds {scores.dtype} values, not numbers — give what step returned")
     if scores.ndim < 2 or not scores.size or (isinstance(want, int) and scores.shape[-1] != want):
         raise InputError(f"{where}: {first!r} has shape {scores.shape}; it should be (streams, {want}) as step returns it")
     return decide(scores.reshape(len(scores), -1)[:, -scores.shape[-1]:], labels=labels, kind=kind, top_k=top_k)
