@@ -220,10 +220,9 @@ def _folder_vectors(model_dir: Path, *, role: str, batch: int, seed: int) -> _Ve
     (`bundle.tolerances_for`, with its top-1 and mean promises) and on the random set against onnxruntime on the same
     file (whether another runtime computes the same int8 graph), as a bundle's is."""
     from .bundle import FP32_ROLES, tolerances_for
+    from .device.manifest import make_command, missing_role
     from .models import adapter_for
     from .models.keras_model import fixed_time_steps
-
-    from .device.manifest import make_command, missing_role
 
     manifest = load_manifest(model_dir)
     roles = _folder_roles(manifest)
@@ -245,15 +244,14 @@ def _folder_vectors(model_dir: Path, *, role: str, batch: int, seed: int) -> _Ve
     path = verified_file(manifest, model_dir, role)
     adapter = adapter_for(manifest)
     time_steps = fixed_time_steps(manifest) or DEFAULT_TIME_STEPS
+    quantized = role not in FP32_ROLES
+    # A quantized role is judged at the bound a bundle stores, so on inputs drawn as a bundle draws its reference
+    # vectors (held-out text from a zero state for the char RNN, real digits for mnist-lstm).
     inputs = {
-        "reference": adapter.sample_inputs(manifest, batch=REFERENCE_COUNT, time_steps=time_steps, seed=seed),
+        "reference": adapter.reference_inputs(manifest, count=REFERENCE_COUNT, time_steps=time_steps, seed=seed) if quantized
+        else adapter.sample_inputs(manifest, batch=REFERENCE_COUNT, time_steps=time_steps, seed=seed),
         "random": adapter.sample_inputs(manifest, batch=batch, time_steps=time_steps, seed=seed + 1),
     }
-    quantized = role not in FP32_ROLES
-    if quantized:
-        # Judged at the bound a bundle stores, so on inputs drawn as a bundle draws its reference vectors (held-out text
-        # from a zero state for the char RNN, real digits for mnist-lstm), not the random set's.
-        inputs["reference"] = adapter.reference_inputs(manifest, count=REFERENCE_COUNT, time_steps=time_steps, seed=seed)
     notes = []
     try:
         source = adapter.load(model_dir, manifest)

@@ -375,12 +375,12 @@ def _plan(path: Path, notes: list[str]) -> list[_Planned]:
             file = verified_file(manifest, path, role)
             planned.append(_Planned(manifest["model"], role, str(file), None, str(file), file.read_bytes()))
     else:
-        from ..device.manifest import not_a_model_file
+        from ..device.manifest import manifest_path, not_a_model_file
 
         why = not_a_model_file(path) if path.suffix.lower() in (".keras", ".h5", ".hdf5") else None
         if not os.path.lexists(path):
             why = f"no folder or bundle {path} — give a model folder (edge-rnn export makes one) or a bundle (.tar.gz)"
-        if why is None and path.is_file() and (path.parent / "manifest.json").is_file():
+        if why is None and path.is_file() and manifest_path(path.parent).is_file():
             why = f"{path} is one file of the model folder {path.parent} — give the folder (every step model in it is measured)"
         raise ModelFileError(why or f"{path} is not a model folder or a bundle (.tar.gz) — give one of those (`edge-rnn bundle DIR` makes a bundle)")
     if not planned:

@@ -771,18 +771,14 @@ def _litert_files(keras_model, manifest: dict[str, Any], work: Path, batch_sizes
     tf = require("tensorflow", "train")
     from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
 
-    from ..models.keras_model import temporal_inputs
+    from ..models.keras_model import feed_shape, temporal_inputs
 
     temporal = temporal_inputs(manifest)
-
-    def dims(spec: dict[str, Any], batch: int) -> list[int]:
-        # As every other row is fed (keras_model.make_inputs): a temporal input's axis 1 is T, another free axis 1.
-        return [batch if a == 0 else time_steps if a == 1 and spec["name"] in temporal and not isinstance(d, int)
-                else d if isinstance(d, int) else 1 for a, d in enumerate(spec["shape"])]
-
     files: dict[str, dict[str, str]] = {"fp32": {}, "int8": {}}
     for batch in (1, *batch_sizes):
-        specs = [tf.TensorSpec(dims(s, batch), s["dtype"], name=s["name"]) for s in manifest["io"]["inputs"]]
+        # At the shapes every other row is fed (keras_model.make_inputs).
+        specs = [tf.TensorSpec(feed_shape(s, batch=batch, time_steps=time_steps, temporal=temporal), s["dtype"], name=s["name"])
+                 for s in manifest["io"]["inputs"]]
         fn = tf.function(lambda *xs: keras_model(xs[0] if len(xs) == 1 else list(xs), training=False), input_signature=specs)
         # Frozen constants: a converted graph that reads resource variables fails at invoke.
         frozen = convert_variables_to_constants_v2(fn.get_concrete_function())
@@ -800,12 +796,6 @@ def _has(module: str) -> bool:
     import importlib.util
 
     return importlib.util.find_spec(module) is not None
-
-
-def _fixed_time_steps(manifest: dict[str, Any]) -> int | None:
-    from ..models.keras_model import fixed_time_steps
-
-    return fixed_time_steps(manifest)
 
 
 def _recurrent_ops(model) -> dict[str, int]:
@@ -923,6 +913,7 @@ def _plan_model(
     """Rows to measure for one model folder (each answering `data` too, where given), the coverage report of each
     quantized variant and each ONNX row's recurrent ops."""
     from ..models import adapter_for
+    from ..models.keras_model import fixed_time_steps
 
     onnx = require("onnx", "train")
     from ..quantize import coverage as coverage_of
@@ -998,7 +989,7 @@ def _plan_model(
             notes.append(f"{name}: no LiteRT rows: bench times this model one generated character at a time")
         elif not _has("ai_edge_litert"):
             notes.append(f"{name}: no LiteRT rows: ai-edge-litert is not installed — pip install 'edge-rnn[bench]'")
-        elif score is not None and kind.eval_data is _outputs_data and _fixed_time_steps(manifest) is None:
+        elif score is not None and kind.eval_data is _outputs_data and fixed_time_steps(manifest) is None:
             notes.append(f"{name}: no LiteRT rows with --data: a LiteRT file is converted at one fixed shape, and your data's "
                          "time axis is not the one the rows are timed at (bench without --data times them)")
         else:

@@ -161,17 +161,26 @@ class Stepper:
             return self._run(feeds, rows=rows)
         if self._bindings and all(feeds[n].shape == buf.shape for n, buf in self._inputs.items()):
             for name, buf in self._inputs.items():
-                try:
-                    np.copyto(buf, feeds[name], casting="same_kind")
-                except TypeError as exc:
-                    raise InputError(f"input {name!r} has dtype {feeds[name].dtype}; the model takes {buf.dtype}") from exc
-            try:
-                self.model.session.run_with_iobinding(self._bindings[self._cur])
-            except ORT_ERRORS as exc:
-                raise InputError(f"{self.model.path.name} rejected the input: {str(exc).splitlines()[0]}") from exc
-            self._cur = 1 - self._cur
+                self._copy_in(name, buf, feeds[name])
+            self._run_bound()
             return {name: buf.copy() for name, buf in self._outputs.items()}
         return self._run(feeds)
+
+    @staticmethod
+    def _copy_in(name: str, buf: np.ndarray, x: np.ndarray) -> None:
+        """One input into its bound buffer."""
+        try:
+            np.copyto(buf, x, casting="same_kind")
+        except TypeError as exc:
+            raise InputError(f"input {name!r} has dtype {x.dtype}; the model takes {buf.dtype}") from exc
+
+    def _run_bound(self) -> None:
+        """One run through the binding that reads the current state set and writes the other; that one is then current."""
+        try:
+            self.model.session.run_with_iobinding(self._bindings[self._cur])
+        except ORT_ERRORS as exc:
+            raise InputError(f"{self.model.path.name} rejected the input: {str(exc).splitlines()[0]}") from exc
+        self._cur = 1 - self._cur
 
     def bound_step(self, name: str, output: str) -> Callable[[np.ndarray], np.ndarray] | None:
         """For a model stepped through one input: x → a copy of `output`, state carried, as `step({name: x})[output]`
@@ -179,20 +188,13 @@ class Stepper:
         Python saved per step). None where the buffers are not bound or rows run alone."""
         if not self._bindings or self._single is not None or set(self._inputs) != {name} or output not in self._outputs:
             return None
-        buf, out, bindings, run = self._inputs[name], self._outputs[output], self._bindings, self.model.session.run_with_iobinding
+        buf, out = self._inputs[name], self._outputs[output]
 
         def step(x: np.ndarray) -> np.ndarray:
             if x.shape != buf.shape:
                 return self.step({name: x})[output]
-            try:
-                np.copyto(buf, x, casting="same_kind")
-            except TypeError as exc:
-                raise InputError(f"input {name!r} has dtype {x.dtype}; the model takes {buf.dtype}") from exc
-            try:
-                run(bindings[self._cur])
-            except ORT_ERRORS as exc:
-                raise InputError(f"{self.model.path.name} rejected the input: {str(exc).splitlines()[0]}") from exc
-            self._cur = 1 - self._cur
+            self._copy_in(name, buf, x)
+            self._run_bound()
             return out.copy()
 
         return step

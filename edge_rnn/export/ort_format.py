@@ -37,7 +37,9 @@ import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..device.manifest import atomic_path, folder_lock, load_manifest, record_file, save_manifest, verified_file
+from ..device.manifest import (
+    QUANTIZED_VARIANTS, atomic_path, folder_lock, load_manifest, missing_role, record_file, save_manifest, verified_file,
+)
 from ..errors import EdgeRnnError, ModelFileError
 
 ORT_OPTIMIZATION = "basic"
@@ -99,10 +101,6 @@ def write_config(out_dir: Path) -> Path:
     return config
 
 
-# The variants `edge-rnn quantize` makes (quantize.VARIANTS; this module does not import the quantizer).
-QUANTIZED_VARIANTS = ("int8", "int8-static", "fp16")
-
-
 def _variant_of(role: str) -> str:
     """'onnx' / 'onnx_step' → 'fp32'; 'onnx_int8_static' / 'onnx_step_int8_static' → 'int8-static'."""
     rest = role.removeprefix("onnx").removeprefix("_step").removeprefix("_")
@@ -138,8 +136,6 @@ def add_ort(model_dir: str | os.PathLike[str], *, variants: Sequence[str] = ()) 
         written = {}
         roles = variant_roles(manifest, variants, model_dir=model_dir)
         if not roles:  # a folder trained but never exported
-            from ..device.manifest import missing_role
-
             raise missing_role(manifest, model_dir, "onnx")
         for role in roles:
             ort_path, config = to_ort(verified_file(manifest, model_dir, role), model_dir)

@@ -342,6 +342,12 @@ def _lengths(batch: int, time_steps: int) -> list[int]:
     return [max(1, round(time_steps * PADDED_LENGTHS[row % len(PADDED_LENGTHS)])) for row in range(batch)]
 
 
+def feed_shape(spec: dict[str, Any], *, batch: int, time_steps: int, temporal: set[str]) -> list[int]:
+    """The shape an input is fed at: axis 0 the batch, a temporal input's axis 1 `time_steps`, other free axes 1."""
+    return [batch if axis == 0 else time_steps if axis == 1 and spec["name"] in temporal else d if isinstance(d, int) else 1
+            for axis, d in enumerate(spec["shape"])]
+
+
 def make_inputs(specs: list[dict], described: dict[str, dict], *, batch: int, time_steps: int, seed: int,
                 temporal: set[str], padded: bool) -> Arrays:
     """Arrays for `specs` as `described`: symbolic dims → batch / time_steps; the time axis of the
@@ -349,14 +355,7 @@ def make_inputs(specs: list[dict], described: dict[str, dict], *, batch: int, ti
     rng = np.random.default_rng(seed)
     out = {}
     for spec in specs:
-        shape = []
-        for axis, d in enumerate(spec["shape"]):
-            if axis == 0:
-                shape.append(batch)
-            elif axis == 1 and spec["name"] in temporal:
-                shape.append(time_steps)
-            else:
-                shape.append(d if isinstance(d, int) else 1)
+        shape = feed_shape(spec, batch=batch, time_steps=time_steps, temporal=temporal)
         how = described.get(spec["name"], {"kind": "normal", "mean": 0.0, "std": 1.0})
         if how["kind"] == "ids":
             x = rng.integers(how["low"], how["high"], shape).astype(spec["dtype"])
