@@ -315,46 +315,14 @@ def _classifier_predict(row: _Row, cfg: BenchConfig) -> tuple[Callable[[np.ndarr
 
         return predict, load_ms, lambda batch: predict
     if row.runtime == "litert":
-        litert = require("ai_edge_litert.interpreter", "bench")
-
-        def interpreter(path: str):
-            it = litert.Interpreter(model_path=path, num_threads=cfg.threads)
-            it.allocate_tensors()
-            return it, it.get_input_details()[0]["index"], it.get_output_details()[0]["index"]
-
-        def fixed(path: str) -> Callable[[np.ndarray], np.ndarray]:
-            it, inp, out = interpreter(path)
-
-            def predict(x: np.ndarray) -> np.ndarray:
-                it.set_tensor(inp, x)
-                it.invoke()
-                return it.get_tensor(out)
-
-            return predict
-
-        t0 = time.perf_counter()
-        predict1 = fixed(row.path)
-        load_ms = (time.perf_counter() - t0) * 1e3
-        by_batch = {1: predict1}
+        predict_feeds, load_ms, fixed = _litert_predict(row, cfg, [s["name"] for s in row.extra["io"]["outputs"]])
+        name = row.extra["io"]["inputs"][0]["name"]
 
         def for_batch(batch: int) -> Callable[[np.ndarray], np.ndarray]:
-            if batch not in by_batch:
-                by_batch[batch] = fixed(row.extra["batch_files"][str(batch)])
-            return by_batch[batch]
+            run = fixed(batch)
+            return lambda x: run({name: x})[0]
 
-        eval_batch = max(int(b) for b in row.extra["batch_files"])
-
-        def predict_any(x: np.ndarray) -> np.ndarray:
-            # Fixed-shape interpreters: pad the last chunk, keep the real rows.
-            run = for_batch(eval_batch)
-            out = []
-            for i in range(0, len(x), eval_batch):
-                chunk = x[i : i + eval_batch]
-                padded = np.concatenate([chunk, np.zeros((eval_batch - len(chunk), *chunk.shape[1:]), chunk.dtype)])
-                out.append(run(padded)[: len(chunk)])
-            return np.concatenate(out)
-
-        return predict_any, load_ms, lambda batch: predict1 if batch == 1 else for_batch(batch)
+        return (lambda x: predict_feeds({name: x})[0]), load_ms, for_batch
     raise EdgeRnnError(f"unknown classifier runtime {row.runtime!r}")
 
 
@@ -505,13 +473,16 @@ def _feeds_predict(row: _Row, cfg: BenchConfig) -> tuple[Callable[[dict[str, np.
 
         return predict_tf, load_ms
     if row.runtime == "litert":
-        return _litert_predict(row, cfg, outputs)
+        predict, load_ms, _ = _litert_predict(row, cfg, outputs)
+        return predict, load_ms
     raise EdgeRnnError(f"unknown runtime {row.runtime!r} for a Keras model's row")
 
 
-def _litert_predict(row: _Row, cfg: BenchConfig, outputs: list[str]) -> tuple[Callable[[dict[str, np.ndarray]], list[np.ndarray]], float]:
-    """predict(feeds) over LiteRT's fixed-shape interpreters, one per batch size (row.extra["batch_files"]): a batch
-    with a file of its own runs as it is; any other number of rows runs in chunks of the largest, the last padded."""
+def _litert_predict(row: _Row, cfg: BenchConfig, outputs: list[str]) -> tuple[
+        Callable[[dict[str, np.ndarray]], list[np.ndarray]], float, Callable[[int], Callable[[dict[str, np.ndarray]], list[np.ndarray]]]]:
+    """(predict(feeds), load ms, the fixed-batch predict of a batch size) over LiteRT's fixed-shape interpreters, one per
+    batch size (row.extra["batch_files"], each made when first asked for): a batch with a file of its own runs as it
+    is; any other number of rows runs in chunks of the largest, the last padded."""
     litert = require("ai_edge_litert.interpreter", "bench")
     names = [s["name"] for s in row.extra["io"]["inputs"]]
 
@@ -562,7 +533,7 @@ def _litert_predict(row: _Row, cfg: BenchConfig, outputs: list[str]) -> tuple[Ca
             parts.append([y[:rows] for y in run(largest)(padded)])
         return [np.concatenate(ys) for ys in zip(*parts)]
 
-    return predict_any, load_ms
+    return predict_any, load_ms, run
 
 
 def _measure_outputs(row: _Row, cfg: BenchConfig) -> dict[str, Any]:
